@@ -101,7 +101,8 @@ class HFTokenizer:
         return bos + ids + ([self.eos_id] if add_eos else [])
 
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        return self._tok.decode([int(i) for i in ids if int(i) not in special], skip_special_tokens=True)
 
     def to_json(self) -> dict:
         return {"kind": "hf", "path": str(self.path)}
