@@ -1,0 +1,161 @@
+"""Which linear layers a LoRA config adapts, and how many parameters it trains (peft's rules).
+
+peft's target_modules semantics (peft/tuners/tuners_utils.py, check_target_module_exists):
+  - a list (or tuple/set) of names: a module matches when its full name equals an entry or ends
+    with "." + entry ("q_proj" matches "model.layers.0.self_attn.q_proj");
+  - a string: a regular expression that must match the FULL module name (re.fullmatch);
+  - "all-linear" (any case): every nn.Linear / Conv1D except the output head (lm_head).
+Only linear layers can carry LoRA here; a target that matches none of them is an error, as in peft.
+
+Each adapted layer (in -> out) trains A (rank, in) and B (out, rank): rank * (in + out) parameters,
+plus out for DoRA's magnitude vector. Bias stays frozen (peft's bias="none").
+
+Mixtral in transformers 5 stores its experts as 3-D parameters, not nn.Linear. peft keeps the
+transformers-4 names working (peft/utils/transformers_weight_conversion.py): targets name the
+router "gate" and the per-expert "w1", "w3" (fused into gate_up_proj) and "w2" (down_proj), and
+"all-linear" includes all four. peft then wraps each 3-D parameter with one LoRA of rank
+rank * experts (A: (rank*E, in), B: (out, rank*E)), and gate_up_proj with doubled rank because it
+fuses w1 and w3: so the count is NOT the per-expert transformers-4 count. We count what peft builds.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .models import Linear, ModelSpec, linear_layers
+
+__all__ = ["LoRASpec", "DEFAULT_TARGETS", "parse_targets", "lora_layers", "lora_trainable_parameters",
+           "lora_tensors"]
+
+# peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (phi3 has no entry there: we pick its
+# fused qkv_proj, the analogue of q_proj + v_proj).
+DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+                   "mixtral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+                   "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "phi3": ["qkv_proj"]}
+
+_REGEX_CHARS = set("*+?()[]{}|^$\\")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: object = None          # list of names | regex string | "all-linear" | None (peft default)
+    dropout: float = 0.0
+    use_dora: bool = False
+
+
+def parse_targets(text: str | None):
+    """CLI text -> peft's target_modules: "all-linear", a regex (if it has regex syntax), or a list."""
+    if text is None or text == "":
+        return None
+    if text.lower() == "all-linear":
+        return "all-linear"
+    if any(c in _REGEX_CHARS for c in text):
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise ValueError(f"targets {text!r} is not a valid regular expression: {exc}") from None
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _candidates(spec: ModelSpec) -> list[Linear]:
+    """Linear layers plus, for Mixtral, the transformers-4 names peft maps onto the MoE parameters."""
+    linears = linear_layers(spec)
+    if not spec.num_experts:
+        return linears
+    h, inter, moe = spec.hidden_size, spec.intermediate_size, []
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}.mlp"
+        moe += [Linear(f"{p}.gate", h, spec.num_experts, False), Linear(f"{p}.experts.w1", h, inter, False),
+                Linear(f"{p}.experts.w3", h, inter, False), Linear(f"{p}.experts.w2", inter, h, False)]
+    return linears[:-1] + moe + linears[-1:]
+
+
+def lora_layers(spec: ModelSpec, targets=None) -> list[Linear]:
+    """The layers `targets` selects, with peft's matching rules (Mixtral experts by their v4 names)."""
+    if targets is None:
+        targets = DEFAULT_TARGETS[spec.family]
+    linears = _candidates(spec)
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return [lin for lin in linears if lin.name != "lm_head"]
+    if not isinstance(targets, str):
+        targets = list(targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"targets must be non-empty module names, got {targets!r}")
+    chosen = [lin for lin in linears if _matches(lin.name, targets)]
+    if not chosen:
+        names = sorted({lin.name.rsplit(".", 1)[-1] for lin in linears})
+        raise ValueError(f"targets {targets!r} match no linear layer of {spec.name}; "
+                         f"its linear layers are {', '.join(names)}")
+    return chosen
+
+
+def _check_rank(lin: Linear, rank: int) -> None:
+    limit = min(lin.in_features, lin.out_features)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        short = lin.name.rsplit(".", 1)[-1]
+        raise ValueError(f"rank must be in 1..{limit} for {short} "
+                         f"({lin.in_features} -> {lin.out_features}), got {rank!r}")
+
+
+def lora_tensors(spec: ModelSpec, lora: LoRASpec) -> list[tuple[str, tuple]]:
+    """(name, shape) of every trainable LoRA tensor, in peft's naming (adapter "default")."""
+    out = []
+    chosen = lora_layers(spec, lora.targets)
+    names = {lin.name for lin in chosen}
+    for lin in chosen:
+        leaf = lin.name.rsplit(".", 1)[-1]
+        if spec.num_experts and leaf in ("gate", "w1", "w2", "w3") and ".mlp." in lin.name:
+            out += _moe_tensors(spec, lin, lora, names)
+            continue
+        _check_rank(lin, lora.rank)
+        out.append((f"{lin.name}.lora_A.default.weight", (lora.rank, lin.in_features)))
+        out.append((f"{lin.name}.lora_B.default.weight", (lin.out_features, lora.rank)))
+        if lora.use_dora:
+            out.append((f"{lin.name}.lora_magnitude_vector.default.weight", (lin.out_features,)))
+    return out
+
+
+def _moe_tensors(spec: ModelSpec, lin: Linear, lora: LoRASpec, names: set) -> list:
+    """peft's ParamWrapper tensors for a Mixtral router / expert target (see the module docstring)."""
+    prefix, leaf = lin.name.rsplit(".", 1)
+    e = spec.num_experts
+    if lora.use_dora:
+        raise ValueError("DoRA cannot adapt Mixtral's router or experts (peft's ParamWrapper has no DoRA)")
+    if leaf == "gate":  # the router: a 2-D parameter (E, h), one plain LoRA
+        return [(f"{lin.name}.lora_A.default.weight", (lora.rank, lin.in_features)),
+                (f"{lin.name}.lora_B.default.weight", (e, lora.rank))]
+    _check_rank(lin, lora.rank)
+    if leaf == "w2":
+        r = lora.rank * e
+        return [(f"{prefix}.down_proj.lora_A.default.weight", (r, lin.in_features)),
+                (f"{prefix}.down_proj.lora_B.default.weight", (lin.out_features, r))]
+    other = prefix + (".w3" if leaf == "w1" else ".w1")
+    if other not in names:
+        raise ValueError(f"targets must name both w1 and w3 of Mixtral's experts (fused into gate_up_proj), "
+                         f"got only {leaf}")
+    if leaf == "w3":  # counted once, with w1
+        return []
+    r = 2 * lora.rank * e
+    return [(f"{prefix}.gate_up_proj.lora_A.default.weight", (r, lin.in_features)),
+            (f"{prefix}.gate_up_proj.lora_B.default.weight", (2 * lin.out_features, r))]
+
+
+def lora_trainable_parameters(spec: ModelSpec, rank: int = 8, targets=None, use_dora: bool = False) -> int:
+    """peft's trainable count (get_nb_trainable_parameters()[0]) for LoRA on `spec`."""
+    lora = LoRASpec(rank=rank, targets=targets, use_dora=use_dora)
+    total = 0
+    for _, shape in lora_tensors(spec, lora):
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
