@@ -1,0 +1,438 @@
+"""Scale-out on PyTorch's own engine: DDP and FSDP2 (`torch.distributed.fsdp.fully_shard`) under torchrun.
+
+    torchrun --nproc_per_node 2 -m minilora.distributed --strategy full_shard ...   (see train_distributed)
+
+What each strategy keeps on every GPU, for P parameters of which T are trainable, N GPUs
+(b = bytes per parameter element; AdamW keeps two fp32 moments):
+
+    strategy        parameters      gradients       AdamW moments    communication per step
+    ddp             P*b             T*b             8*T              all-reduce of the T gradients
+    full_shard      P*b / N         T*b / N         8*T / N          all-gather params in forward AND
+                                                                     again in backward, reduce-scatter grads
+    shard_grad_op   P*b / N         T*b / N         8*T / N          all-gather once per step: params stay
+                                                                     unsharded from forward to backward
+
+(ZeRO-3 and ZeRO-2-like; FSDP2 names them reshard_after_forward=True / False.) Between forward and
+backward, shard_grad_op also holds every unit's full parameters, which is the price of skipping the
+second all-gather. FSDP2 shards each parameter on dim 0 with torch.chunk semantics: when dim 0 does
+not divide by N, every rank's storage is padded to ceil(dim0 / N) rows.
+
+What FSDP2 supports for LoRA and QLoRA (checked on torch 2.13, see tests/test_distributed.py):
+- Frozen and trainable parameters may share one FSDP unit: only trainable ones get gradients and
+  reduce-scatters, so LoRA needs no special wrapping (FSDP1 needed use_orig_params=True for that).
+- All TRAINABLE parameters of one unit must share one dtype (FSDP2 reduce-scatters one flat buffer;
+  it raises "FSDP expects uniform original parameter dtype" otherwise). wrap_model checks this first
+  and names the offending parameters.
+- Frozen integer parameters (NF4 codes packed two per uint8 byte) are sharded and all-gathered as
+  bytes; MixedPrecisionPolicy never casts non-floating parameters. A packed weight of shape
+  (n/2, 1) gathers back bit for bit, so QLoRA works as long as the 4-bit layer reads its codes from
+  the registered parameter at forward time (not from a reference kept elsewhere).
+- Buffers are never sharded: NF4 scales kept as buffers (absmax, quant_map, ...) are replicated on
+  every rank (about 0.5 bit per parameter with double quantization).
+- bf16 mixed precision: pass param_dtype=torch.bfloat16 (FSDP2's MixedPrecisionPolicy). It casts
+  the all-gathered copy; the sharded fp32 master stays fp32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "STRATEGIES", "DistEnv", "init_distributed", "shutdown", "free_port", "transformer_blocks",
+    "wrap_model", "unwrap", "no_sync", "gather_full_state", "save_adapter_sharded",
+    "load_adapter_sharded", "save_checkpoint", "load_checkpoint", "model_state_bytes",
+]
+
+# FSDP1's names, which the calculators' --zero option uses too.
+STRATEGIES = ("none", "ddp", "full_shard", "shard_grad_op")
+_ALIASES = {"grad_op_shard": "shard_grad_op", "fsdp": "full_shard", "zero3": "full_shard",
+            "zero2": "shard_grad_op"}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for single-process groups and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None) -> DistEnv:
+    """Join the process group torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR/PORT.
+
+    Without those variables (plain `python`), a group of one is made, so that the same code runs
+    FSDP2 and the checkpoint functions on one process. gloo on CPU, NCCL when CUDA is present.
+    """
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and not cuda:
+        raise ValueError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                    rank=rank, world_size=world_size)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP2 wraps one by one: each is all-gathered just before it runs.
+
+    Llama: model.layers; GPT-2: transformer.h; otherwise the children of the largest nn.ModuleList.
+    """
+    inner = unwrap(model)
+    for path in ("model.layers", "transformer.h"):
+        module = inner
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList):
+            return list(module)
+    lists = [m for m in inner.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _check_trainable_dtypes(unit: nn.Module, name: str, exclude: set[int]) -> None:
+    """FSDP2 reduce-scatters one flat buffer per unit: its trainable parameters need one dtype."""
+    dtypes: dict[torch.dtype, str] = {}
+    for pname, p in unit.named_parameters():
+        if p.requires_grad and id(p) not in exclude:
+            dtypes.setdefault(p.dtype, pname)
+    if len(dtypes) > 1:
+        found = ", ".join(f"{pname} ({dt})" for dt, pname in dtypes.items())
+        raise ValueError(f"FSDP2 needs one dtype for the trainable parameters of a unit, but {name!r} "
+                         f"mixes {found}; cast the trainable parameters to one dtype first")
+
+
+def wrap_model(model: nn.Module, strategy: str, env: DistEnv | None = None, *,
+               param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None) -> nn.Module:
+    """Move `model` to this rank's device and wrap it for `strategy` (one of STRATEGIES).
+
+    ddp returns a DistributedDataParallel; the FSDP2 strategies shard `model` in place (each
+    transformer block, then the root for the remaining embeddings / norm / head) and return it.
+    param_dtype / reduce_dtype: FSDP2 mixed precision (ignored by ddp and none).
+    """
+    strategy = _ALIASES.get(strategy, strategy)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    device = env.device if env is not None else torch.device("cpu")
+    if strategy != "none" and not dist.is_initialized():
+        raise ValueError(f"strategy {strategy!r} needs a process group: call init_distributed() first")
+    if strategy in ("full_shard", "shard_grad_op"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        blocks = transformer_blocks(model)
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        for i, block in enumerate(blocks):
+            _check_trainable_dtypes(block, f"block {i}", set())
+        _check_trainable_dtypes(model, "root (parameters outside the blocks)", in_blocks)
+        model.to(device)
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        reshard = strategy == "full_shard"
+        for block in blocks:
+            fully_shard(block, reshard_after_forward=reshard, mp_policy=mp)
+        # The root's own parameters (embeddings, final norm, head) are used first in backward, so
+        # FSDP2 keeps them unsharded after forward whatever the strategy (its default for the root).
+        fully_shard(model, mp_policy=mp)
+        return model
+    model.to(device)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under a DDP wrapper (FSDP2 wraps in place, so it is the module itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextmanager
+def no_sync(model: nn.Module, enabled: bool = True):
+    """Skip gradient communication inside (micro-batches before the last of an accumulation step)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not enabled:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def _reshard_all(model: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in unwrap(model).modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _is_adapter_param(name: str, p: torch.Tensor) -> bool:
+    return p.requires_grad or ".lora_" in name or "modules_to_save" in name
+
+
+def gather_full_state(model: nn.Module, keep=lambda name, tensor: True) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU copies of the parameters `keep(name, param)` selects, on rank 0 only.
+
+    Every rank must call it (each DTensor is all-gathered in turn); other ranks get {}. Only the
+    selected tensors are gathered, so saving an adapter never materialises the full base model.
+    """
+    from torch.distributed.tensor import DTensor
+
+    _reshard_all(model)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = {}
+    for name, p in unwrap(model).named_parameters():
+        if not keep(name, p):
+            continue
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        if rank == 0:
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+@contextmanager
+def _plain_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]):
+    """Temporarily register plain tensors in place of (sharded) parameters, then put the originals back.
+
+    This lets the single-process peft_io code read or fill an FSDP2 model's adapter as if unsharded.
+    """
+    inner = unwrap(model)
+    saved = []
+    try:
+        for name, t in tensors.items():
+            owner, _, attr = name.rpartition(".")
+            module = inner.get_submodule(owner)
+            saved.append((module, attr, module._parameters[attr]))
+            module._parameters[attr] = nn.Parameter(t, requires_grad=saved[-1][2].requires_grad)
+        yield
+    finally:
+        for module, attr, original in saved:
+            module._parameters[attr] = original
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_adapter_sharded(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Gather the adapter on rank 0 and write it in peft's format (atomically, by peft_io).
+
+    Call on every rank; returns once the files exist.
+    """
+    from minilora.peft_io import save_adapter
+
+    full = gather_full_state(model, _is_adapter_param)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with _plain_parameters(model, full):
+            save_adapter(unwrap(model), folder, adapter_name=adapter_name)
+    _barrier()
+
+
+def load_adapter_sharded(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Load a peft adapter (full tensors) into a model wrapped with any strategy and world size.
+
+    Every rank reads the file into full-size stand-ins, then copies its own shard. This is what
+    makes adapter-only checkpoints resumable on a different number of GPUs.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from minilora.peft_io import load_adapter
+
+    _reshard_all(model)
+    params = {n: p for n, p in unwrap(model).named_parameters() if _is_adapter_param(n, p)}
+    stand_ins = {n: torch.zeros(p.shape, dtype=p.dtype, device="cpu") for n, p in params.items()}
+    with _plain_parameters(model, stand_ins):
+        load_adapter(unwrap(model), folder, adapter_name=adapter_name)
+        inner = unwrap(model)
+        loaded = {n: inner.get_parameter(n).detach() for n in stand_ins}
+    with torch.no_grad():
+        for name, p in params.items():
+            full = loaded[name].to(p.dtype)
+            if isinstance(p, DTensor):
+                # every rank holds the full tensor, so no data moves (src_data_rank=None)
+                shard = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                          src_data_rank=None)
+                p.to_local().copy_(shard.to_local())
+            else:
+                p.copy_(full)
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    by_id = {id(p): n for n, p in unwrap(model).named_parameters()}
+    return [[by_id[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
+def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike,
+                    step: int, adapter_name: str | None = "default", extra: dict | None = None) -> Path:
+    """A world-size-free checkpoint: full (gathered) tensors only, written by rank 0, atomically.
+
+    folder/adapter/ (peft format) when adapter_name is given, else folder/model.safetensors;
+    folder/optimizer.safetensors (AdamW moments keyed `<param name>.<state>`); folder/trainer_state.json.
+    """
+    from minilora._io import save_safetensors_atomic, write_json_atomic
+
+    folder = Path(folder)
+    if adapter_name is not None:
+        save_adapter_sharded(model, folder / "adapter", adapter_name)
+    else:
+        full = gather_full_state(model)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            save_safetensors_atomic(full, folder / "model.safetensors")
+    moments = _gather_optimizer_state(model, optimizer)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        meta = {"param_groups": json.dumps(groups), "param_names": json.dumps(_param_names(model, optimizer))}
+        save_safetensors_atomic(moments, folder / "optimizer.safetensors", metadata=meta)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        write_json_atomic(folder / "trainer_state.json", {"step": step, "world_size": world, **(extra or {})})
+    _barrier()
+    return folder
+
+
+def _gather_optimizer_state(model, optimizer) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = {}
+    for names, group in zip(_param_names(model, optimizer), optimizer.param_groups):
+        for name, p in zip(names, group["params"]):
+            for key, value in sorted(optimizer.state.get(p, {}).items()):
+                full = value.full_tensor() if isinstance(value, DTensor) else value
+                if rank == 0:
+                    out[f"{name}.{key}"] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike,
+                    adapter_name: str | None = "default") -> dict:
+    """Restore what save_checkpoint wrote, on any strategy and world size; returns trainer_state."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    folder = Path(folder)
+    state_path = folder / "trainer_state.json"
+    if not state_path.is_file():
+        raise ValueError(f"{folder} is not a minilora checkpoint: trainer_state.json is missing")
+    if adapter_name is not None:
+        load_adapter_sharded(model, folder / "adapter", adapter_name)
+    else:
+        _copy_full_into(model, load_file(str(folder / "model.safetensors")))
+    with safe_open(str(folder / "optimizer.safetensors"), "pt") as f:
+        saved_names = json.loads(f.metadata()["param_names"])
+    names = _param_names(model, optimizer)
+    if saved_names != names:
+        raise ValueError(f"optimizer in {folder} was saved for parameters {saved_names}, "
+                         f"this optimizer holds {names}")
+    moments = load_file(str(folder / "optimizer.safetensors"))
+    for group_names, group in zip(names, optimizer.param_groups):
+        for name, p in zip(group_names, group["params"]):
+            state = {}
+            for key in [k[len(name) + 1:] for k in moments if k.startswith(name + ".")]:
+                full = moments[f"{name}.{key}"]
+                if isinstance(p, DTensor) and full.dim() > 0:
+                    full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                             src_data_rank=None)
+                elif full.dim() > 0:
+                    full = full.to(p.device)
+                state[key] = full  # AdamW keeps its scalar `step` on the CPU
+            if state:
+                optimizer.state[p] = state
+    return json.loads(state_path.read_text())
+
+
+def _copy_full_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    _reshard_all(model)
+    with torch.no_grad():
+        for name, p in unwrap(model).named_parameters():
+            if name not in tensors:
+                raise ValueError(f"checkpoint has no tensor for parameter {name!r}")
+            full = tensors[name].to(p.dtype)
+            if isinstance(p, DTensor):
+                full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                         src_data_rank=None).to_local()
+                p = p.to_local()
+            p.copy_(full)
+
+
+def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes this rank really holds for parameters, gradients and optimizer states.
+
+    Counted per distinct storage, so FSDP2's padded shards and its flat reduce-scatter buffer
+    (the gradients of one unit are views into it) are counted as allocated, and shared storage once.
+    """
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    def total(tensors):
+        seen = {}
+        for t in tensors:
+            s = local(t).untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return sum(seen.values())
+
+    inner = unwrap(model)
+    params = list(inner.parameters())
+    out = {
+        "params": total(params),
+        "trainable_params": total(p for p in params if p.requires_grad),
+        "grads": total(p.grad for p in params if p.grad is not None),
+        "buffers": total(inner.buffers()),
+    }
+    if optimizer is not None:
+        states = [v for st in optimizer.state.values() for v in st.values()
+                  if torch.is_tensor(v) and v.dim() > 0]
+        out["optimizer"] = total(states)
+    return out

@@ -1,0 +1,113 @@
+"""minilora.distributed: 2 gloo processes on CPU (torch.multiprocessing.spawn, a free port).
+
+Each spawn costs a few seconds of start-up, so one spawn checks several strategies in turn.
+Workers are module-level functions (spawn pickles them by name) and raise on failure, which
+mp.spawn re-raises here with the worker's traceback.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from minilora import distributed as D
+from reference_models import Llama, LlamaConfig
+
+WORLD = 2
+
+
+def tiny_llama(seed: int = 0) -> Llama:
+    # every dim 0 (vocab 64, hidden 32, kv 2*8, mlp 64) divides by 2: shards are even, no padding
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_impl="sdpa")
+    return Llama(cfg)
+
+
+def batch(rows: int = 4, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (rows, seq + 1), generator=g)
+
+
+def _spawn(fn, *args, nprocs=WORLD):
+    port = D.free_port()
+    mp.spawn(_entry, args=(nprocs, port, fn, args), nprocs=nprocs, join=True)
+
+
+def _entry(rank, world, port, fn, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = D.init_distributed()
+    try:
+        fn(env, *args)
+    finally:
+        D.shutdown()
+
+
+# ---- DDP / FSDP2 full fine-tuning == one process on the concatenated batch -------------------------
+
+def _step(model, opt, ids, micro_batches: int):
+    """One optimizer step over `ids`, split into micro-batches (gradient accumulation)."""
+    chunks = ids.chunk(micro_batches)
+    for i, chunk in enumerate(chunks):
+        with D.no_sync(model, enabled=i < len(chunks) - 1):
+            _, loss = model(chunk[:, :-1], chunk[:, 1:])
+            (loss / len(chunks)).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _worker_equivalence(env, steps):
+    ids = batch()
+    per_rank = ids.chunk(env.world_size)[env.rank]  # (2, 13): the ranks' batches concatenate to ids
+    for strategy in ("ddp", "full_shard", "shard_grad_op"):
+        model = tiny_llama()
+        reference = copy.deepcopy(model)
+        wrapped = D.wrap_model(model, strategy, env)
+        opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        for _ in range(steps):
+            _step(wrapped, opt, per_rank, micro_batches=2)
+            _step(reference, ref_opt, ids, micro_batches=1)
+        full = D.gather_full_state(wrapped)
+        if env.rank == 0:
+            ref_state = dict(reference.named_parameters())
+            assert full.keys() == ref_state.keys(), strategy
+            for name, value in full.items():
+                torch.testing.assert_close(value, ref_state[name].detach(), rtol=1e-4, atol=2e-6,
+                                           msg=lambda m: f"{strategy} {name}: {m}")
+            moved = max((v - tiny_llama().get_parameter(n)).abs().max().item() for n, v in full.items())
+            assert moved > 1e-3, f"{strategy}: training did not change the parameters"
+
+
+def test_ddp_and_fsdp2_full_finetune_equal_single_process_on_concatenated_batch():
+    _spawn(_worker_equivalence, 3)
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+def test_wrap_model_rejects_unknown_strategy():
+    with pytest.raises(ValueError, match=r"strategy must be one of none, ddp, full_shard, shard_grad_op, got 'zero4'"):
+        D.wrap_model(nn.Linear(2, 2), "zero4")
+
+
+def test_wrap_model_needs_a_process_group():
+    with pytest.raises(ValueError, match=r"strategy 'ddp' needs a process group"):
+        D.wrap_model(nn.Linear(2, 2), "ddp")
+
+
+def test_fsdp2_rejects_mixed_trainable_dtypes_in_one_unit(monkeypatch):
+    # checked before any collective, so no process group is needed to reach the error
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    model = tiny_llama()
+    model.model.layers[1].mlp.up_proj.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"'block 1' mixes .*float32.*bfloat16|'block 1' mixes .*bfloat16.*float32"):
+        D.wrap_model(model, "full_shard")
+
+
+def test_init_distributed_rejects_unknown_backend():
+    with pytest.raises(ValueError, match=r"backend must be 'gloo' or 'nccl', got 'mpi'"):
+        D.init_distributed("mpi")
