@@ -1,0 +1,288 @@
+"""LoRA: a frozen linear layer plus named low-rank adapters (Hu et al. 2021, arXiv:2106.09685).
+
+         x (.., in)
+         |---------------------------.
+         |                           | dropout (skipped when p = 0: no copy of x)
+   base_layer: W (out, in)      A: (r, in)      one (A, B) pair per adapter name
+   frozen, maybe 4-bit               |
+         |                      B: (out, r)     B starts at 0, so a fresh adapter is a no-op
+         |                           | * scaling = alpha / r   (alpha / sqrt(r) with rsLoRA)
+         '------------ + ------------'
+                       y (.., out)
+
+Parameter names follow peft (`base_layer.weight`, `lora_A.<name>.weight`, `lora_B.<name>.weight`,
+`lora_magnitude_vector.<name>`), so peft's adapter files map onto this module one to one.
+DoRA (Liu et al. 2024, arXiv:2402.09353) rescales each output row of W + scaling*B@A to a learned
+magnitude m; the norm is treated as a constant in backward (paper section 4.3), as peft does.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LoRAConfig", "LoRALinear", "is_linear_like", "pattern_value"]
+
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+BIASES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoRAConfig:
+    """What to adapt and how. `target_modules` matches like peft: a list matches a full module
+    name or a `.`-suffix of it (`"q_proj"` matches `model.layers.0.self_attn.q_proj`), a string is a
+    regex that must match the full name, "all-linear" is every linear layer but the output head.
+    `rank_pattern` / `alpha_pattern` override r / alpha for names matching `(.*\\.)?<key>$`."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    init: str = "kaiming"
+    use_rslora: bool = False
+    use_dora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        for key, value in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key, value in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{key} must be > 0, got {value!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIASES:
+            raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+            if not self.target_modules or "" in self.target_modules:
+                raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
+        if isinstance(self.exclude_modules, (tuple, set)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        self.modules_to_save = list(self.modules_to_save or [])
+
+    def rank_for(self, name: str) -> int:
+        return pattern_value(self.rank_pattern, name, self.r)
+
+    def alpha_for(self, name: str) -> float:
+        return pattern_value(self.alpha_pattern, name, self.alpha)
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """peft's get_pattern_key: the first key `k` with `(.*\\.)?(k)$` matching the module name wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or a module that declares the linear protocol (in/out_features, dequantize_weight,
+    requantize_), such as minilora.qlora.LinearNF4."""
+    if isinstance(module, nn.Linear):
+        return True
+    return bool(getattr(type(module), "lora_compatible", False)) and hasattr(module, "in_features") \
+        and hasattr(module, "out_features")
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The dense (out, in) weight of a linear-like base; a 4-bit base dequantizes it."""
+    return base.weight if isinstance(base, nn.Linear) else base.dequantize_weight()
+
+
+def write_base_weight(base: nn.Module, weight: torch.Tensor) -> None:
+    if isinstance(base, nn.Linear):
+        base.weight.data.copy_(weight)
+    else:
+        base.requantize_(weight)
+
+
+class LoRALinear(nn.Module):
+    """A linear-like `base_layer` plus any number of named adapters; see the module docstring."""
+
+    def __init__(self, base: nn.Module, name: str = ""):
+        super().__init__()
+        if not is_linear_like(base):
+            raise TypeError(f"LoRA needs a linear layer at {name or 'this module'}, got {type(base).__name__} "
+                            "(allowed: nn.Linear or a module with lora_compatible = True)")
+        self.base_layer = base
+        self.name = name  # the module path, for error messages
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one value per output row
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.sample_adapters: list[str] | None = None  # set by lora_model.adapter_names_per_sample
+        self._dora_norm: dict[str, torch.Tensor] = {}  # ||W + dW|| rows at merge time, to undo it exactly
+
+    # ---------------------------------------------------------------- adapters
+    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                    use_rslora: bool = False, use_dora: bool = False) -> None:
+        limit = min(self.in_features, self.out_features)
+        if not 1 <= r <= limit:
+            raise ValueError(f"rank must be in 1..{limit} for {self.name} ({self.in_features} -> "
+                             f"{self.out_features}), got {r}")
+        if adapter in self.lora_A:
+            raise ValueError(f"adapter {adapter!r} already exists in {self.name}")
+        if self.merged_adapters and init in ("pissa", "olora"):
+            raise ValueError(f"init={init!r} rewrites the base weight of {self.name}; unmerge "
+                             f"{self.merged_adapters} first")
+        w = base_weight(self.base_layer)
+        # Adapters are kept in the base weight's dtype unless that is not a float dtype (4-bit).
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        self.r[adapter], self.alpha[adapter], self.dropout[adapter] = r, alpha, float(dropout)
+        self.use_rslora[adapter] = use_rslora
+        self.scaling[adapter] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self._init_adapter(adapter, init, w)
+        if use_dora:
+            with torch.no_grad():
+                # m starts at ||W + scaling*B@A|| per row, so the DoRA layer starts equal to plain LoRA.
+                norm = (base_weight(self.base_layer).float() + self.delta_weight(adapter)).norm(dim=1)
+            self.lora_magnitude_vector[adapter] = nn.Parameter(norm.to(dtype))
+
+    @torch.no_grad()
+    def _init_adapter(self, adapter: str, init: str, w: torch.Tensor) -> None:
+        A, B, r, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.r[adapter], self.scaling[adapter]
+        if init in ("kaiming", "gaussian"):
+            if init == "kaiming":  # nn.Linear's own init, as loralib and peft
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            else:
+                nn.init.normal_(A, std=1 / r)
+            nn.init.zeros_(B)
+            return
+        # PiSSA (arXiv:2404.02948) and OLoRA (arXiv:2406.01775) start from the principal directions of W
+        # and subtract them from W, so the model output is unchanged at step 0 (the base weight changes).
+        w32 = w.float()
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(w32, full_matrices=False)
+            root = (S[:r] / scaling).sqrt()
+            a, b = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+        else:
+            Q, R = torch.linalg.qr(w32)
+            a, b = R[:r], Q[:, :r]
+        A.copy_(a)
+        B.copy_(b)
+        write_base_weight(self.base_layer, (w32 - scaling * (b @ a)).to(w.dtype))
+
+    def delete_adapter(self, adapter: str) -> None:
+        if adapter in self.merged_adapters:
+            raise ValueError(f"adapter {adapter!r} is merged into {self.name}; unmerge before deleting it")
+        for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            table.pop(adapter, None)
+        for table in (self.r, self.alpha, self.scaling, self.dropout, self.use_rslora):
+            table.pop(adapter, None)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter]
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        """scaling * B @ A as fp32 (out, in): merges round once, from fp32, into the base dtype."""
+        A = self.lora_A[adapter].weight.float()
+        B = self.lora_B[adapter].weight.float()
+        return (B @ A) * self.scaling[adapter]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.disabled or self.merged_adapters:
+            return result  # merged adapters already live in base_layer's weight
+        if self.sample_adapters is not None:
+            return self._mixed_batch_forward(x, result)
+        for adapter in self.active_adapters:
+            if adapter in self.lora_A:
+                result = result + self._adapter_output(adapter, x, result)
+        return result
+
+    def _adapter_output(self, adapter: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter `adapter` adds to base_out = base_layer(x)."""
+        A = self.lora_A[adapter].weight  # (r, in)
+        B = self.lora_B[adapter].weight  # (out, r)
+        x = x.to(A.dtype)
+        p = self.dropout[adapter]
+        h = F.dropout(x, p, self.training) if p > 0 and self.training else x
+        lora = F.linear(F.linear(h, A), B)  # (.., r) -> (.., out)
+        scaling = self.scaling[adapter]
+        if adapter not in self.lora_magnitude_vector:
+            return (lora * scaling).to(base_out.dtype)
+        # DoRA: y = m / ||W + s*B@A||_row * (W x + s*B A x) + bias; the norm is a constant in backward.
+        W = base_weight(self.base_layer).to(x.dtype)
+        norm = (W + scaling * (B @ A).detach()).norm(dim=1).detach()  # (out,)
+        mag = self.lora_magnitude_vector[adapter] / norm  # (out,)
+        if h is x:
+            bias = getattr(self.base_layer, "bias", None)
+            plain = base_out.to(x.dtype) - bias if bias is not None else base_out.to(x.dtype)
+        else:  # with dropout, the rescaled base path sees the same dropped-out input (as peft)
+            plain = F.linear(h, W)
+        return ((mag - 1) * plain + mag * lora * scaling).to(base_out.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch uses adapter sample_adapters[i] ("__base__": none), as peft's
+        _mixed_batch_forward: one LoRA pass per distinct adapter over its rows."""
+        names = self.sample_adapters
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names_per_sample has {len(names)} names for a batch of {x.shape[0]} "
+                             f"rows at {self.name}")
+        base_out = result
+        for adapter in dict.fromkeys(names):  # distinct names, first-seen order
+            if adapter == "__base__" or adapter not in self.lora_A:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == adapter], device=x.device)
+            out = self._adapter_output(adapter, x.index_select(0, rows), base_out.index_select(0, rows))
+            result = result.index_add(0, rows, out)
+        return result
+
+    # ---------------------------------------------------------------- merge
+    @torch.no_grad()
+    def merge(self, adapters: list[str], safe: bool = True) -> None:
+        for adapter in adapters:
+            if adapter in self.merged_adapters or adapter not in self.lora_A:
+                continue
+            if adapter in self.lora_magnitude_vector and self.merged_adapters:
+                raise ValueError(f"DoRA adapter {adapter!r} can only be merged into {self.name} alone; "
+                                 f"{self.merged_adapters} are merged already")
+            W = base_weight(self.base_layer)
+            new = W.float() + self.delta_weight(adapter)
+            if adapter in self.lora_magnitude_vector:
+                norm = new.norm(dim=1)
+                new = (self.lora_magnitude_vector[adapter].float() / norm)[:, None] * new
+                self._dora_norm[adapter] = norm
+            new = new.to(W.dtype)  # the one rounding
+            if safe and not torch.isfinite(new).all():
+                raise ValueError(f"merging adapter {adapter!r} into {self.name} gives non-finite weights "
+                                 f"(max |dW| = {self.delta_weight(adapter).abs().max().item():.3g}); not merged")
+            write_base_weight(self.base_layer, new)
+            self.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            W = base_weight(self.base_layer)
+            old = W.float()
+            if adapter in self.lora_magnitude_vector:
+                norm = self._dora_norm.pop(adapter)
+                old = old / (self.lora_magnitude_vector[adapter].float() / norm)[:, None]
+            write_base_weight(self.base_layer, (old - self.delta_weight(adapter)).to(W.dtype))
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{a}: r={self.r[a]} scaling={self.scaling[a]:.4g}"
+                          + (" dora" if a in self.lora_magnitude_vector else "") for a in self.lora_A)
+        return f"{self.name or '?'} ({self.in_features} -> {self.out_features}); {ranks}"

@@ -1,0 +1,180 @@
+"""Adapter files in peft's format, so adapters move between minilora and peft both ways.
+
+A folder holds `adapter_config.json` (peft's LoraConfig fields) and `adapter_model.safetensors`
+with keys `base_model.model.<module>.lora_A.weight` (r, in), `...lora_B.weight` (out, r) and, for
+DoRA, `...lora_magnitude_vector` (out,): the adapter name is dropped on save and put back on load
+(peft's get_peft_model_state_dict / set_peft_model_state_dict). GPT-2 in transformers stores its
+projections as Conv1D, but the LoRA factors keep these shapes; peft wants `fan_in_fan_out: true`
+in the config of a gpt2 model, so we write it for one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._io import save_safetensors_atomic, write_json_atomic
+from .lora import LoRAConfig
+from .lora_model import delete_adapter, inject, lora_layers
+
+__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": True, "olora": True}
+# peft LoraConfig fields we can honour only at their defaults.
+_UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "use_qalora": False,
+                "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
+                "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None, "kasa_config": None,
+                "velora_config": None, "monteclora_config": None}
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "to_hf_dict"):
+        return config.to_hf_dict().get("model_type")
+    return getattr(config, "model_type", None)
+
+
+def _targets_for_file(model: nn.Module, wrapped: list[str], config: LoRAConfig):
+    """peft re-matches target_modules on load, so write a spec that selects exactly `wrapped`:
+    the config's own regex, else the distinct last names when they select nothing more, else full names."""
+    if isinstance(config.target_modules, str) and config.target_modules.lower() != "all-linear":
+        return config.target_modules
+    short = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
+    names = [n for n, _ in model.named_modules()]
+    selected = {n for n in names if any(n == s or n.endswith("." + s) for s in short)}
+    inner = {n for n in selected if ".base_layer" in n or ".lora_" in n}
+    return short if selected - inner == set(wrapped) else sorted(wrapped)
+
+
+def save_adapter(model: nn.Module, folder, adapter_name: str = "default") -> Path:
+    """Write adapter `adapter_name` as peft would (atomic writes); returns the folder."""
+    configs = getattr(model, "lora_configs", {})
+    if adapter_name not in configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(configs) or 'no adapters'}")
+    config = configs[adapter_name]
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
+    tensors, ranks, alphas = {}, {}, {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if adapter_name in layer.lora_magnitude_vector:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+        ranks[name], alphas[name] = layer.r[adapter_name], layer.alpha[adapter_name]
+    state = model.state_dict(keep_vars=True)
+    if config.bias == "all":
+        tensors.update({PREFIX + k: v for k, v in state.items() if k == "bias" or k.endswith(".bias")})
+    elif config.bias == "lora_only":
+        tensors.update({f"{PREFIX}{n}.base_layer.bias": m.base_layer.bias for n, m in layers.items()
+                        if getattr(m.base_layer, "bias", None) is not None})
+    for key, value in state.items():
+        if any(key.startswith(m + ".") or f".{m}." in key for m in config.modules_to_save):
+            tensors[PREFIX + key] = value
+    # Ranks / alphas are written per module where they differ from the most common value, with the
+    # full module name as the pattern key (combined adapters can have a different rank per layer).
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    first = next(iter(layers.values()))
+    payload = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if hasattr(model, "lm_head") else None,
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _targets_for_file(model, list(layers), config),
+        "exclude_modules": config.exclude_modules,
+        "bias": config.bias,
+        "init_lora_weights": _INIT_TO_PEFT[config.init],
+        "use_rslora": first.use_rslora[adapter_name],
+        "use_dora": adapter_name in first.lora_magnitude_vector,
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "modules_to_save": config.modules_to_save or None,
+        "fan_in_fan_out": _model_type(model) == "gpt2",
+        "inference_mode": True,
+        "revision": None,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    write_json_atomic(folder / CONFIG_NAME, payload)
+    return folder
+
+
+def config_from_peft(raw: dict) -> LoRAConfig:
+    """LoRAConfig from an adapter_config.json dict; raises for peft options we do not implement."""
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"only LoRA adapters can be loaded, got peft_type={raw.get('peft_type')!r}")
+    odd = {k: raw[k] for k, default in _UNSUPPORTED.items() if raw.get(k, default) not in (default, [], {})}
+    if odd:
+        raise ValueError(f"adapter_config.json uses peft options minilora does not implement: {odd}")
+    init = raw.get("init_lora_weights", True)
+    return LoRAConfig(
+        r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
+        target_modules=raw.get("target_modules"), exclude_modules=raw.get("exclude_modules"),
+        bias=raw.get("bias", "none"), init="gaussian" if init == "gaussian" else "kaiming",
+        use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)),
+        rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        modules_to_save=list(raw.get("modules_to_save") or []),
+    )
+
+
+def load_adapter(model: nn.Module, folder, adapter_name: str = "default") -> dict:
+    """Read an adapter saved by peft or by save_adapter into `model` as `adapter_name` (made active).
+    Every tensor must land on a module of the right shape and every wrapped module must get its
+    tensors; otherwise a ValueError names them and the model is left without the adapter."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for file in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"{folder / file} not found (an adapter folder holds {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME}; .bin adapters are not read: no unpickling)")
+    config = config_from_peft(json.loads((folder / CONFIG_NAME).read_text()))
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    inject(model, config, adapter_name)
+    try:
+        _copy_tensors(model, tensors, adapter_name)
+    except Exception:
+        delete_adapter(model, adapter_name)
+        raise
+    return {"config": config, "tensors": len(tensors)}
+
+
+@torch.no_grad()
+def _copy_tensors(model: nn.Module, tensors: dict, adapter_name: str) -> None:
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
+    state = model.state_dict(keep_vars=True)
+    expected = {}
+    for name, layer in layers.items():
+        expected[f"{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+        expected[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if adapter_name in layer.lora_magnitude_vector:
+            expected[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+    problems, seen = [], set()
+    for key, value in tensors.items():
+        short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        target = expected.get(short)
+        if target is None and ".lora_" not in short:
+            target = state.get(short)  # biases (bias="all"/"lora_only") and modules_to_save weights
+        if target is None:
+            problems.append(f"{key}: no such LoRA tensor in the model")
+        elif tuple(target.shape) != tuple(value.shape):
+            problems.append(f"{key}: file has {tuple(value.shape)}, model has {tuple(target.shape)}")
+        else:
+            target.copy_(value.to(target.dtype))
+            seen.add(short)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        problems.append(f"the file lacks {len(missing)} tensor(s) the config targets: {missing[:4]}"
+                        + (" ..." if len(missing) > 4 else ""))
+    if problems:
+        raise ValueError("adapter file does not fit the model: " + "; ".join(problems[:8])
+                         + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
