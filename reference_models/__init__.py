@@ -1,0 +1,11 @@
+"""Readable reference transformers that load and save real Hugging Face checkpoints.
+
+`GPT` (the GPT-2 family) and `Llama` (LLaMA, Mistral, Qwen2) use transformers' module names, so
+state-dict keys and LoRA target_modules mean the same thing here and in peft.
+"""
+from .gpt import GPT, GPTConfig
+from .hub import config_from_hf, from_hf_config, load_pretrained, save_pretrained
+from .llama import Llama, LlamaConfig
+
+__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "load_pretrained", "save_pretrained",
+           "from_hf_config", "config_from_hf"]

@@ -1,0 +1,196 @@
+"""Pieces both model families share: causal attention (SDPA or eager), the KV cache, the loss,
+activations and sampling. Kept in one small file so that gpt.py and llama.py each read as
+"the model", with the plumbing written once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTN_IMPLS = ("sdpa", "eager")
+
+# Hugging Face activation names -> functions. "gelu_new" is the tanh approximation GPT-2 was
+# trained with; transformers writes it out as separate ops, F.gelu(approximate="tanh") fuses them
+# (same formula, last-bit differences only).
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    `length` is how many positions are filled; a forward pass with the cache writes its T new
+    positions at [length, length + T) in every layer and then advances `length`.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, H_kv, T, D) -> all keys/values so far (B, H_kv, length + T, D)
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def causal_mask(t_q: int, t_kv: int, device, sliding_window: int | None = None) -> torch.Tensor:
+    """(t_q, t_kv) bool, True where query i (at absolute position t_kv - t_q + i) may attend key j.
+
+    Sliding window as transformers/Mistral define it: key j is visible when j > i - window.
+    """
+    q_pos = torch.arange(t_kv - t_q, t_kv, device=device)[:, None]
+    k_pos = torch.arange(t_kv, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (k_pos > q_pos - sliding_window)
+    return mask
+
+
+def causal_attention(q, k, v, *, scale: float, impl: str, dropout_p: float = 0.0,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """Causal self-attention with grouped-query support.
+
+    q: (B, H, T, D); k, v: (B, H_kv, S, D) with S >= T (S > T when a KV cache holds the past);
+    returns (B, H, T, D). "eager" materialises the (B, H, T, S) attention matrix, softmax in fp32
+    like transformers' eager path; "sdpa" lets F.scaled_dot_product_attention pick a kernel.
+    """
+    t, s = q.shape[2], k.shape[2]
+    n_rep = q.shape[1] // k.shape[1]
+    windowed = sliding_window is not None and s > sliding_window
+    # Square and unwindowed: SDPA's own causal flag (fastest kernels). One query against the
+    # cache: it sees every key, no mask. Otherwise an explicit boolean mask.
+    mask = None
+    if windowed or (t > 1 and s != t):
+        mask = causal_mask(t, s, q.device, sliding_window if windowed else None)
+    if impl == "sdpa":
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t > 1,
+                                                  scale=scale, enable_gqa=n_rep > 1)
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    att = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if mask is None and t > 1:
+        mask = causal_mask(t, s, q.device)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
+    att = F.dropout(att, p=dropout_p, training=dropout_p > 0)
+    return att @ v  # (B, H, T, D)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (B, H_kv, S, D) -> (B, H_kv * n_rep, S, D): each kv head serves n_rep consecutive q heads
+    if n_rep == 1:
+        return x
+    b, h_kv, s, d = x.shape
+    return x[:, :, None].expand(b, h_kv, n_rep, s, d).reshape(b, h_kv * n_rep, s, d)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over non-ignored (-100) targets, in fp32.
+
+    targets are already the next tokens: targets[:, t] is the token that should follow
+    idx[:, t] (transformers' `labels` instead equal input_ids and are shifted inside the model).
+    """
+    if targets.shape != logits.shape[:2]:
+        raise ValueError(f"targets must have shape {tuple(logits.shape[:2])} (batch, seq), "
+                         f"got {tuple(targets.shape)}")
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    # logits: (B, V) of the last position -> (B, 1) next token ids
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+def check_generate_args(idx, max_new_tokens, temperature, top_k) -> None:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be a (batch, seq) tensor of token ids with seq >= 1, got "
+                         f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+
+
+class CausalLM(nn.Module):
+    """What both families share around their blocks: checkpointing switch, loss, generation.
+
+    A subclass defines `_forward(idx, cache) -> logits`, `_new_cache(batch, max_len)` and
+    `max_len` (the longest sequence it can position, or None).
+    """
+
+    gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations (per block,
+        torch.utils.checkpoint with use_reentrant=False)."""
+        self.gradient_checkpointing = bool(enabled)
+
+    def _run_block(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled() and args[-1] is None:
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None):
+        """idx: (B, T) token ids -> logits (B, T, V); with targets (B, T): (logits, loss)."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, seq) token ids, got shape {tuple(idx.shape)}")
+        logits = self._forward(idx, kv_cache)
+        if targets is None:
+            return logits
+        return logits, lm_loss(logits, targets)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T) -> (B, T + max_new_tokens).
+
+        temperature=0 is greedy (argmax). The KV cache keeps every layer's keys and values so
+        each new token costs one position of compute; use_cache=False re-runs the whole
+        sequence each step (same tokens, for checking). Call model.eval() first: dropout stays
+        active in train mode, as in any nn.Module.
+        """
+        check_generate_args(idx, max_new_tokens, temperature, top_k)
+        total = idx.shape[1] + max_new_tokens
+        if self.max_len is not None and total > self.max_len:
+            raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
+                             f"exceeds the {self.max_len} positions this model has")
+        cache = self._new_cache(idx.shape[0], total) if use_cache else None
+        step_input = idx
+        for _ in range(max_new_tokens):
+            logits = self._forward(step_input if use_cache else idx, cache)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+            step_input = nxt
+        return idx

@@ -1,0 +1,297 @@
+"""Load and save Hugging Face checkpoint folders (config.json + safetensors) for the reference models.
+
+How checkpoint keys map, plainly:
+- keys are the same names as our modules (we use transformers' names), except
+- GPT-2's attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj weights are Conv1D (in, out) in the
+  file and nn.Linear (out, in) here: transposed on load and on save;
+- a tied lm_head.weight is not in the file (transformers does not write it); it is the
+  embedding; if a file does carry it anyway, it is ignored;
+- buffers that older checkpoints saved but that are not weights (GPT-2's attn.bias causal mask and
+  attn.masked_bias, rotary inv_freq) are skipped.
+Weights are read from safetensors only: nothing here ever unpickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .gpt import GPT, GPTConfig
+from .llama import Llama, LlamaConfig
+
+__all__ = ["load_pretrained", "save_pretrained", "from_hf_config", "config_from_hf"]
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+IGNORED_KEYS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> dataclass configs
+
+def _gpt2_config(d: dict) -> GPTConfig:
+    if d.get("scale_attn_by_inverse_layer_idx") or d.get("scale_attn_weights") is False or d.get("add_cross_attention"):
+        raise ValueError("unsupported GPT-2 variant: scale_attn_by_inverse_layer_idx, scale_attn_weights=False and "
+                         "add_cross_attention are not implemented, got "
+                         f"{ {k: d.get(k) for k in ('scale_attn_by_inverse_layer_idx', 'scale_attn_weights', 'add_cross_attention')} }")
+    names = [f.name for f in GPTConfig.__dataclass_fields__.values() if f.name != "attn_impl"]
+    return GPTConfig(**{k: d[k] for k in names if k in d})
+
+
+def _rope_theta(d: dict) -> float:
+    # transformers >= 5 writes rope_parameters {"rope_type", "rope_theta"}; 4.x wrote rope_theta and
+    # rope_scaling. Only the original (unscaled) RoPE is implemented.
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: ['default'] (plain RoPE with rope_theta)")
+    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+
+
+def _llama_config(d: dict) -> LlamaConfig:
+    mt = d["model_type"]
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+            "attention_dropout", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    kw = {k: d[k] for k in keys if k in d}
+    kw.update(model_type=mt, rope_theta=_rope_theta(d))
+    if mt == "llama":
+        kw.update(attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False))
+    elif mt == "mistral":
+        kw.update(sliding_window=d.get("sliding_window", 4096))
+    else:  # qwen2: q/k/v carry biases, o_proj does not
+        kw.update(attention_bias=True, o_proj_bias=False)
+        layer_types = d.get("layer_types") or []
+        sliding = [t == "sliding_attention" for t in layer_types] if layer_types else \
+            [bool(d.get("use_sliding_window")) and i >= d.get("max_window_layers", 0)
+             for i in range(d.get("num_hidden_layers", 32))]
+        if any(sliding) and not all(sliding):
+            raise ValueError("Qwen2 with sliding-window attention on only some layers is not supported "
+                             f"(layer_types={layer_types or 'derived from use_sliding_window/max_window_layers'})")
+        kw.update(sliding_window=d.get("sliding_window") if any(sliding) else None)
+    return LlamaConfig(**kw)
+
+
+def config_from_hf(d: dict) -> GPTConfig | LlamaConfig:
+    """A transformers config dict (config.json) -> GPTConfig or LlamaConfig."""
+    if not isinstance(d, dict):
+        raise TypeError(f"config must be a dict (config.json content), got {type(d).__name__}")
+    mt = d.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unknown model_type {mt!r}; supported: {list(SUPPORTED_MODEL_TYPES)}")
+    return _gpt2_config(d) if mt == "gpt2" else _llama_config(d)
+
+
+def from_hf_config(d: dict, attn_impl: str = "sdpa") -> GPT | Llama:
+    """Build a randomly initialised GPT or Llama from a transformers config dict."""
+    config = config_from_hf(d)
+    config.attn_impl = attn_impl
+    config.__post_init__()
+    return (GPT if isinstance(config, GPTConfig) else Llama)(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading safetensors
+
+def _read_safetensors(path: Path, keys=None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys()) if keys is None else keys
+            missing = [k for k in names if k not in f.keys()]
+            if missing:
+                raise ValueError(f"{path} does not contain {missing[:5]} that the index maps to it")
+            return {k: f.get_tensor(k) for k in names}
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors raises SafetensorError / OSError on truncated or garbage files
+        raise ValueError(f"cannot read {path} as safetensors (corrupt or truncated?): {exc}") from exc
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / SINGLE_FILE).is_file():
+        return _read_safetensors(folder / SINGLE_FILE)
+    if (folder / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{folder / INDEX_FILE} is not a valid index (needs a 'weight_map'): {exc}") from exc
+        by_file: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(key)
+        tensors = {}
+        for fname, keys in sorted(by_file.items()):
+            if not (folder / fname).is_file():
+                raise FileNotFoundError(f"{folder / INDEX_FILE} maps {len(keys)} tensors to {fname}, which is missing")
+            tensors.update(_read_safetensors(folder / fname, keys))
+        return tensors
+    pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickled:
+        raise ValueError(
+            f"{folder} has only pickled weights ({', '.join(sorted(pickled))}); reference_models reads safetensors "
+            "only and never unpickles (a pickle can run arbitrary code). Convert it once, where you trust the file: "
+            "transformers.AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)")
+    raise FileNotFoundError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json (a transformers checkpoint folder needs one)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+def _is_conv1d(model: nn.Module, key: str) -> bool:
+    return isinstance(model, GPT) and key.endswith(CONV1D_SUFFIXES)
+
+
+def _add_prefix(tensors: dict, expected: set) -> dict:
+    # A checkpoint of the bare transformer (GPT2Model / LlamaModel, e.g. the original "gpt2" upload)
+    # has keys without the "transformer." / "model." prefix.
+    prefix = next(iter(expected)).split(".")[0] + "."
+    if prefix == "lm_head.":
+        prefix = next(k for k in expected if not k.startswith("lm_head.")).split(".")[0] + "."
+    if not any(k.startswith(prefix) for k in tensors) and any(prefix + k in expected for k in tensors):
+        return {(k if k.startswith("lm_head.") else prefix + k): v for k, v in tensors.items()}
+    return tensors
+
+
+def _match_state(model: nn.Module, tensors: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    """Check names and shapes against the model; return a state dict in our layout."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight")
+    tensors = _add_prefix({k: v for k, v in tensors.items() if not IGNORED_KEYS.search(k)}, set(expected))
+    if tied:
+        tensors.pop("lm_head.weight", None)  # some files carry the tied copy; the embedding is the truth
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match {type(model).__name__}: missing tensors {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}, unexpected tensors {unexpected[:10]}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+    state = {}
+    for key, t in tensors.items():
+        if _is_conv1d(model, key) and t.dim() == 2:
+            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+        if t.shape != expected[key]:
+            layout = " (Conv1D, stored transposed)" if _is_conv1d(model, key) else ""
+            want = tuple(expected[key])[::-1] if layout else tuple(expected[key])
+            raise ValueError(f"tensor {key!r}{layout} has shape {tuple(t.T.shape if layout else t.shape)} in the "
+                             f"checkpoint, the config needs {want}")
+        if t.is_floating_point() and dtype is not None:
+            t = t.to(dtype)
+        state[key] = t.contiguous()
+    return state
+
+
+def _stored_dtype(tensors: dict) -> torch.dtype:
+    return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+
+
+def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", attn_impl: str = "sdpa") -> GPT | Llama:
+    """Load a transformers checkpoint folder (config.json + model.safetensors or a sharded index).
+
+    dtype=None keeps the dtype stored in the file; the model is returned in eval mode on `device`.
+    """
+    folder = Path(path)
+    hf = _read_config(folder)
+    config = config_from_hf(hf)
+    config.attn_impl = attn_impl
+    config.__post_init__()
+    cls = GPT if isinstance(config, GPTConfig) else Llama
+    tensors = _read_weights(folder)
+    with torch.device("meta"):
+        model = cls(config)  # shapes only, no memory, no random init
+    qconfig = hf.get("quantization_config")
+    if qconfig:
+        _load_quantized(model, tensors, qconfig, dtype or _stored_dtype(tensors))
+    else:
+        state = _match_state(model, tensors, dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+    return model.to(device).eval()
+
+
+def _load_quantized(model, tensors, qconfig: dict, dtype) -> None:
+    # The seam for 4-bit bitsandbytes checkpoints: minilora.qlora owns the format (packed weights,
+    # absmax, quant_map ...) and fills the meta model in place. Imported only here, so that
+    # reference_models never depends on minilora otherwise.
+    method = qconfig.get("quant_method")
+    if method != "bitsandbytes" or not qconfig.get("load_in_4bit"):
+        raise ValueError(f"only 4-bit bitsandbytes quantization_config is supported, got quant_method={method!r}, "
+                         f"load_in_4bit={qconfig.get('load_in_4bit')!r}")
+    try:
+        from minilora.qlora import load_bnb_4bit_state
+    except ImportError as exc:
+        raise NotImplementedError(f"loading a 4-bit checkpoint needs minilora.qlora.load_bnb_4bit_state: {exc}") from exc
+    load_bnb_4bit_state(model, tensors, qconfig, dtype)
+    model.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"4-bit checkpoint left tensors unloaded: {left[:10]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+def _atomic_write(path: Path, write) -> None:
+    # Write into a temporary file next to the target, fsync, then rename over it: a reader sees
+    # the old file or the new one, never half of one. (minilora._io does the same; reference_models
+    # does not import minilora.)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model: GPT | Llama, path) -> Path:
+    """Write config.json and model.safetensors that transformers' from_pretrained loads."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, (GPT, Llama)):
+        raise TypeError(f"save_pretrained expects a reference_models GPT or Llama, got {type(model).__name__}")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = model.config.to_hf_dict()
+    if any(getattr(type(m), "is_quantized_4bit", False) for m in model.modules()):
+        from minilora.qlora import bnb_4bit_state_dict
+
+        tensors, qconfig = bnb_4bit_state_dict(model)
+        hf["quantization_config"] = qconfig
+    else:
+        tensors = {}
+        for key, t in model.state_dict().items():
+            if key == "lm_head.weight" and model.config.tie_word_embeddings:
+                continue  # tied: the embedding is the one copy (transformers writes it the same way)
+            if _is_conv1d(model, key):
+                t = t.t()  # Linear (out, in) -> Conv1D (in, out)
+            tensors[key] = t.detach().to("cpu").contiguous().clone()
+    hf["dtype"] = str(_stored_dtype(tensors)).removeprefix("torch.")
+    _atomic_write(folder / SINGLE_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(folder / "config.json",
+                  lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n"))
+    return folder
