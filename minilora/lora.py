@@ -135,9 +135,9 @@ class LoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                    use_rslora: bool = False, use_dora: bool = False) -> None:
-        limit = min(self.in_features, self.out_features)
-        if not 1 <= r <= limit:
+                    use_rslora: bool = False, use_dora: bool = False, check_rank: bool = True) -> None:
+        limit = min(self.in_features, self.out_features) if check_rank else r
+        if not (isinstance(r, int) and 1 <= r <= limit):
             raise ValueError(f"rank must be in 1..{limit} for {self.name} ({self.in_features} -> "
                              f"{self.out_features}), got {r}")
         if adapter in self.lora_A:
