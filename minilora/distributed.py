@@ -214,7 +214,8 @@ def _reshard_all(model: nn.Module) -> None:
 
 
 def _is_adapter_param(name: str, p: torch.Tensor) -> bool:
-    return p.requires_grad or ".lora_" in name or "modules_to_save" in name
+    # what save_adapter may write: LoRA factors, DoRA magnitudes, trained modules, biases (bias="all")
+    return p.requires_grad or ".lora_" in name or "modules_to_save" in name or name.endswith("bias")
 
 
 def gather_full_state(model: nn.Module, keep=lambda name, tensor: True) -> dict[str, torch.Tensor]:
@@ -277,32 +278,40 @@ def save_adapter_sharded(model: nn.Module, folder: str | os.PathLike, adapter_na
 
 
 def load_adapter_sharded(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default") -> None:
-    """Load a peft adapter (full tensors) into a model wrapped with any strategy and world size.
+    """Copy a saved adapter (full tensors, peft format) into a wrapped model that already has
+    `adapter_name` injected with the same config, on any strategy and world size.
 
-    Every rank reads the file into full-size stand-ins, then copies its own shard. This is what
-    makes adapter-only checkpoints resumable on a different number of GPUs.
+    Every rank reads the file into full-size stand-ins, then keeps its own shard: this is what
+    makes adapter-only checkpoints resumable on a different number of GPUs. (For a model without
+    the adapter yet, call peft_io.load_adapter on every rank BEFORE wrap_model instead.)
     """
+    import json as _json
+
+    from safetensors.torch import load_file
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from minilora.peft_io import load_adapter
+    from minilora import peft_io
 
+    folder = Path(folder)
+    if adapter_name not in getattr(unwrap(model), "lora_configs", {}):
+        raise ValueError(f"the model has no adapter {adapter_name!r} to load into; inject it first "
+                         f"or call peft_io.load_adapter before wrap_model")
+    peft_io.config_from_peft(_json.loads((folder / peft_io.CONFIG_NAME).read_text()))  # rejects odd options
     _reshard_all(model)
     params = {n: p for n, p in unwrap(model).named_parameters() if _is_adapter_param(n, p)}
     stand_ins = {n: torch.zeros(p.shape, dtype=p.dtype, device="cpu") for n, p in params.items()}
     with _plain_parameters(model, stand_ins):
-        load_adapter(unwrap(model), folder, adapter_name=adapter_name)
-        inner = unwrap(model)
-        loaded = {n: inner.get_parameter(n).detach() for n in stand_ins}
+        # peft_io's own key mapping and shape checks; it copies into the stand-ins in place
+        peft_io._copy_tensors(unwrap(model), load_file(str(folder / peft_io.WEIGHTS_NAME)), adapter_name)
     with torch.no_grad():
         for name, p in params.items():
-            full = loaded[name].to(p.dtype)
+            full = stand_ins[name]
             if isinstance(p, DTensor):
                 # every rank holds the full tensor, so no data moves (src_data_rank=None)
-                shard = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
-                                          src_data_rank=None)
-                p.to_local().copy_(shard.to_local())
-            else:
-                p.copy_(full)
+                full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                         src_data_rank=None).to_local()
+                p = p.to_local()
+            p.copy_(full)
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:

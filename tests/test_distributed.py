@@ -111,3 +111,115 @@ def test_fsdp2_rejects_mixed_trainable_dtypes_in_one_unit(monkeypatch):
 def test_init_distributed_rejects_unknown_backend():
     with pytest.raises(ValueError, match=r"backend must be 'gloo' or 'nccl', got 'mpi'"):
         D.init_distributed("mpi")
+
+
+# ---- FSDP2 LoRA: train, save the gathered adapter, load it in one process; resume on 1 process ------
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_llama():
+    from minilora.lora import LoRAConfig
+    from minilora.lora_model import inject
+
+    model = tiny_llama()
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=LORA_TARGETS))
+    torch.manual_seed(2)
+    with torch.no_grad():  # B starts at zero; a random B makes the first steps move A as well
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.02)
+    return model
+
+
+def adamw(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _worker_fsdp_lora(env, folder, steps):
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    ids = batch()
+    per_rank = ids.chunk(env.world_size)[env.rank]
+    model = D.wrap_model(lora_llama(), "full_shard", env)
+    opt = adamw(model)
+    for step in range(steps):
+        _, loss = model(per_rank[:, :-1], per_rank[:, 1:])
+        loss.backward()
+        if step == steps - 1:  # grads and AdamW moments both alive: the peak of model states
+            held = D.model_state_bytes(model, opt)
+            (folder / f"bytes{env.rank}.json").write_text(json.dumps(held))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    D.save_adapter_sharded(model, folder / "adapter")
+    D.save_checkpoint(model, opt, folder / "ckpt", step=steps)
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids[:, :-1])  # every rank runs the same batch: FSDP2 forward is collective
+    model.train()
+    _, loss = model(per_rank[:, :-1], per_rank[:, 1:])  # one more step, to check resume against
+    loss.backward()
+    opt.step()
+    after = D.gather_full_state(model, lambda n, p: p.requires_grad)
+    # the same checkpoint resumed into a model sharded the other way takes the same step
+    other = D.wrap_model(lora_llama(), "shard_grad_op", env)
+    other_opt = adamw(other)
+    assert D.load_checkpoint(other, other_opt, folder / "ckpt")["step"] == steps
+    _, loss = other(per_rank[:, :-1], per_rank[:, 1:])
+    loss.backward()
+    other_opt.step()
+    resumed = D.gather_full_state(other, lambda n, p: p.requires_grad)
+    if env.is_main:
+        assert resumed.keys() == after.keys()
+        for name in after:
+            torch.testing.assert_close(resumed[name], after[name], rtol=1e-5, atol=1e-7)
+        save_file({"logits": logits.contiguous()}, str(folder / "logits.safetensors"))
+        save_file(after, str(folder / "after.safetensors"))
+
+
+def test_fsdp2_lora_adapter_loads_in_one_process_and_resumes_on_another_world_size(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from minilora.peft_io import load_adapter
+
+    steps = 3
+    _spawn(_worker_fsdp_lora, str(tmp_path), steps)
+    # the gathered adapter, loaded into a fresh single-process model, gives the FSDP2 logits
+    single = tiny_llama()
+    load_adapter(single, tmp_path / "adapter")
+    ids = batch()
+    with torch.no_grad():
+        logits = single.eval()(ids[:, :-1])
+    torch.testing.assert_close(logits, load_file(str(tmp_path / "logits.safetensors"))["logits"],
+                               rtol=1e-5, atol=1e-5)
+    untrained = tiny_llama().eval()(ids[:, :-1]).detach()
+    assert (logits - untrained).abs().max() > 1e-3, "the adapter did not change the model"
+    # resume the 2-process checkpoint on 1 process (no process group): the next step matches
+    model = lora_llama()
+    opt = adamw(model)
+    state = D.load_checkpoint(model, opt, tmp_path / "ckpt")
+    assert state["step"] == steps and state["world_size"] == WORLD
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    opt.step()
+    expected = load_file(str(tmp_path / "after.safetensors"))
+    got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    # every rank holds exactly 1/WORLD of each model state (all dims here divide by 2)
+    total = sum(p.numel() for p in tiny_llama().parameters())
+    trainable = sum(p.numel() for p in got.values())
+    for rank in range(WORLD):
+        held = json.loads((tmp_path / f"bytes{rank}.json").read_text())
+        frozen_and_trainable = sum(p.numel() for p in lora_llama().parameters())
+        assert held["params"] == 4 * frozen_and_trainable // WORLD, held
+        assert held["grads"] == 4 * trainable // WORLD, held
+        assert held["optimizer"] == 8 * trainable // WORLD, held
+    assert total < frozen_and_trainable
