@@ -48,7 +48,7 @@ from torch import nn
 __all__ = [
     "STRATEGIES", "DistEnv", "init_distributed", "shutdown", "free_port", "transformer_blocks",
     "wrap_model", "unwrap", "no_sync", "gather_full_state", "save_adapter_sharded",
-    "load_adapter_sharded", "save_checkpoint", "load_checkpoint", "model_state_bytes",
+    "load_adapter_sharded", "save_checkpoint", "load_checkpoint", "model_state_bytes", "train_distributed",
 ]
 
 # FSDP1's names, which the calculators' --zero option uses too.
@@ -242,16 +242,21 @@ def gather_full_state(model: nn.Module, keep=lambda name, tensor: True) -> dict[
 def _plain_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]):
     """Temporarily register plain tensors in place of (sharded) parameters, then put the originals back.
 
-    This lets the single-process peft_io code read or fill an FSDP2 model's adapter as if unsharded.
+    This lets single-process code (peft_io, save_pretrained) read or fill an FSDP2 model as if it
+    were unsharded. A tied parameter is replaced under every module that holds it.
     """
     inner = unwrap(model)
+    swap = {}
+    for name, t in tensors.items():
+        original = inner.get_parameter(name)
+        swap[id(original)] = nn.Parameter(t, requires_grad=original.requires_grad)
     saved = []
     try:
-        for name, t in tensors.items():
-            owner, _, attr = name.rpartition(".")
-            module = inner.get_submodule(owner)
-            saved.append((module, attr, module._parameters[attr]))
-            module._parameters[attr] = nn.Parameter(t, requires_grad=saved[-1][2].requires_grad)
+        for module in inner.modules():
+            for attr, p in list(module._parameters.items()):
+                if p is not None and id(p) in swap:
+                    saved.append((module, attr, p))
+                    module._parameters[attr] = swap[id(p)]
         yield
     finally:
         for module, attr, original in saved:
@@ -445,3 +450,157 @@ def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None 
                   if torch.is_tensor(v) and v.dim() > 0]
         out["optimizer"] = total(states)
     return out
+
+
+# --- training under torchrun ---------------------------------------------------------------------
+
+def _sum_over_ranks(value: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _clip_grad_norm(params: list, max_norm: float) -> float:
+    """The global norm over every rank's shard (torch's clip works on FSDP2's DTensor gradients)."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None = None,
+                      env: DistEnv | None = None) -> dict:
+    """minilora.train's step (token-weighted loss, warmup + cosine, clipping, eval, checkpoints)
+    on every rank of a torchrun job; returns the summary (the same on every rank).
+
+    cfg is a train.TrainConfig; cfg.batch_size is PER RANK: one step sees batch_size * world_size
+    * grad_accum sequences. Every rank draws the same global batch of batch_size * world_size and
+    takes its own slice, so a run on N ranks with batch_size b sees the data a 1-rank run with
+    batch_size N*b sees, and takes the same steps. Checkpoints (out/checkpoints/step-N, adapter-only
+    for lora/qlora) hold full tensors and the data position in examples: they resume on any world size.
+    """
+    from minilora import train as T
+    from minilora._io import write_json_atomic
+    from minilora.data import BatchSampler, collate, load_dataset
+
+    cfg.validate()
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' under train_distributed, got {cfg.optimizer!r} "
+                         "(the offload optimizer's gradient hooks race with DDP/FSDP2 communication)")
+    env = env or init_distributed()
+    say = print if env.is_main and not cfg.quiet else (lambda *a, **k: None)
+    # Same seed on every rank: FSDP2 shards each rank's own copy, so all copies must be equal.
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = T.build_model(cfg, model, env.device)
+    data, eval_set = T._split_eval(cfg, load_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.tasks), tokenizer)
+    if hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(cfg.grad_checkpointing)
+    wrapped = wrap_model(model, strategy, env)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad (check --lora-targets)")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = BatchSampler(len(data), cfg.batch_size * env.world_size, seed=cfg.seed)
+    adapter = None if cfg.method == "full" else "default"
+    checkpoints, autocast = Path(cfg.out) / "checkpoints", T._autocast(cfg, env.device)
+    start, history = 0, []
+    if cfg.resume:
+        pointer = checkpoints / "latest.json"
+        if not pointer.is_file():
+            raise ValueError(f"--resume: no checkpoint in {checkpoints} (latest.json is missing)")
+        state = load_checkpoint(wrapped, optimizer, checkpoints / json.loads(pointer.read_text())["path"], adapter)
+        start, history = state["step"], state["history"]
+        # the position is counted in examples, so it holds for any global batch size
+        sampler.load_state_dict({**state["sampler"], "batch_size": sampler.batch_size})
+        say(f"resumed at step {start} (saved by {state['world_size']} ranks, now {env.world_size})")
+    say(f"minilora.distributed: {cfg.method} | {strategy} on {env.world_size} x {env.device.type} "
+        f"({env.backend}) | {cfg.batch_size} x {env.world_size} x {cfg.grad_accum} sequences per step")
+    wrapped.train()
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = T.lr_at(step, cfg)
+        mine = slice(env.rank * cfg.batch_size, (env.rank + 1) * cfg.batch_size)
+        micro = [collate([data.examples[i] for i in sampler.next_indices()[mine]], tokenizer.pad_id)
+                 for _ in range(cfg.grad_accum)]
+        n_learned = _sum_over_ranks(sum(int((y != -100).sum()) for _, y in micro))
+        step_loss = 0.0
+        for i, (x, y) in enumerate(micro):
+            weight = int((y != -100).sum()) / max(n_learned, 1)
+            with no_sync(wrapped, enabled=i < len(micro) - 1):
+                with autocast:
+                    _, loss = wrapped(x.to(env.device), y.to(env.device))
+                # DDP and FSDP2 AVERAGE gradients over ranks; times world_size makes it the sum of
+                # token-weighted losses, i.e. the mean over all n_learned tokens of the step.
+                (loss * weight * env.world_size).backward()
+            step_loss += float(loss.detach()) * weight
+        grad_norm = _clip_grad_norm(params, cfg.clip) if cfg.clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        record = {"step": done, "loss": _sum_over_ranks(step_loss), "lr": optimizer.param_groups[0]["lr"],
+                  "grad_norm": grad_norm}
+        history.append(record)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            say(f"step {done}/{cfg.steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e}")
+        if eval_set is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            # every rank runs the whole eval set: FSDP2's forward is collective
+            ev = T.evaluate(wrapped, eval_set, cfg.batch_size, tokenizer.pad_id, env.device, cfg.eval_batches, autocast)
+            record.update(eval_loss=ev["loss"], eval_ppl=ev["ppl"])
+            say(f"eval step {done} | loss {ev['loss']:.4f} | ppl {ev['ppl']:.3f}")
+        if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
+            name = f"step-{done:06d}"
+            save_checkpoint(wrapped, optimizer, checkpoints / name, done, adapter,
+                            extra={"history": history, "sampler": sampler.state_dict(), "strategy": strategy})
+            if env.is_main:  # the pointer goes last, as in minilora.train
+                write_json_atomic(checkpoints / "latest.json", {"step": done, "path": name})
+            _barrier()
+    summary = {"method": cfg.method, "strategy": strategy, "world_size": env.world_size, "steps": cfg.steps,
+               "final_loss": history[-1]["loss"] if history else None}
+    if cfg.save_final:
+        summary["saved"] = str(_save_final(wrapped, Path(cfg.out), adapter))
+    say(f"done: {summary}")
+    return summary
+
+
+def _save_final(model: nn.Module, out: Path, adapter: str | None) -> Path:
+    if adapter is not None:
+        save_adapter_sharded(model, out / "adapter", adapter)
+        return out / "adapter"
+    from reference_models import save_pretrained
+
+    full = gather_full_state(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with _plain_parameters(model, full):
+            save_pretrained(unwrap(model), out / "model")
+    _barrier()
+    return out / "model"
+
+
+def main(argv=None) -> int:
+    """`torchrun --nproc_per_node N -m minilora.distributed --strategy S <minilora.train flags>`."""
+    import sys
+
+    from minilora import train as T
+
+    parser = T._Parser.build()
+    parser.prog = "torchrun --nproc_per_node N -m minilora.distributed"
+    parser.add_argument("--strategy", default="full_shard", choices=STRATEGIES,
+                        help="ddp: replicate, all-reduce grads; full_shard: FSDP2 reshard after forward (ZeRO-3); "
+                             "shard_grad_op: FSDP2 keep params gathered until backward (ZeRO-2-like)")
+    args = vars(parser.parse_args(argv))
+    strategy = args.pop("strategy")
+    try:
+        train_distributed(T.TrainConfig(**args), strategy)
+    except (ValueError, OSError) as exc:
+        print(f"minilora.distributed: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
