@@ -1,0 +1,206 @@
+"""minilora/train.py end to end on tiny models: loss goes down with each method, an interrupted and
+resumed run is bit-identical to an uninterrupted one, and the saved adapter loads in peft."""
+import json
+
+import pytest
+import torch
+
+from minilora.train import TrainConfig, lr_at, main, train
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def _tiny_llama(folder, seed=0):
+    from reference_models import Llama, LlamaConfig, save_pretrained
+
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                              bos_token_id=256, eos_token_id=257))
+    save_pretrained(model, folder)
+    return folder
+
+
+def _tiny_gpt(folder, seed=0):
+    from reference_models import GPT, GPTConfig, save_pretrained
+
+    torch.manual_seed(seed)
+    # dropout on: an exact resume must also restore the RNG that draws the dropout masks
+    model = GPT(GPTConfig(vocab_size=259, n_positions=256, n_embd=32, n_layer=2, n_head=4,
+                          bos_token_id=256, eos_token_id=257))
+    save_pretrained(model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+def _cfg(model, data, out, **kw):
+    base = dict(model=str(model), data=str(data), out=str(out), max_seq_len=32, batch_size=4, steps=8,
+                lr=1e-2, warmup_steps=2, eval_every=0, log_every=100, quiet=True, save_final=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_loss_goes_down_with_each_method(method, llama_dir, corpus, tmp_path):
+    lr = 3e-3 if method == "full" else 2e-2
+    result = train(_cfg(llama_dir, corpus, tmp_path, method=method, lr=lr, eval_every=8, eval_fraction=0.1))
+    s = result.summary
+    assert s["eval_loss"] < s["eval_loss_start"] - 0.1, s
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    assert sum(losses[-2:]) < sum(losses[:2])
+    if method == "full":
+        assert s["trainable_params"] == s["total_params"]
+    else:
+        assert 0 < s["trainable_params"] < s["total_params"] / 2
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def on_step(record):
+        if record["step"] == step:
+            raise _Crash  # as if the process died right after the checkpoint at `step`
+    return on_step
+
+
+@pytest.mark.parametrize("method, family, extra", [
+    ("lora", "gpt", dict(lora_dropout=0.1)),
+    ("full", "gpt", dict(grad_accum=2)),
+    ("qlora", "llama", dict(lora_dropout=0.1)),
+])
+def test_resume_after_interruption_is_bit_identical(method, family, extra, corpus, tmp_path):
+    model_dir = (_tiny_gpt if family == "gpt" else _tiny_llama)(tmp_path / "base")
+    kw = dict(method=method, steps=6, save_every=2, lr=3e-3, **extra)
+    whole = train(_cfg(model_dir, corpus, tmp_path / "whole", **kw))
+    with pytest.raises(_Crash):
+        train(_cfg(model_dir, corpus, tmp_path / "cut", **kw), on_step=_crash_at(4))
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 4
+    resumed = train(_cfg(model_dir, corpus, tmp_path / "cut", resume=True, **kw))
+    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+    # adapter-only checkpoints for LoRA/QLoRA: no base weights in them
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "cut" / "checkpoints" / "step-000006" / "trainable.safetensors"))
+    assert all(("lora_" in k) == (method != "full") for k in saved)
+
+
+def test_resume_refuses_a_changed_setting(llama_dir, corpus, tmp_path):
+    train(_cfg(llama_dir, corpus, tmp_path, steps=2, save_every=2))
+    with pytest.raises(ValueError, match="trained with lora_r=8, this run has 4"):
+        train(_cfg(llama_dir, corpus, tmp_path, steps=2, save_every=2, lora_r=4, resume=True))
+
+
+def test_grad_accumulation_is_token_weighted(llama_dir, tmp_path):
+    # Records with very different response lengths: a mean of per-micro-batch means would differ.
+    data = tmp_path / "a.jsonl"
+    rows = [{"instruction": "x", "output": "y" * n} for n in (1, 2, 40, 3, 60, 1, 5, 30)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(method="full", steps=1, max_seq_len=240, eval_fraction=0, lr=1e-3, warmup_steps=0, clip=0)
+    one = train(_cfg(llama_dir, data, tmp_path / "one", batch_size=4, **kw))
+    two = train(_cfg(llama_dir, data, tmp_path / "two", batch_size=2, grad_accum=2, **kw))
+    assert one.history[-1]["loss"] == pytest.approx(two.history[-1]["loss"], rel=1e-5)
+    for (n, p), q in zip(one.model.named_parameters(), two.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(data="x", steps=20, lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt"])
+def test_saved_adapter_loads_in_peft_with_the_same_logits(family, corpus, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = (_tiny_gpt if family == "gpt" else _tiny_llama)(tmp_path / "base")
+    result = train(_cfg(model_dir, corpus, tmp_path / "run", steps=3, save_final=True, lr=1e-2))
+    ours = result.model.eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "run" / "adapter")).eval()
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = peft_model(input_ids=x).logits
+        mine = ours(x)
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), peft_model.disable_adapter():
+        plain = peft_model(input_ids=x).logits
+    assert (plain - theirs).abs().max() > 1e-3  # the adapter was trained: it changes the logits
+
+
+def test_cli_help_documents_every_flag(capsys):
+    from dataclasses import fields
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--method", "prefix"], "argument --method: invalid choice: 'prefix'"),
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+])
+def test_cli_bad_flags_exit_2_with_one_line(argv_tail, message, llama_dir, corpus, tmp_path, capsys):
+    argv = ["--model", str(llama_dir), "--data", str(corpus), "--out", str(tmp_path)] + argv_tail
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+
+
+def test_cli_bad_files_exit_2_with_one_line(llama_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n')
+    broken_model = tmp_path / "broken"
+    broken_model.mkdir()
+    (broken_model / "config.json").write_text((llama_dir / "config.json").read_text())
+    (broken_model / "model.safetensors").write_bytes(b"\x00" * 16)
+    cases = [
+        (["--model", str(llama_dir), "--data", str(bad)], "bad.jsonl:2: invalid JSON"),
+        (["--model", str(llama_dir), "--data", str(tmp_path / "none.txt")], "data file not found"),
+        (["--model", str(tmp_path / "nowhere"), "--data", str(bad)], "model must be a folder with config.json"),
+        (["--model", str(broken_model), "--data", str(bad)], "error:"),
+    ]
+    for argv, message in cases:
+        assert main(argv + ["--out", str(tmp_path / "o"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+
+
+def test_cli_trains_and_writes_a_summary(llama_dir, corpus, tmp_path, capsys):
+    code = main(["--model", str(llama_dir), "--data", str(corpus), "--out", str(tmp_path), "--steps", "2",
+                 "--max-seq-len", "32", "--batch-size", "2", "--log-every", "1", "--eval-every", "2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "step 2/2 | loss" in out and "tok/s | eta" in out and "eval step 2 | loss" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and (tmp_path / "adapter" / "adapter_config.json").is_file()
