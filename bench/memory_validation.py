@@ -1,0 +1,175 @@
+"""GPU memory validation: the calculator's prediction beside torch.cuda.max_memory_allocated.
+
+    .venv/bin/python -m bench.memory_validation            # CUDA: a ~1.1B Llama (random weights)
+    .venv/bin/python -m bench.memory_validation --quick    # CUDA: a ~0.2B Llama, shorter sequences
+    .venv/bin/python -m bench.memory_validation --dry-run  # CPU: a tiny Llama through the same code
+
+For every point (method full | lora | qlora) x (gradient checkpointing off | on) x (two sequence
+lengths) it builds the model exactly as `minilora.train` does (train.build_model: freezing,
+quantizing, injecting adapters; train's optimizer and bf16 autocast), takes two real training
+steps, and reports the peak of the second step (optimizer states exist by then: the steady state)
+beside the calculator's total for the same setup. Goal (issue 8): within 5% on every point.
+
+The weights are stored as a loaded checkpoint would be: fp32 for full fine-tuning (fp32 master
+weights, bf16 autocast, fp32 AdamW states: the usual mixed precision) and bf16 for the frozen base
+of LoRA (adapters in the base dtype, as minilora.lora keeps them) and QLoRA (4-bit base, bf16
+compute, fp32 adapters). Batch 1; random token ids.
+
+Without CUDA it prints why and exits 0; --dry-run runs every point on the CPU with a tiny model
+(no measurement: CPU allocations are not counted by torch) so the whole path is exercised.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+
+import torch
+
+from bench._harness import report
+
+MODEL_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4)  # TinyLlama-1.1B's shapes: 1.10B parameters
+MODEL_QUICK = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                   num_attention_heads=16, num_key_value_heads=4)
+MODEL_TINY = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+METHODS = ("full", "lora", "qlora")
+WEIGHT_DTYPE = {"full": torch.float32, "lora": torch.bfloat16, "qlora": torch.bfloat16}
+LORA = dict(lora_r=16, lora_alpha=32, lora_targets="all-linear")
+
+
+def build_point(model_kw: dict, method: str, grad_ckpt: bool, device: torch.device):
+    """The model and optimizer as minilora.train builds them for `method`."""
+    from minilora import train as T
+    from reference_models import Llama, LlamaConfig
+
+    cfg = T.TrainConfig(data="(random ids)", method=method, grad_checkpointing=grad_ckpt, lr=1e-4, **LORA,
+                        precision="auto" if device.type == "cuda" else "fp32")
+    torch.manual_seed(0)
+    with torch.device(device):  # built in place: a 1B model never passes through host memory
+        model = Llama(LlamaConfig(**model_kw, max_position_embeddings=8192)).to(WEIGHT_DTYPE[method])
+    model, _ = T.build_model(cfg, model, device)
+    model.set_gradient_checkpointing(grad_ckpt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = T._make_optimizer(cfg, params, device)
+    return cfg, model, optimizer
+
+
+def train_step(cfg, model, optimizer, ids: torch.Tensor) -> float:
+    from minilora import train as T
+
+    with T._autocast(cfg, ids.device):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def measure(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, device: torch.device) -> dict:
+    """Two steps; the peak bytes allocated during the second (None on CPU)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+    cfg, model, optimizer = build_point(model_kw, method, grad_ckpt, device)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model_kw["vocab_size"], (batch, seq + 1), generator=g).to(device)
+    train_step(cfg, model, optimizer, ids)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        resting = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    loss = train_step(cfg, model, optimizer, ids)
+    if cuda:
+        torch.cuda.synchronize()
+    out = {"step_s": time.perf_counter() - t0, "loss": loss,
+           "measured": torch.cuda.max_memory_allocated() if cuda else None,
+           "resting": resting if cuda else None,
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    del model, optimizer
+    return out
+
+
+def predict(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, device: str) -> dict | None:
+    """The calculators' per-term prediction for this point (bytes), or None when it cannot say."""
+    try:
+        from calculators import memory as calc
+    except ImportError:
+        return None
+    from calculators.models import model_spec
+    from reference_models import LlamaConfig
+
+    spec = model_spec(LlamaConfig(**model_kw).to_hf_dict(), name="validation")
+    return calc.training_memory(
+        spec, method=method, batch=batch, seq=seq, grad_ckpt="full" if grad_ckpt else "none",
+        weight_dtype=str(WEIGHT_DTYPE[method]).removeprefix("torch."), autocast="bf16" if device == "cuda" else None,
+        optimizer="adamw", lora_rank=LORA["lora_r"], lora_targets=LORA["lora_targets"], device=device)
+
+
+def run(model_kw: dict, seqs: tuple, batch: int, device: torch.device, methods=METHODS) -> list[dict]:
+    rows = []
+    for method in methods:
+        for grad_ckpt in (False, True):
+            for seq in seqs:
+                row = {"method": method, "grad_ckpt": grad_ckpt, "seq": seq, "batch": batch}
+                try:
+                    got = measure(model_kw, method, grad_ckpt, seq, batch, device)
+                except ImportError as exc:  # a method whose module is not in this checkout yet
+                    rows.append({**row, "status": f"skipped: {exc}"})
+                    continue
+                pred = predict(model_kw, method, grad_ckpt, seq, batch, device.type)
+                total = pred["total"] if pred else None
+                row.update(trainable=got["trainable"], loss=round(got["loss"], 4), step_s=got["step_s"],
+                           measured_MiB=got["measured"] / 2**20 if got["measured"] is not None else None,
+                           predicted_MiB=total / 2**20 if total is not None else None)
+                if got["measured"] is not None and total is not None:
+                    row["ratio"] = total / got["measured"]
+                    row["within_5pct"] = abs(row["ratio"] - 1) <= 0.05
+                row["status"] = "ok" if total is not None else "ok (calculator has no prediction)"
+                if pred:
+                    row["terms_MiB"] = {k: round(v / 2**20, 1) for k, v in pred.items()
+                                        if k != "total" and isinstance(v, (int, float))}
+                rows.append(row)
+                print({k: v for k, v in row.items() if k != "terms_MiB"}, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.memory_validation", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a ~0.2B model at sequence lengths 256 and 1024")
+    p.add_argument("--dry-run", action="store_true", help="CPU: a tiny model through the same code, no measurement")
+    p.add_argument("--seqs", type=int, nargs=2, default=None, help="the two sequence lengths (default 512 2048)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    args = p.parse_args(argv)
+    if args.dry_run:
+        rows = run(MODEL_TINY, tuple(args.seqs or (16, 32)), args.batch, torch.device("cpu"), args.methods)
+        ok = all(r["status"].startswith(("ok", "skipped")) for r in rows)
+        print(f"dry run: {len(rows)} points through the CUDA code path on the CPU (nothing measured, nothing written)")
+        return 0 if ok else 1
+    if not torch.cuda.is_available():
+        print("bench.memory_validation needs CUDA (it measures torch.cuda.max_memory_allocated); "
+              "torch.cuda.is_available() is False. Use --dry-run to exercise the code on the CPU.")
+        return 0
+    model_kw = MODEL_QUICK if args.quick else MODEL_1B
+    seqs = tuple(args.seqs or ((256, 1024) if args.quick else (512, 2048)))
+    rows = run(model_kw, seqs, args.batch, torch.device("cuda"), args.methods)
+    from reference_models import Llama, LlamaConfig
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Llama(LlamaConfig(**model_kw)).parameters())
+    judged = [r for r in rows if "within_5pct" in r]
+    report("memory_validation" + ("-quick" if args.quick else ""), rows, extra={
+        "model": {**model_kw, "parameters": n_params}, "weights_dtype": {k: str(v) for k, v in WEIGHT_DTYPE.items()},
+        "lora": LORA, "goal": "calculator within 5% of measured peak on every point",
+        "goal_met": bool(judged) and len(judged) == len(rows) and all(r["within_5pct"] for r in judged),
+        "worst_ratio": max((r["ratio"] for r in judged), key=lambda x: abs(x - 1), default=None)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The benchmark suite's driver (bench/__main__.py) and the GPU memory validation's CPU paths."""
+import json
+
+import pytest
+import torch
+
+import bench.__main__ as suite
+from bench import memory_validation as mv
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip path")
+def test_suite_skips_gpu_only_benchmarks_with_the_reason_and_writes_the_summary(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(suite, "RESULTS", tmp_path)
+    assert suite.main(["--only", "memory_validation"]) == 0
+    out = capsys.readouterr().out
+    assert "memory_validation: skipped: needs a CUDA device" in out
+    machine = suite.machine_name()
+    summary = json.loads((tmp_path / f"suite-{machine}.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == ["memory_validation"]
+    assert summary["runs"][0]["status"].startswith("skipped: needs a CUDA device")
+    assert summary["machine"]["torch"] == torch.__version__
+    assert "| memory_validation | skipped" in (tmp_path / f"suite-{machine}.md").read_text()
+
+
+def test_suite_rejects_an_unknown_benchmark_name(capsys):
+    with pytest.raises(SystemExit) as exc:
+        suite.main(["--only", "lora_stepp"])
+    assert exc.value.code == 2
+    assert "unknown benchmark 'lora_stepp'; choose from models, lora_step" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_memory_validation_without_cuda_says_so_and_exits_0(capsys):
+    assert mv.main([]) == 0
+    assert "needs CUDA" in capsys.readouterr().out
+
+
+def test_memory_validation_dry_run_takes_real_steps_for_every_method(capsys):
+    rows = mv.run(mv.MODEL_TINY, (8,), 1, torch.device("cpu"))
+    ran = {r["method"]: r for r in rows if r["status"].startswith("ok")}
+    assert {"full", "lora"} <= set(ran)
+    assert ran["full"]["trainable"] > ran["lora"]["trainable"] > 0
+    for r in ran.values():
+        assert 0 < r["loss"] < 10 and r["measured_MiB"] is None  # nothing is measured on the CPU
