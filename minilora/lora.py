@@ -188,7 +188,8 @@ class LoRALinear(nn.Module):
         if adapter in self.merged_adapters:
             raise ValueError(f"adapter {adapter!r} is merged into {self.name}; unmerge before deleting it")
         for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
-            table.pop(adapter, None)
+            if adapter in table:
+                del table[adapter]
         for table in (self.r, self.alpha, self.scaling, self.dropout, self.use_rslora):
             table.pop(adapter, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter]

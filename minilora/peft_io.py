@@ -17,7 +17,7 @@ from torch import nn
 
 from ._io import save_safetensors_atomic, write_json_atomic
 from .lora import LoRAConfig
-from .lora_model import delete_adapter, inject, lora_layers
+from .lora_model import _set_submodule, delete_adapter, inject, lora_layers
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -139,11 +139,13 @@ def load_adapter(model: nn.Module, folder, adapter_name: str = "default") -> dic
                                     f"{WEIGHTS_NAME}; .bin adapters are not read: no unpickling)")
     config = config_from_peft(json.loads((folder / CONFIG_NAME).read_text()))
     tensors = load_file(str(folder / WEIGHTS_NAME))
-    inject(model, config, adapter_name)
+    replaced = inject(model, config, adapter_name)
     try:
         _copy_tensors(model, tensors, adapter_name)
-    except Exception:
+    except Exception:  # leave the model as it was
         delete_adapter(model, adapter_name)
+        for name, original in replaced.items():
+            _set_submodule(model, name, original)
         raise
     return {"config": config, "tensors": len(tensors)}
 
