@@ -35,11 +35,11 @@ class KVCache:
     positions at [length, length + T) in every layer and then advances `length`.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device):
-        shape = (batch, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, device):
+        self.shape = (batch, n_kv_head, max_len, head_dim)
+        self.device = device
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
         self.max_len = max_len
         self.length = 0
 
@@ -48,6 +48,9 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        if self.k[layer] is None:  # allocated on first use, in the dtype attention runs in (autocast)
+            self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=self.device)
+            self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=self.device)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

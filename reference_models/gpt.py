@@ -149,7 +149,7 @@ class GPT(CausalLM):
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
         w = self.transformer.wte.weight
-        return KVCache(c.n_layer, batch, c.n_head, max_len, c.head_dim, w.dtype, w.device)
+        return KVCache(c.n_layer, batch, c.n_head, max_len, c.head_dim, w.device)
 
     def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = idx.shape

@@ -229,7 +229,7 @@ class Llama(CausalLM):
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
         w = self.model.embed_tokens.weight
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, w.device)
 
     def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = idx.shape

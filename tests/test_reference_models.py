@@ -53,10 +53,12 @@ def test_logits_match_transformers_bf16(family, tmp_path):
         assert max_diff(ours(x), ref) <= 0.02 * ref.float().abs().max().item()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_llama_tied_and_untied_embeddings(tied, tmp_path):
-    hf, ours = load_both("llama", tmp_path, tie_word_embeddings=tied)
-    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+def test_tied_and_untied_embeddings(family, tied, tmp_path):
+    hf, ours = load_both(family, tmp_path, tie_word_embeddings=tied)
+    embedding = ours.get_submodule("transformer.wte" if family == "gpt2" else "model.embed_tokens").weight
+    assert (ours.lm_head.weight is embedding) == tied
     x = ids()
     with torch.no_grad():
         assert max_diff(ours(x), hf(x).logits) <= FP32_TOL
@@ -121,6 +123,14 @@ def test_greedy_generation_cache_equals_no_cache_equals_transformers(family, tmp
     assert cached.shape == (2, 5 + n)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, ref)
+
+
+def test_generation_under_bf16_autocast_uses_the_autocast_dtype_in_the_cache(tmp_path):
+    _, ours = load_both("llama", tmp_path)
+    prompt = ids(batch=1, seq=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours.generate(prompt, 3, temperature=0)
+    assert out.shape == (1, 7)
 
 
 def test_sliding_window_generation_cache_equals_no_cache(tmp_path):
