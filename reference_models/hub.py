@@ -160,15 +160,13 @@ def _is_conv1d(model: nn.Module, key: str) -> bool:
     return isinstance(model, GPT) and key.endswith(CONV1D_SUFFIXES)
 
 
-def _add_prefix(tensors: dict, expected: set) -> dict:
+def _add_prefix(model: nn.Module, tensors: dict) -> dict:
     # A checkpoint of the bare transformer (GPT2Model / LlamaModel, e.g. the original "gpt2" upload)
     # has keys without the "transformer." / "model." prefix.
-    prefix = next(iter(expected)).split(".")[0] + "."
-    if prefix == "lm_head.":
-        prefix = next(k for k in expected if not k.startswith("lm_head.")).split(".")[0] + "."
-    if not any(k.startswith(prefix) for k in tensors) and any(prefix + k in expected for k in tensors):
-        return {(k if k.startswith("lm_head.") else prefix + k): v for k, v in tensors.items()}
-    return tensors
+    prefix = "transformer." if isinstance(model, GPT) else "model."
+    if any(k.startswith(prefix) for k in tensors):
+        return tensors
+    return {(k if k.startswith("lm_head.") else prefix + k): v for k, v in tensors.items()}
 
 
 def _match_state(model: nn.Module, tensors: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
@@ -177,7 +175,7 @@ def _match_state(model: nn.Module, tensors: dict[str, torch.Tensor], dtype) -> d
     tied = model.config.tie_word_embeddings
     if tied:
         expected.pop("lm_head.weight")
-    tensors = _add_prefix({k: v for k, v in tensors.items() if not IGNORED_KEYS.search(k)}, set(expected))
+    tensors = _add_prefix(model, {k: v for k, v in tensors.items() if not IGNORED_KEYS.search(k)})
     if tied:
         tensors.pop("lm_head.weight", None)  # some files carry the tied copy; the embedding is the truth
     missing = sorted(set(expected) - set(tensors))
@@ -231,8 +229,9 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", attn_i
 
 def _load_quantized(model, tensors, qconfig: dict, dtype) -> None:
     # The seam for 4-bit bitsandbytes checkpoints: minilora.qlora owns the format (packed weights,
-    # absmax, quant_map ...) and fills the meta model in place. Imported only here, so that
-    # reference_models never depends on minilora otherwise.
+    # absmax, quant_map ...) and fills the meta-device model in place (swapping in its 4-bit
+    # linears). `tensors` are the file's, untouched: transformers' names, GPT-2 Conv1D layout.
+    # Imported only here, so that reference_models never depends on minilora otherwise.
     method = qconfig.get("quant_method")
     if method != "bitsandbytes" or not qconfig.get("load_in_4bit"):
         raise ValueError(f"only 4-bit bitsandbytes quantization_config is supported, got quant_method={method!r}, "
