@@ -40,9 +40,10 @@ def test_logits_match_transformers_fp32(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers_bf16(family, tmp_path):
-    # Both sides load the same fp32 file as bf16. The bound is relative to the logit scale: bf16
-    # keeps 8 mantissa bits (relative step 2**-8 = 0.4%), and kernels may round in different
-    # places, so we allow 2% of the largest |logit|.
+    # Both sides load the same fp32 file as bf16. GPT-2: our tanh-GELU is torch's fused kernel
+    # where transformers writes the formula out op by op, so bf16 roundings differ by an ulp or
+    # two (bf16 step is 2**-8 relative): we allow 1% of the largest |logit|. The Llama family runs
+    # the same ops in the same order as transformers and is bit-identical (next test).
     save_tiny(family, tmp_path)
     hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     ours = load_pretrained(tmp_path, dtype=torch.bfloat16)
@@ -50,7 +51,20 @@ def test_logits_match_transformers_bf16(family, tmp_path):
     x = ids()
     with torch.no_grad():
         ref = hf(x).logits
-        assert max_diff(ours(x), ref) <= 0.02 * ref.float().abs().max().item()
+        assert max_diff(ours(x), ref) <= 0.01 * ref.float().abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_llama_family_logits_bit_identical_to_transformers(family, dtype, tmp_path):
+    # RMSNorm in fp32 then cast, RoPE angles in fp32 with transformers' inv_freq expression,
+    # rotate_half layout, SDPA with enable_gqa: the same ops in the same order, on the same torch.
+    save_tiny(family, tmp_path)
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    ours = load_pretrained(tmp_path, dtype=dtype)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(ours(x), hf(x).logits)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
