@@ -556,6 +556,7 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
                             extra={"history": history, "sampler": sampler.state_dict(), "strategy": strategy})
             if env.is_main:  # the pointer goes last, as in minilora.train
                 write_json_atomic(checkpoints / "latest.json", {"step": done, "path": name})
+                T._prune_checkpoints(checkpoints, cfg.keep_checkpoints)
             _barrier()
     summary = {"method": cfg.method, "strategy": strategy, "world_size": env.world_size, "steps": cfg.steps,
                "final_loss": history[-1]["loss"] if history else None}
