@@ -1,0 +1,69 @@
+"""GPU presets and memory-size parsing ("24GB", "80 GiB", "rtx-4090").
+
+GPU makers' "GB" are binary: an "80GB" A100 reports 81920 MiB, a "24GB" RTX 4090 24564 MiB. So
+"24GB" here means 24 GiB (2**30 bytes), as nvidia-smi and torch.cuda report it. Prices and peak
+dense bf16 TFLOPS are assumptions printed next to every cost estimate (on-demand cloud prices
+vary by provider and month: pass --price to use your own).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["GPU", "GPUS", "parse_size", "gpu_from_text", "GiB", "MiB"]
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory: int          # bytes
+    bf16_tflops: float   # dense peak, no sparsity (fp16 for GPUs without bf16)
+    price_per_hour: float  # USD, an assumed on-demand price
+
+
+GPUS = {g.name: g for g in [
+    GPU("t4", 16 * GiB, 65.0, 0.35),
+    GPU("rtx-3060", 12 * GiB, 51.0, 0.10),
+    GPU("rtx-3090", 24 * GiB, 71.0, 0.25),
+    GPU("rtx-4090", 24 * GiB, 165.0, 0.40),
+    GPU("a10g", 24 * GiB, 70.0, 1.00),
+    GPU("l4", 24 * GiB, 121.0, 0.70),
+    GPU("v100-16gb", 16 * GiB, 125.0, 0.90),
+    GPU("v100-32gb", 32 * GiB, 125.0, 1.20),
+    GPU("a6000", 48 * GiB, 155.0, 0.80),
+    GPU("l40s", 48 * GiB, 362.0, 1.00),
+    GPU("a100-40gb", 40 * GiB, 312.0, 1.30),
+    GPU("a100-80gb", 80 * GiB, 312.0, 1.80),
+    GPU("h100-80gb", 80 * GiB, 989.0, 2.50),
+    GPU("h200", 141 * GiB, 989.0, 3.50),
+]}
+
+_UNITS = {"": GiB, "g": GiB, "gb": GiB, "gib": GiB, "m": MiB, "mb": MiB, "mib": MiB,
+          "t": 1024 * GiB, "tb": 1024 * GiB, "tib": 1024 * GiB}
+
+
+def parse_size(text: str) -> int:
+    """"24GB" / "24 GiB" / "24" (GiB) / "16000MiB" -> bytes (binary units, see module docstring)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a memory size: use e.g. 24GB, 80GiB, 16000MiB")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"memory size must be > 0, got {text!r}")
+    return int(value)
+
+
+def gpu_from_text(text: str) -> GPU:
+    """A preset name (rtx-4090, a100-40gb, ...) or a size ("24GB") -> GPU."""
+    key = str(text).strip().lower()
+    if key in GPUS:
+        return GPUS[key]
+    try:
+        size = parse_size(key)
+    except ValueError:
+        raise ValueError(f"unknown GPU {text!r}: use a size such as 24GB or one of "
+                         f"{', '.join(GPUS)}") from None
+    return GPU(f"{size / GiB:g} GiB GPU", size, GPUS["a100-80gb"].bf16_tflops, GPUS["a100-80gb"].price_per_hour)
