@@ -22,7 +22,7 @@ from .gpus import MiB
 from .lora import LoRASpec, lora_layers, lora_tensors
 from .models import ModelSpec, parameter_tensors
 
-__all__ = ["TrainingSetup", "Term", "Breakdown", "training_memory", "inference_memory",
+__all__ = ["TrainingSetup", "Term", "Breakdown", "training_memory", "inference_memory", "nf4_bytes",
            "DTYPE_BYTES", "METHODS", "OPTIMIZERS", "CHECKPOINTING", "model_state_bytes"]
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}

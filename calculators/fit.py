@@ -1,0 +1,63 @@
+"""What fits on a GPU: the largest batch, sequence length or LoRA rank, or which methods fit.
+
+Every search uses `training_memory(...).total_gpu` (peak allocated + CUDA context) against the
+GPU's memory. Memory grows monotonically with batch, seq and rank, so a doubling then bisection
+finds the largest value that fits.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .memory import METHODS, TrainingSetup, training_memory
+from .models import ModelSpec
+
+__all__ = ["largest_fitting", "methods_that_fit", "fits"]
+
+
+def fits(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> bool:
+    return training_memory(spec, setup).total_gpu <= gpu_bytes
+
+
+def _with(setup: TrainingSetup, what: str, value: int) -> TrainingSetup:
+    if what == "rank":
+        return replace(setup, lora=replace(setup.lora, rank=value))
+    return replace(setup, **{what: value})
+
+
+def largest_fitting(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int, what: str = "batch",
+                    limit: int | None = None) -> int:
+    """Largest value of `what` (batch | seq | rank) that fits, 0 if even 1 does not."""
+    if what not in ("batch", "seq", "rank"):
+        raise ValueError(f"what must be batch, seq or rank, got {what!r}")
+    if limit is None:
+        limit = {"batch": 1 << 16, "seq": max(spec.max_positions, 1),
+                 "rank": min(spec.hidden_size, spec.intermediate_size)}[what]
+    if what == "rank":
+        from .lora import lora_layers
+        limit = min([limit] + [min(l.in_features, l.out_features) for l in lora_layers(spec, setup.lora.targets)
+                                if not l.name.endswith(".gate")])
+    if not fits(spec, _with(setup, what, 1), gpu_bytes):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(spec, _with(setup, what, hi), gpu_bytes):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # lo fits, hi does not (or is past the limit)
+        mid = (lo + hi) // 2
+        if fits(spec, _with(setup, what, mid), gpu_bytes):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def methods_that_fit(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> list[dict]:
+    """For each method (and full checkpointing as the fallback): fits or not, and the peak."""
+    rows = []
+    for method in METHODS:
+        for ckpt in dict.fromkeys([setup.grad_ckpt, "full"]):
+            s = replace(setup, method=method, grad_ckpt=ckpt)
+            b = training_memory(spec, s)
+            rows.append({"method": method, "grad_ckpt": ckpt, "total_gpu": b.total_gpu,
+                         "fits": b.total_gpu <= gpu_bytes})
+    return rows
