@@ -58,7 +58,7 @@ class TrainConfig:
     eval_fraction: float = 0.05
     tasks: list | None = None
     tokenizer: str | None = None
-    max_seq_len: int = 256
+    max_seq_len: int = 512
     batch_size: int = 8
     grad_accum: int = 1
     steps: int = 100
@@ -354,6 +354,9 @@ def train(cfg: TrainConfig, model=None, on_step=None) -> TrainResult:
     random.seed(cfg.seed)
     device = _device(cfg)
     model, tokenizer = build_model(cfg, model, device)
+    max_len = getattr(model, "max_len", None)
+    if max_len is not None and cfg.max_seq_len > max_len:
+        raise ValueError(f"max_seq_len={cfg.max_seq_len} exceeds the {max_len} positions this model has")
     data, eval_set = _split_eval(cfg, load_dataset(cfg.data, tokenizer, cfg.max_seq_len, cfg.tasks), tokenizer)
     if hasattr(model, "set_gradient_checkpointing"):
         model.set_gradient_checkpointing(cfg.grad_checkpointing)
@@ -375,7 +378,9 @@ def train(cfg: TrainConfig, model=None, on_step=None) -> TrainResult:
     n_total = sum(p.numel() for p in model.parameters())
     say(f"minilora.train: {cfg.method} | {n_trainable:,} trainable of {n_total:,} params "
         f"({100 * n_trainable / n_total:.2f}%) | {len(data):,} train examples"
-        + (f", {len(eval_set):,} eval" if eval_set else "") + f" | device {device}")
+        + (f", {len(eval_set):,} eval" if eval_set else "")
+        + (f" ({data.dropped} records dropped: prompt longer than max_seq_len)" if data.dropped else "")
+        + f" | device {device}")
     first_eval = None
     if eval_set is not None and start == 0 and cfg.eval_every:
         first_eval = evaluate(model, eval_set, cfg.batch_size, tokenizer.pad_id, device, cfg.eval_batches, autocast)
