@@ -1,0 +1,360 @@
+"""NF4 / FP4 blockwise 4-bit quantization and the 8-bit "double quantization" of its scales.
+
+The byte layout, rounding and codebooks are those of bitsandbytes (`bitsandbytes.functional`
+`quantize_4bit` / `dequantize_4bit`, kernels in `backends/default/ops.py`), bit for bit:
+
+    w (any shape, fp32/bf16/fp16)
+      -> flatten, fp32, blocks of `block_size` (last block may be partial)
+      -> absmax per block; scaled = clamp(x * (1/absmax), -1, 1)   (partial block: x / absmax)
+      -> code = index of the nearest codebook value (ties -> lower value)
+      -> two codes per byte, FIRST element in the HIGH nibble; odd length padded with 0.0
+    double_quant: offset = mean(absmax); (absmax - offset) quantized in blocks of 256 with the
+    signed 8-bit dynamic map -> uint8 absmax + fp32 absmax2 per 256 blocks + fp32 offset.
+
+Dequantizing is `codebook[code] * absmax` in fp32, then a cast to the original dtype.
+
+Storage per parameter: 4 + 32/64 = 4.5 bits (block 64), with double quantization
+4 + 8/64 + 32/(64*256) = 4.127 bits plus a 4-byte offset.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+__all__ = [
+    "nf4_codebook", "fp4_codebook", "int4_codebook", "dynamic_map",
+    "QuantState4bit", "quantize_4bit", "dequantize_4bit",
+    "quantize_blockwise_8bit", "dequantize_blockwise_8bit", "quantization_error",
+]
+
+QUANT_TYPES = ("nf4", "fp4", "int4")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Elements per chunk: quantize/dequantize touch at most a few chunk-sized fp32 temporaries, so
+# memory stays bounded for a 128256 x 4096 embedding, and each chunk stays in cache.
+_CHUNK = 1 << 18
+
+
+# ----------------------------------------------------------------------------------- codebooks
+
+@lru_cache(maxsize=None)
+def _nf4_values() -> tuple[float, ...]:
+    from scipy.stats import norm
+
+    # QLoRA appendix / bitsandbytes create_normal_map: equal-probability quantiles of N(0, 1),
+    # 8 positive and 7 negative plus an exact zero, so that 0 is representable. The outermost
+    # quantile is offset = (1 - 1/(2*15) + 1 - 1/(2*16)) / 2 to avoid the infinite tails.
+    # bitsandbytes evaluates the quantile grid in float32; a float64 grid lands 1 ulp away.
+    offset = 0.9677083
+    positive = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1].numpy()).tolist()
+    negative = (-norm.ppf(torch.linspace(offset, 0.5, 8)[:-1].numpy())).tolist()
+    values = torch.tensor(positive + [0.0] + negative, dtype=torch.float32).sort().values
+    return tuple((values / values.max()).tolist())
+
+
+def nf4_codebook() -> torch.Tensor:
+    """The 16 NormalFloat4 values, fp32, sorted; index = 4-bit code."""
+    return torch.tensor(_nf4_values(), dtype=torch.float32)
+
+
+def fp4_codebook() -> torch.Tensor:
+    """bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2), in code order, max 1."""
+    # code bits 0b_eem for the 3 low bits: 0, subnormal 0.0625, then 8, 12, 4, 6, 2, 3; bit 3 = sign.
+    magnitudes = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
+    values = torch.tensor(magnitudes + [-m for m in magnitudes], dtype=torch.float32)
+    return values / 12.0
+
+
+def int4_codebook() -> torch.Tensor:
+    """Symmetric INT4 as bitsandbytes' "int4" type: k/7 for k = 7..0, -0..-7 (zero twice)."""
+    values = torch.tensor([7.0, 6, 5, 4, 3, 2, 1, 0, -0.0, -1, -2, -3, -4, -5, -6, -7])
+    return values / 7.0
+
+
+@lru_cache(maxsize=None)
+def _dynamic_values(signed: bool) -> tuple[float, ...]:
+    # bitsandbytes create_dynamic_map(signed, max_exponent_bits=7, total_bits=8): a dynamic
+    # exponent (10^-6 .. 10^0) with a shrinking linear fraction (Dettmers 2015, arXiv:1511.04561).
+    max_exponent_bits, non_sign_bits = 7, 7
+    data: list[float] = []
+    for i in range(max_exponent_bits):
+        items = 2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return tuple(sorted(data))
+
+
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map (fp32[256], sorted); signed=False is 8-bit Adam's map for v."""
+    return torch.tensor(_dynamic_values(bool(signed)), dtype=torch.float32)
+
+
+@lru_cache(maxsize=None)
+def _tables(quant_type: str, device: torch.device):
+    """(codebook in code order, midpoints of the sorted values, sorted->code order or None,
+    byte -> (high value, low value) table as int64[256] so one gather fetches two fp32 values)."""
+    code = {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook}[quant_type]()
+    # stable sort: FP4/INT4 hold +0 and -0; the first (+0, code 0) wins, as in bitsandbytes.
+    values, order = torch.sort(code, stable=True)
+    midpoints = (values[:-1] + values[1:]) / 2
+    order = None if torch.equal(order, torch.arange(16)) else order.to(torch.uint8)
+    byte = torch.arange(256)
+    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2)
+    pair_table = pairs.view(torch.int64).view(256)
+    put = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return put(code), put(midpoints), put(order), put(pair_table)
+
+
+# -------------------------------------------------------------------------------------- checks
+
+def _check_block_size(block_size, name: str = "block_size") -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
+        32 <= block_size <= 4096 and block_size & (block_size - 1) == 0
+    ):
+        raise ValueError(f"{name} must be a power of two in 32..4096, got {block_size!r}")
+    return block_size
+
+
+def _check_input(x, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor ({what} has shape {tuple(x.shape)})")
+
+
+def _check_finite(absmax: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    # max() propagates NaN and keeps Inf, so checking the per-block absmax checks every element.
+    if not bool(torch.isfinite(absmax).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+        raise ValueError(f"{what} contains {bad} (shape {tuple(x.shape)}); only finite values can be quantized")
+
+
+# ------------------------------------------------------------------------ blockwise core (fp32)
+
+def _scale_blocks(flat: torch.Tensor, block_size: int):
+    """flat fp32 (n,) -> (scaled in [-1, 1] (n,), absmax (ceil(n/block_size),)), as bitsandbytes:
+    full blocks multiply by 1/absmax, the partial last block divides by its own absmax."""
+    n = flat.numel()
+    full = n - n % block_size
+    blocks = flat[:full].view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
+    if full < n:
+        last = flat[full:].abs().max().clamp(min=1e-38)  # stored clamped, as bitsandbytes does
+        absmax = torch.cat([absmax, last.view(1)])
+        scaled = torch.cat([scaled, (flat[full:] / last).clamp_(-1, 1)])
+    return scaled, absmax
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, block_size: int = 256):
+    """Blockwise 8-bit quantization with exact nearest-value rounding (ties -> lower value).
+
+    Returns (codes uint8 (n,), absmax fp32 (ceil(n/block_size),)). `code` is a sorted fp32[256]
+    map, default `dynamic_map(signed=True)`. This is bitsandbytes' pure-PyTorch kernel; its native
+    CPU kernel picks the second-nearest code for ~0.2% of values.
+    """
+    _check_input(x, "x")
+    _check_block_size(block_size)
+    code = dynamic_map(True).to(x.device) if code is None else code.to(x.device, torch.float32)
+    if code.numel() != 256:
+        raise ValueError(f"code must have 256 entries, got {code.numel()}")
+    midpoints = (code[:-1] + code[1:]) / 2
+    flat = x.reshape(-1)
+    n = flat.numel()
+    codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=x.device)
+    step = max(_CHUNK // block_size, 1) * block_size
+    for start in range(0, n, step):
+        chunk = flat[start:start + step].float()
+        scaled, chunk_absmax = _scale_blocks(chunk, block_size)
+        _check_finite(chunk_absmax, x, "x")
+        codes[start:start + chunk.numel()] = torch.bucketize(scaled, midpoints, out_int32=True)
+        absmax[start // block_size:start // block_size + chunk_absmax.numel()] = chunk_absmax
+    return codes, absmax
+
+
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
+                              block_size: int = 256, shape=None, dtype: torch.dtype = torch.float32):
+    """Inverse of quantize_blockwise_8bit: code[codes] * absmax per block, fp32, then `dtype`."""
+    _check_block_size(block_size)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    n = codes.numel()
+    if absmax.numel() != -(-n // block_size):
+        raise ValueError(f"absmax has {absmax.numel()} entries, expected ceil({n}/{block_size}) = {-(-n // block_size)}")
+    code = dynamic_map(True).to(codes.device) if code is None else code.to(codes.device, torch.float32)
+    values = code[codes.reshape(-1).long()]
+    full = n - n % block_size
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    out[:full] = (values[:full].view(-1, block_size) * absmax[:full // block_size].unsqueeze(1)).view(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out.to(dtype).view(shape if shape is not None else (n,))
+
+
+# ---------------------------------------------------------------------------------- 4-bit state
+
+@dataclass
+class QuantState4bit:
+    """A 4-bit quantized tensor, laid out as bitsandbytes' Params4bit + QuantState.
+
+    packed:   uint8 ((n + 1) // 2, 1), two codes per byte, first element in the high nibble
+    absmax:   fp32 (blocks,), or uint8 (blocks,) codes of absmax - offset when double quantized
+    absmax2:  fp32 (ceil(blocks / dq_block_size),) scales of the 8-bit absmax codes, or None
+    offset:   fp32 scalar tensor, mean of the absmax, or None
+    shape, dtype: the original tensor's; block_size, quant_type ("nf4" | "fp4" | "int4").
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    block_size: int = 64
+    quant_type: str = "nf4"
+    absmax2: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    dq_block_size: int = 256
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return _tables(self.quant_type, self.packed.device)[0].clone()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this tensor's own data: codes, scales and (double quant) absmax2 + offset.
+        The codebooks are shared constants and not counted."""
+        total = self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+        if self.double_quant:
+            total += self.absmax2.numel() * 4 + 4
+        return total
+
+    def scales(self) -> torch.Tensor:
+        """fp32 absmax per block (the double-quantized ones decoded exactly as bitsandbytes does)."""
+        if not self.double_quant:
+            return self.absmax.float()
+        absmax = dequantize_blockwise_8bit(self.absmax, self.absmax2, dynamic_map(True), self.dq_block_size)
+        return absmax + self.offset  # a separate fp32 add, as bitsandbytes' `absmax += offset`
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_4bit(self, dtype)
+
+    def to(self, device) -> "QuantState4bit":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantState4bit(move(self.packed), move(self.absmax), self.shape, self.dtype, self.block_size,
+                              self.quant_type, move(self.absmax2), move(self.offset), self.dq_block_size)
+
+
+def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
+                  dq_block_size: int = 256) -> QuantState4bit:
+    """Blockwise 4-bit quantization, byte-identical to bitsandbytes.functional.quantize_4bit
+    (compress_statistics=double_quant). Works on any shape, contiguous or not, in chunks."""
+    _check_input(w, "w")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    _check_block_size(block_size)
+    _check_block_size(dq_block_size, "dq_block_size")
+    _, midpoints, order, _ = _tables(quant_type, w.device)
+    flat = w.reshape(-1)  # a view when contiguous; one copy in w's dtype when not
+    n = flat.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=w.device)
+    step = max(_CHUNK // block_size, 1) * block_size  # whole blocks, an even count of elements
+    for start in range(0, n, step):
+        chunk = flat[start:start + step].float()
+        scaled, chunk_absmax = _scale_blocks(chunk, block_size)
+        _check_finite(chunk_absmax, w, "w")
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        q = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
+        if order is not None:
+            q = order[q.long()]
+        q = q.view(-1, 2)  # (pairs, 2): high nibble first
+        packed[start // 2:start // 2 + q.shape[0]] = (q[:, 0] << 4) | q[:, 1]
+        absmax[start // block_size:start // block_size + chunk_absmax.numel()] = chunk_absmax
+    state = QuantState4bit(packed.view(-1, 1), absmax, torch.Size(w.shape), w.dtype, block_size, quant_type,
+                           dq_block_size=dq_block_size)
+    if double_quant:
+        offset = absmax.mean()
+        state.absmax, state.absmax2 = quantize_blockwise_8bit(absmax - offset, dynamic_map(True), dq_block_size)
+        state.offset = offset
+    return state
+
+
+def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """codebook[code] * absmax in fp32, cast to `dtype` (default: the original dtype), original shape.
+
+    A byte -> (high, low) table of int64 gathers two fp32 values at once: one gather and one
+    multiply per chunk, written straight into the output."""
+    if not isinstance(state, QuantState4bit):
+        raise TypeError(f"state must be a QuantState4bit, got {type(state).__name__}")
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    n, bs = state.numel, state.block_size
+    packed = state.packed.reshape(-1)
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes, shape {tuple(state.shape)} needs {(n + 1) // 2}")
+    absmax = state.scales()
+    pair_table = _tables(state.quant_type, packed.device)[3]
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    full = n - n % bs
+    step = max(_CHUNK // bs, 1) * bs
+    scratch = None if dtype == torch.float32 else torch.empty(step, dtype=torch.float32, device=packed.device)
+    for start in range(0, full, step):
+        stop = min(start + step, full)
+        if scratch is None:  # gather straight into the fp32 output, then scale in place
+            values = out[start:stop]
+            torch.index_select(pair_table, 0, packed[start // 2:stop // 2].int(), out=values.view(torch.int64))
+            values.view(-1, bs).mul_(absmax[start // bs:stop // bs].unsqueeze(1))
+        else:  # gather into fp32 scratch, multiply in fp32 and round once into the 16-bit output
+            values = scratch[:stop - start]
+            torch.index_select(pair_table, 0, packed[start // 2:stop // 2].int(), out=values.view(torch.int64))
+            torch.mul(values.view(-1, bs), absmax[start // bs:stop // bs].unsqueeze(1),
+                      out=out[start:stop].view(-1, bs))
+    if full < n:
+        tail = pair_table[packed[full // 2:].long()].view(torch.float32)[:n - full]
+        out[full:] = tail * absmax[-1]
+    return out.view(state.shape)
+
+
+# ---------------------------------------------------------------------------------- error table
+
+def quantization_error(w: torch.Tensor, quant_types=("nf4", "fp4", "int4"), block_sizes=(32, 64, 128, 256),
+                       double_quant: bool = False) -> list[dict]:
+    """One row per (quant_type, block_size): mse, max_abs, mean_abs error and the correlation
+    between w and its round trip, plus bits per parameter. All in fp64 over fp32 values."""
+    rows = []
+    ref = w.detach().float().reshape(-1)
+    for quant_type in quant_types:
+        for block_size in block_sizes:
+            state = quantize_4bit(w.detach(), quant_type, block_size, double_quant)
+            err = state.dequantize(torch.float32).reshape(-1).double() - ref.double()
+            approx = ref.double() + err
+            corr = torch.corrcoef(torch.stack([ref.double(), approx]))[0, 1]
+            rows.append({
+                "quant_type": quant_type, "block_size": block_size,
+                "mse": err.square().mean().item(), "max_abs": err.abs().max().item(),
+                "mean_abs": err.abs().mean().item(), "correlation": corr.item(),
+                "bits_per_param": 8 * state.nbytes / state.numel,
+            })
+    return rows
