@@ -446,9 +446,10 @@ def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None 
         "buffers": total(inner.buffers()),
     }
     if optimizer is not None:
-        states = [v for st in optimizer.state.values() for v in st.values()
-                  if torch.is_tensor(v) and v.dim() > 0]
+        states = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
         out["optimizer"] = total(states)
+        # AdamW's per-tensor `step` counters: plain scalars, whole on every rank (not sharded)
+        out["optimizer_scalars"] = total(v for v in states if v.dim() == 0)
     return out
 
 
@@ -489,7 +490,8 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
     cfg.validate()
     if cfg.optimizer != "adamw":
         raise ValueError(f"optimizer must be 'adamw' under train_distributed, got {cfg.optimizer!r} "
-                         "(the offload optimizer's gradient hooks race with DDP/FSDP2 communication)")
+                         "(CPUOffloadAdamW copies and frees each gradient in its accumulate hook, which may run "
+                         "before DDP/FSDP2 have reduced it; FSDP2's own CPUOffloadPolicy is the sharded alternative)")
     env = env or init_distributed()
     say = print if env.is_main and not cfg.quiet else (lambda *a, **k: None)
     # Same seed on every rank: FSDP2 shards each rank's own copy, so all copies must be equal.

@@ -181,45 +181,81 @@ def _worker_fsdp_lora(env, folder, steps):
         save_file(after, str(folder / "after.safetensors"))
 
 
-def test_fsdp2_lora_adapter_loads_in_one_process_and_resumes_on_another_world_size(tmp_path):
-    import json
+STEPS = 3
 
+
+@pytest.fixture(scope="module")
+def fsdp_lora_run(tmp_path_factory):
+    """One 2-process FSDP2 LoRA run shared by the tests below (a spawn costs seconds)."""
+    folder = tmp_path_factory.mktemp("fsdp_lora")
+    _spawn(_worker_fsdp_lora, str(folder), STEPS)
+    return folder
+
+
+def test_fsdp2_lora_adapter_loads_in_one_process_and_resumes_on_another_world_size(fsdp_lora_run):
     from safetensors.torch import load_file
 
     from minilora.peft_io import load_adapter
 
-    steps = 3
-    _spawn(_worker_fsdp_lora, str(tmp_path), steps)
+    folder = fsdp_lora_run
     # the gathered adapter, loaded into a fresh single-process model, gives the FSDP2 logits
     single = tiny_llama()
-    load_adapter(single, tmp_path / "adapter")
+    load_adapter(single, folder / "adapter")
     ids = batch()
     with torch.no_grad():
         logits = single.eval()(ids[:, :-1])
-    torch.testing.assert_close(logits, load_file(str(tmp_path / "logits.safetensors"))["logits"],
+        untrained = tiny_llama().eval()(ids[:, :-1])
+    torch.testing.assert_close(logits, load_file(str(folder / "logits.safetensors"))["logits"],
                                rtol=1e-5, atol=1e-5)
-    untrained = tiny_llama().eval()(ids[:, :-1]).detach()
     assert (logits - untrained).abs().max() > 1e-3, "the adapter did not change the model"
     # resume the 2-process checkpoint on 1 process (no process group): the next step matches
     model = lora_llama()
     opt = adamw(model)
-    state = D.load_checkpoint(model, opt, tmp_path / "ckpt")
-    assert state["step"] == steps and state["world_size"] == WORLD
+    state = D.load_checkpoint(model, opt, folder / "ckpt")
+    assert state["step"] == STEPS and state["world_size"] == WORLD
     _, loss = model(ids[:, :-1], ids[:, 1:])
     loss.backward()
     opt.step()
-    expected = load_file(str(tmp_path / "after.safetensors"))
+    expected = load_file(str(folder / "after.safetensors"))
     got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     assert got.keys() == expected.keys()
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
-    # every rank holds exactly 1/WORLD of each model state (all dims here divide by 2)
-    total = sum(p.numel() for p in tiny_llama().parameters())
-    trainable = sum(p.numel() for p in got.values())
-    for rank in range(WORLD):
-        held = json.loads((tmp_path / f"bytes{rank}.json").read_text())
-        frozen_and_trainable = sum(p.numel() for p in lora_llama().parameters())
-        assert held["params"] == 4 * frozen_and_trainable // WORLD, held
-        assert held["grads"] == 4 * trainable // WORLD, held
-        assert held["optimizer"] == 8 * trainable // WORLD, held
-    assert total < frozen_and_trainable
+
+
+def _calculator_terms() -> dict:
+    from calculators.lora import LoRASpec
+    from calculators.memory import TrainingSetup, training_memory
+    from calculators.models import model_spec
+
+    spec = model_spec(tiny_llama().config.to_hf_dict(), name="tiny")
+    setup = TrainingSetup(method="lora", dtype="fp32", batch=2, seq=12, device="cpu", gpus=WORLD, zero="fsdp-full",
+                          lora=LoRASpec(rank=4, alpha=8, targets=LORA_TARGETS))
+    return {t.name: t.gpu for t in training_memory(spec, setup).terms}
+
+
+def _held(folder) -> list[dict]:
+    import json
+
+    return [json.loads((folder / f"bytes{rank}.json").read_text()) for rank in range(WORLD)]
+
+
+def test_calculator_fsdp2_weights_and_gradients_equal_what_each_shard_holds(fsdp_lora_run):
+    calc = _calculator_terms()
+    trainable = [p for p in lora_llama().parameters() if p.requires_grad]
+    for held in _held(fsdp_lora_run):  # measured on each rank after backward, AdamW states alive
+        assert held["params"] == calc["weights"], (held, calc)
+        assert held["grads"] == calc["gradients"], (held, calc)
+        assert calc["master weights"] == 0
+        # AdamW's two fp32 moments are sharded like the parameters: 8 B per trainable element / N
+        moments = held["optimizer"] - held["optimizer_scalars"]
+        assert moments == 8 * sum(p.numel() for p in trainable) // WORLD
+        assert held["optimizer_scalars"] == 4 * len(trainable)  # one fp32 step per tensor, NOT sharded
+
+
+@pytest.mark.xfail(strict=True, reason="calculators.memory divides AdamW's 4 B per-tensor step by N; "
+                                       "FSDP2 keeps every step scalar whole on every rank (reported)")
+def test_calculator_fsdp2_optimizer_states_equal_what_each_shard_holds(fsdp_lora_run):
+    calc = _calculator_terms()
+    for held in _held(fsdp_lora_run):
+        assert held["optimizer"] == calc["optimizer states"], (held, calc)
