@@ -1,0 +1,179 @@
+"""calculators.memory: model-state bytes equal the real tensors' nbytes after a training step on the
+reference models; sharding arithmetic against torch.chunk and DeepSpeed's estimators."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from calculators import (LoRASpec, TrainingSetup, deepspeed_zero2_estimate, deepspeed_zero3_estimate,
+                         fsdp_rank0_elements, model_spec, model_state_bytes, nf4_bytes, parameter_tensors,
+                         training_memory)
+from reference_models import Llama, LlamaConfig, GPT, GPTConfig
+
+
+def tiny(family, dtype):
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                          o_proj_bias=False, model_type="qwen2")
+        model = Llama(cfg)
+    else:
+        cfg = GPTConfig(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+        model = GPT(cfg)
+    return model.to(dtype), model_spec(cfg.to_hf_dict())
+
+
+def unique_nbytes(tensors):
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def train_step(model, optimizer):
+    idx = torch.randint(0, 101, (2, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    optimizer.step()
+
+
+def real_states(model, optimizer):
+    params = [p for p in model.parameters()]
+    trainable = [p for p in params if p.requires_grad]
+    states = [v for p in trainable for v in optimizer.state[p].values() if torch.is_tensor(v)]
+    return {"weights": unique_nbytes(params), "gradients": unique_nbytes([p.grad for p in trainable]),
+            "optimizer": unique_nbytes(states) if states else 0}
+
+
+def predicted(spec, **kw):
+    s = model_state_bytes(spec, TrainingSetup(**kw))
+    return {"weights": s["weights"], "gradients": s["gradients"], "optimizer": s["optimizer"] + s["master"]}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype,optimizer", [(torch.float32, "adamw"), (torch.bfloat16, "adamw"),
+                                             (torch.bfloat16, "sgd-momentum"), (torch.float32, "sgd")])
+def test_full_finetune_state_bytes_exact(family, dtype, optimizer):
+    model, spec = tiny(family, dtype)
+    opt = {"adamw": lambda p: torch.optim.AdamW(p, foreach=False),
+           "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+           "sgd": lambda p: torch.optim.SGD(p, lr=0.1)}[optimizer](model.parameters())
+    train_step(model, opt)
+    dname = "fp32" if dtype == torch.float32 else "bf16"
+    # torch optimizers on bf16 parameters keep bf16 states and no master copy
+    assert real_states(model, opt) == predicted(spec, method="full", dtype=dname, optimizer=optimizer,
+                                                master_weights=False)
+
+
+@pytest.mark.interop
+def test_adamw8bit_state_bytes_exact_vs_bitsandbytes():
+    import bitsandbytes as bnb
+    model, spec = tiny("llama", torch.float32)
+    opt = bnb.optim.AdamW8bit(model.parameters())
+    train_step(model, opt)
+    assert real_states(model, opt) == predicted(spec, method="full", dtype="fp32", optimizer="adamw8bit")
+
+
+@pytest.mark.parametrize("targets,dropout", [(None, 0.0), ("all-linear", 0.1), (["c_proj"], 0.0)])
+def test_lora_state_bytes_exact(targets, dropout):
+    from minilora.lora import LoRAConfig
+    from minilora.lora_model import inject
+    from calculators import lora_layers
+
+    model, spec = tiny("gpt2", torch.float32)
+    names = [lin.name for lin in lora_layers(spec, targets)]
+    inject(model, LoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=names))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False)
+    train_step(model, opt)
+    assert real_states(model, opt) == predicted(spec, method="lora", dtype="fp32",
+                                                lora=LoRASpec(rank=4, targets=targets))
+
+
+@pytest.mark.parametrize("state_bits,dtype", [(32, torch.float32), (8, torch.float32), (32, torch.bfloat16)])
+def test_offload_host_bytes_exact(state_bits, dtype):
+    from minilora.offload import CPUOffloadAdamW
+
+    model, spec = tiny("llama", dtype)
+    master = "fp32" if dtype == torch.bfloat16 else None
+    opt = CPUOffloadAdamW(model.parameters(), state_bits=state_bits, master_weights=master, page_size=4096)
+    train_step(model, opt)
+    s = model_state_bytes(spec, TrainingSetup(method="full", dtype="fp32" if dtype == torch.float32 else "bf16",
+                                              optimizer="offload" if state_bits == 32 else "offload8bit",
+                                              master_weights=master is not None))
+    mem = opt.memory_bytes()
+    assert mem["cpu"] == s["host"]
+    assert mem["device"] == s["weights"] + sum(b.nbytes for b in opt._staging)
+
+
+def test_nf4_bits_per_parameter():
+    n = 4096 * 4096
+    assert nf4_bytes(n, 64, double_quant=False) * 8 / n == pytest.approx(4.5, abs=1e-4)
+    assert nf4_bytes(n, 64, double_quant=True) * 8 / n == pytest.approx(4.127, abs=1e-3)
+
+
+@given(rows=st.integers(1, 50), cols=st.integers(1, 5), gpus=st.integers(1, 8))
+def test_fsdp_rank0_shard_matches_torch_chunk(rows, cols, gpus):
+    shapes = [(rows, cols), (rows,)]
+    expected = sum(torch.chunk(torch.empty(s), gpus, dim=0)[0].numel() for s in shapes)
+    assert fsdp_rank0_elements(shapes, gpus) == expected
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8, 64])
+def test_zero_model_states_agree_with_deepspeed_estimates(gpus):
+    spec = model_spec("llama-2-7b")
+    P = 6_738_415_616
+    setup = TrainingSetup(method="full", dtype="bf16", gpus=gpus, grad_ckpt="full")
+    terms = {t.name: t.gpu for t in training_memory(spec, TrainingSetup(**{**setup.__dict__, "zero": "zero2"})).terms}
+    ours = terms["weights"] + terms["gradients"] + terms["master weights"] + terms["optimizer states"]
+    steps = 4 * len(parameter_tensors(spec))  # torch's 4-byte step per tensor; DeepSpeed does not count it
+    steps = -(-steps // gpus)
+    # DeepSpeed's ZeRO-2 adds a full 16-bit gradient buffer and its fp32 gradient partition
+    deepspeed_buffers = 2 * P - -(-2 * P // gpus) + int(4 * P / gpus)
+    assert abs(ours - steps + deepspeed_buffers - deepspeed_zero2_estimate(P, gpus)) <= 2 * gpus
+    terms = {t.name: t.gpu for t in training_memory(spec, TrainingSetup(**{**setup.__dict__, "zero": "zero3"})).terms}
+    ours = terms["weights"] + terms["gradients"] + terms["master weights"] + terms["optimizer states"]
+    largest = 32000 * 4096  # the largest single module: the embedding (or lm_head)
+    deepspeed_buffers = int(2 * P / gpus) + 4 * largest
+    assert abs(ours - steps + deepspeed_buffers - deepspeed_zero3_estimate(P, largest, gpus)) <= 4 * gpus
+
+
+def test_sharding_divides_the_right_terms():
+    spec = model_spec("llama-2-7b")
+    one = {t.name: t.gpu for t in training_memory(spec, TrainingSetup(method="full")).terms}
+    for zero, divided in [("zero1", {"optimizer states", "master weights"}),
+                          ("zero2", {"optimizer states", "master weights", "gradients"}),
+                          ("fsdp-full", {"optimizer states", "master weights", "gradients", "weights"})]:
+        eight = {t.name: t.gpu for t in training_memory(spec, TrainingSetup(method="full", gpus=8, zero=zero)).terms}
+        for name in ("weights", "gradients", "master weights", "optimizer states"):
+            if name in divided:
+                assert eight[name] == pytest.approx(one[name] / 8, rel=1e-3), (zero, name)
+            else:
+                assert eight[name] == one[name], (zero, name)
+    ddp = {t.name: t.gpu for t in training_memory(spec, TrainingSetup(method="full", gpus=2, zero="ddp")).terms}
+    assert ddp["DDP gradient buckets"] == one["gradients"]
+
+
+def test_peak_grows_with_batch_and_seq_and_shrinks_with_checkpointing():
+    spec = model_spec("llama-3-8b")
+    base = TrainingSetup(method="qlora", batch=2, seq=1024)
+    peak = training_memory(spec, base).peak
+    assert training_memory(spec, TrainingSetup(**{**base.__dict__, "batch": 4})).peak > peak
+    assert training_memory(spec, TrainingSetup(**{**base.__dict__, "seq": 2048})).peak > peak
+    assert training_memory(spec, TrainingSetup(**{**base.__dict__, "grad_ckpt": "full"})).peak < peak
+
+
+def test_every_term_states_its_assumption():
+    for method in ("full", "lora", "qlora"):
+        b = training_memory(model_spec("mistral-7b"), TrainingSetup(method=method, optimizer="offload"))
+        assert all(t.assumption for t in b.terms)
+        assert b.cpu > 0
+
+
+def test_bad_setup():
+    spec = model_spec("gpt2")
+    with pytest.raises(ValueError, match="batch must be an integer >= 1, got 0"):
+        training_memory(spec, TrainingSetup(batch=0))
+    with pytest.raises(ValueError, match="method must be one of full, lora, qlora, got 'dora'"):
+        training_memory(spec, TrainingSetup(method="dora"))
+    with pytest.raises(ValueError, match="unknown sharding 'zero4'"):
+        training_memory(spec, TrainingSetup(zero="zero4", gpus=2))
