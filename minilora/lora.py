@@ -209,30 +209,36 @@ class LoRALinear(nn.Module):
             return self._mixed_batch_forward(x, result)
         for adapter in self.active_adapters:
             if adapter in self.lora_A:
-                result = result + self._adapter_output(adapter, x, result)
+                result = self._add_adapter(adapter, x, result)
         return result
 
-    def _adapter_output(self, adapter: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """What adapter `adapter` adds to base_out = base_layer(x)."""
+    def _add_adapter(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + what adapter `adapter` adds for input x (result holds base_layer(x) so far)."""
         A = self.lora_A[adapter].weight  # (r, in)
         B = self.lora_B[adapter].weight  # (out, r)
+        scaling = self.scaling[adapter]
         x = x.to(A.dtype)
         p = self.dropout[adapter]
         h = F.dropout(x, p, self.training) if p > 0 and self.training else x
-        lora = F.linear(F.linear(h, A), B)  # (.., r) -> (.., out)
-        scaling = self.scaling[adapter]
+        down = F.linear(h, A)  # (.., r)
         if adapter not in self.lora_magnitude_vector:
-            return (lora * scaling).to(base_out.dtype)
+            if result.dtype == B.dtype:
+                # result + scaling * down @ B^T as ONE GEMM accumulating into a copy of result: no separate
+                # scale and add passes over the (.., out) activations, forward or backward.
+                out = torch.addmm(result.reshape(-1, B.shape[0]), down.reshape(-1, B.shape[1]), B.t(), alpha=scaling)
+                return out.view(result.shape)
+            return result + (F.linear(down, B) * scaling).to(result.dtype)
         # DoRA: y = m / ||W + s*B@A||_row * (W x + s*B A x) + bias; the norm is a constant in backward.
+        # As peft, "W x" is taken from `result` (minus the bias), which holds the adapters added before.
         W = base_weight(self.base_layer).to(x.dtype)
         norm = (W + scaling * (B @ A).detach()).norm(dim=1).detach()  # (out,)
         mag = self.lora_magnitude_vector[adapter] / norm  # (out,)
         if h is x:
             bias = getattr(self.base_layer, "bias", None)
-            plain = base_out.to(x.dtype) - bias if bias is not None else base_out.to(x.dtype)
+            plain = result.to(x.dtype) - bias if bias is not None else result.to(x.dtype)
         else:  # with dropout, the rescaled base path sees the same dropped-out input (as peft)
             plain = F.linear(h, W)
-        return ((mag - 1) * plain + mag * lora * scaling).to(base_out.dtype)
+        return result + ((mag - 1) * plain + mag * F.linear(down, B) * scaling).to(result.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Row i of the batch uses adapter sample_adapters[i] ("__base__": none), as peft's
@@ -241,13 +247,12 @@ class LoRALinear(nn.Module):
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names_per_sample has {len(names)} names for a batch of {x.shape[0]} "
                              f"rows at {self.name}")
-        base_out = result
         for adapter in dict.fromkeys(names):  # distinct names, first-seen order
             if adapter == "__base__" or adapter not in self.lora_A:
                 continue
             rows = torch.tensor([i for i, n in enumerate(names) if n == adapter], device=x.device)
-            out = self._adapter_output(adapter, x.index_select(0, rows), base_out.index_select(0, rows))
-            result = result.index_add(0, rows, out)
+            out = self._add_adapter(adapter, x.index_select(0, rows), result.index_select(0, rows))
+            result = result.index_copy(0, rows, out)
         return result
 
     # ---------------------------------------------------------------- merge
