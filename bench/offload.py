@@ -122,7 +122,7 @@ def main(argv=None):
     if args.quick:
         config.update(QUICK if not cuda else dict(num_hidden_layers=4))
     batch, seq = (4, 1024) if cuda else (4, 128 if not args.quick else 64)
-    steps = args.steps or (5 if cuda else 7)
+    steps = args.steps or (5 if cuda else 5)
     params = sum(p.numel() for p in build(config, torch.float32, "meta").parameters())
     table = contenders(cuda, args.page_size)
     if cuda:   # one at a time: five 1B-parameter set-ups do not fit on the GPU together

@@ -270,8 +270,9 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
                         buf.copy_(host, non_blocking=True)
                         buf.add_(src)
                     host.copy_(buf, non_blocking=True)
-        if self._stream is not None:
-            grad.record_stream(self._stream)   # keep its memory until the copy has read it
+        if self._stream is not None:   # keep their memory until the side stream has read them
+            grad.record_stream(self._stream)
+            flat.record_stream(self._stream)   # a copy when the gradient was not contiguous
         info.tensor.grad = None
         info.grad_status = _HELD
 
@@ -389,7 +390,8 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """set_to_none=False keeps zeroed gradients, so the next step() updates every parameter that
         had one (weight decay, momentum), as torch does; the default forgets them."""
-        self._sync()
+        if not set_to_none:   # the CPU writes the host buffers (the default waits for nothing)
+            self._sync()
         for info in self._params:
             info.tensor.grad = None
             if set_to_none or info.grad_status == _NONE:
