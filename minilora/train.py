@@ -185,7 +185,7 @@ def build_model(cfg: TrainConfig, model=None, device=None):
 
         quantize_model(model, quant_type=cfg.quant_type, block_size=cfg.quant_block_size,
                        double_quant=cfg.double_quant)
-        prepare_for_kbit_training(model)
+        prepare_for_kbit_training(model, use_gradient_checkpointing=cfg.grad_checkpointing)
     from minilora.lora_model import inject
 
     inject(model, lora_config(cfg))

@@ -20,6 +20,9 @@ def main():
     _, inst = eval_sets(40 if args.quick else 100)
     import math
 
+    from bench.experiments._common import load_base
+
+    base_loss = math.log(ppl(load_base().eval(), inst))
     rows = []
     for r in ranks:
         losses = []
@@ -34,14 +37,14 @@ def main():
     loss = {row["rank"]: row["instruct_eval_loss"] for row in rows}
     gain_to_8 = loss[ranks[0]] - loss[8]
     gain_after = loss[8] - min(loss[r] for r in ranks if r >= 8)
-    conclusion = (f"Eval loss r={ranks[0]}: {loss[ranks[0]]:.4f}, r=8: {loss[8]:.4f}, best r>=8: "
+    conclusion = (f"Eval loss before fine-tuning: {base_loss:.4f} nats per response byte; r={ranks[0]}: {loss[ranks[0]]:.4f}, r=8: {loss[8]:.4f}, best r>=8: "
                   f"{min(loss[r] for r in ranks if r >= 8):.4f}. Gain up to r=8: {gain_to_8:.4f} nats; further gain "
                   f"beyond r=8: {gain_after:.4f} nats. "
                   + ("Consistent with 'sharp gains to r=8 then a plateau'." if gain_after < 0.25 * max(gain_to_8, 1e-9)
                      else "Not a plateau at this scale: larger ranks keep helping.")
                   + f" Tiny model (width 128), {steps} steps, {args.seeds} seed(s): differences of a few "
                   "hundredths of a nat are within run-to-run noise.")
-    write("rank_sweep", rows, conclusion, meta={"steps": steps, "lr": 3e-3, "alpha": "2r", "seeds": args.seeds},
+    write("rank_sweep", rows, conclusion, meta={"base_instruct_eval_loss": fmt(base_loss), "steps": steps, "lr": 3e-3, "alpha": "2r", "seeds": args.seeds},
           plot=lambda plt: _plot(plt, rows))
 
 

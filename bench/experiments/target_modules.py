@@ -20,16 +20,19 @@ def main():
     args = parse(__doc__.splitlines()[0])
     steps = args.steps or (10 if args.quick else 60)
     _, inst = eval_sets(40 if args.quick else 100)
-    rows = []
+    from bench.experiments._common import load_base
+
+    rows = [{"targets": "none (base)", "modules": "", "trainable_params": 0,
+             "instruct_eval_loss": fmt(math.log(ppl(load_base().eval(), inst))), "final_train_loss": None}]
     for label, targets in TARGETS.items():
         result = finetune(f"targets-{label.replace(' ', '_').replace('+', '')}", lr=3e-3, steps=steps, targets=targets)
         rows.append({"targets": label, "modules": targets, "trainable_params": result.summary["trainable_params"],
                      "instruct_eval_loss": fmt(math.log(ppl(result.model.eval(), inst))),
                      "final_train_loss": fmt(result.summary["final_loss"])})
         print(rows[-1], flush=True)
-    loss = {r["targets"]: r["instruct_eval_loss"] for r in rows}
+    loss = {r["targets"]: r["instruct_eval_loss"] for r in rows[1:]}
     best = min(loss, key=loss.get)
-    conclusion = ("Instruction eval loss: " + ", ".join(f"{k} {v:.4f}" for k, v in loss.items())
+    conclusion = (f"Instruction eval loss (base {rows[0]['instruct_eval_loss']:.4f}): " + ", ".join(f"{k} {v:.4f}" for k, v in loss.items())
                   + f". Best: {best}. "
                   + ("Adapting all linear layers (MLP included) beats attention-only adapters at equal rank, as "
                      "QLoRA reports, at the price of more trainable parameters."
