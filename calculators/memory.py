@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .activations import ActivationSetup, activation_bytes, block_targets
-from .distributed import parse_strategy, shard
+from .distributed import fsdp_rank0_elements, parse_strategy, shard
 from .gpus import MiB
 from .lora import LoRASpec, lora_layers, lora_tensors
 from .models import ModelSpec, parameter_tensors
@@ -159,6 +159,7 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> dict:
         "gradients": 0 if offload else trainable * d,
         "master": 0 if offload else (4 * trainable if master else 0),
         "optimizer": _optimizer_state_bytes(numels, setup.optimizer, state_bytes),
+        "optimizer_scalars": 4 * len(numels) if setup.optimizer == "adamw" else 0,
         "host": _offload_host_bytes(numels, master, setup.optimizer == "offload8bit") if offload else 0,
         "trainable": trainable, "params": sum(t.numel for t in tensors),
         "trainable_shapes": trainable_shapes, "all_shapes": [t.shape for t in tensors],
@@ -193,21 +194,32 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
                           f"{'double quantization: 4.127' if setup.double_quant else 'fp32 absmax: 4.5'} bits/param"
                           f" + constants); embeddings, norms, lm_head and {states['trainable']:,} LoRA "
                           f"parameters in {dname}")}[setup.method]
-    sharded = lambda cat, b, per_el=None, shapes=None: shard(cat, b, strategy, n_gpu, shapes, per_el)
-    weights = sharded("weights", states["weights"], d if setup.method == "full" else None,
-                      states["all_shapes"] if setup.method == "full" else None)
+    fsdp = strategy.startswith("fsdp") and n_gpu > 1
+
+    def sharded(category, nbytes, shapes=None, per_el=None):
+        # FSDP2 chunks every tensor on dim 0 (rank 0 holds the largest piece); ZeRO one flat buffer
+        if fsdp and shapes is not None and category in ("weights", "gradients", "optimizer"):
+            return fsdp_rank0_elements(shapes, n_gpu) * per_el
+        return shard(category, nbytes, strategy, n_gpu)
+
+    tshapes = states["trainable_shapes"]
+    all_shapes = states["all_shapes"] + ([] if setup.method == "full" else tshapes)
+    weights = sharded("weights", states["weights"], None if setup.method == "qlora" else all_shapes, d)
     terms.append(Term("weights", weights, w_assume + _shard_note("weights", strategy, n_gpu)))
-    grads = sharded("gradients", states["gradients"])
+    grads = 0 if not states["gradients"] else sharded("gradients", states["gradients"], tshapes, d)
     offload = setup.optimizer.startswith("offload")
     terms.append(Term("gradients", grads,
                       "none kept on the GPU: each .grad is copied to a host fp32 buffer as it is produced"
                       if offload else f"one {dname} gradient per trainable parameter" + _shard_note("gradients", strategy, n_gpu)))
-    master = sharded("optimizer", states["master"])
+    master = 0 if not states["master"] else sharded("optimizer", states["master"], tshapes, 4)
     terms.append(Term("master weights", master,
                       ("fp32 copy of the trainable weights (mixed precision)" if master else
                        "none: optimizer updates the weights in their own dtype") + _shard_note("optimizer", strategy, n_gpu)))
-    opt = sharded("optimizer", states["optimizer"])
     sb = states["state_bytes"]
+    scalars = states["optimizer_scalars"]  # per-tensor step counters: every rank keeps them whole
+    moments = states["optimizer"] - scalars
+    per_el = {"adamw": 2 * sb, "sgd-momentum": sb}.get(setup.optimizer)
+    opt = scalars + (0 if not moments else sharded("optimizer", moments, tshapes if per_el else None, per_el))
     opt_assume = {
         "adamw": f"AdamW m and v in {'fp32' if sb == 4 else dname} (+4 B step per tensor)",
         "adamw8bit": "bitsandbytes 8-bit AdamW: uint8 m, v + fp32 absmax per 256; tensors < 4096 elements keep fp32",
