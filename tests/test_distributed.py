@@ -26,6 +26,12 @@ def tiny_llama(seed: int = 0) -> Llama:
     return Llama(cfg)
 
 
+def odd_llama() -> Llama:
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2))
+
+
 def batch(rows: int = 4, seq: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 64, (rows, seq + 1), generator=g)
@@ -173,6 +179,16 @@ def _worker_fsdp_lora(env, folder, steps):
     loss.backward()
     other_opt.step()
     resumed = D.gather_full_state(other, lambda n, p: p.requires_grad)
+    # full fine-tuning of a model whose vocab (67 rows) does not divide by 2: padded shards
+    odd = D.wrap_model(odd_llama(), "full_shard", env)
+    odd_opt = torch.optim.AdamW(odd.parameters(), lr=1e-3)
+    for _ in range(2):
+        _, loss = odd(per_rank[:, :-1] % 67, per_rank[:, 1:] % 67)
+        loss.backward()
+        held = D.model_state_bytes(odd, odd_opt)
+        odd_opt.step()
+        odd_opt.zero_grad(set_to_none=True)
+    (folder / f"bytes_full{env.rank}.json").write_text(json.dumps(held))
     if env.is_main:
         assert resumed.keys() == after.keys()
         for name in after:
@@ -234,10 +250,10 @@ def _calculator_terms() -> dict:
     return {t.name: t.gpu for t in training_memory(spec, setup).terms}
 
 
-def _held(folder) -> list[dict]:
+def _held(folder, prefix: str = "bytes") -> list[dict]:
     import json
 
-    return [json.loads((folder / f"bytes{rank}.json").read_text()) for rank in range(WORLD)]
+    return [json.loads((folder / f"{prefix}{rank}.json").read_text()) for rank in range(WORLD)]
 
 
 def test_calculator_fsdp2_weights_and_gradients_equal_what_each_shard_holds(fsdp_lora_run):
@@ -253,9 +269,22 @@ def test_calculator_fsdp2_weights_and_gradients_equal_what_each_shard_holds(fsdp
         assert held["optimizer_scalars"] == 4 * len(trainable)  # one fp32 step per tensor, NOT sharded
 
 
-@pytest.mark.xfail(strict=True, reason="calculators.memory divides AdamW's 4 B per-tensor step by N; "
-                                       "FSDP2 keeps every step scalar whole on every rank (reported)")
 def test_calculator_fsdp2_optimizer_states_equal_what_each_shard_holds(fsdp_lora_run):
+    # sharded moments plus the whole per-tensor step scalars, on every rank
     calc = _calculator_terms()
     for held in _held(fsdp_lora_run):
         assert held["optimizer"] == calc["optimizer states"], (held, calc)
+
+
+def test_calculator_fsdp2_full_finetune_with_padded_shards_equals_rank0(fsdp_lora_run):
+    """Rank 0 holds ceil(rows / N) rows of every tensor: the calculator reports that rank."""
+    from calculators.memory import TrainingSetup, training_memory
+    from calculators.models import model_spec
+
+    spec = model_spec(odd_llama().config.to_hf_dict(), name="odd")
+    setup = TrainingSetup(method="full", dtype="fp32", batch=2, seq=12, device="cpu", gpus=WORLD, zero="fsdp-full")
+    calc = {t.name: t.gpu for t in training_memory(spec, setup).terms}
+    rank0, rank1 = _held(fsdp_lora_run, "bytes_full")
+    assert rank0["params"] == rank1["params"] == calc["weights"]  # FSDP2 pads rank 1's storage too
+    assert rank0["grads"] == calc["gradients"], (rank0, calc)
+    assert rank0["optimizer"] - rank0["optimizer_scalars"] == 2 * rank0["params"]
