@@ -156,6 +156,7 @@ def _scale_blocks(flat: torch.Tensor, block_size: int):
     return scaled, absmax
 
 
+@torch.no_grad()
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, block_size: int = 256):
     """Blockwise 8-bit quantization with exact nearest-value rounding (ties -> lower value).
 
@@ -183,6 +184,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     return codes, absmax
 
 
+@torch.no_grad()
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
                               block_size: int = 256, shape=None, dtype: torch.dtype = torch.float32):
     """Inverse of quantize_blockwise_8bit: code[codes] * absmax per block, fp32, then `dtype`."""
@@ -262,6 +264,7 @@ class QuantState4bit:
                               self.quant_type, move(self.absmax2), move(self.offset), self.dq_block_size)
 
 
+@torch.no_grad()
 def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
                   dq_block_size: int = 256) -> QuantState4bit:
     """Blockwise 4-bit quantization, byte-identical to bitsandbytes.functional.quantize_4bit
@@ -298,6 +301,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
     return state
 
 
+@torch.no_grad()
 def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
     """codebook[code] * absmax in fp32, cast to `dtype` (default: the original dtype), original shape.
 

@@ -1,0 +1,380 @@
+"""QLoRA's frozen 4-bit base: LinearNF4, quantize_model, prepare_for_kbit_training, and the
+transformers + bitsandbytes 4-bit checkpoint format.
+
+    x (..., in) --cast--> compute_dtype --@ dequantize(W_4bit).T (+ bias)--> (..., out) --cast--> x.dtype
+
+The dequantized weight is a temporary: the autograd function keeps only the 4-bit state and
+dequantizes again in backward (QLoRA, Dettmers et al. 2023, section 3), so a frozen 4-bit layer
+costs 4.127 bits per weight in memory during training, and still passes input gradients through
+to LoRA adapters and earlier layers.
+
+State-dict keys are bitsandbytes' Linear4bit ones (what transformers saves for a model loaded
+with BitsAndBytesConfig(load_in_4bit=True)), prefix `<module>.`:
+    weight                               uint8 ((n + 1) // 2, 1)   packed codes
+    weight.absmax                        fp32 (blocks,) | uint8 (blocks,) when double quantized
+    weight.quant_map                     fp32 (16,)     the codebook
+    weight.nested_absmax                 fp32 (ceil(blocks / 256),)        double quant only
+    weight.nested_quant_map              fp32 (256,)    the dynamic map    double quant only
+    weight.quant_state.bitsandbytes__nf4 uint8 JSON: quant_type, blocksize, dtype, shape
+                                         (+ nested_blocksize, nested_dtype, nested_offset)
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+from torch import nn
+
+from .nf4 import QuantState4bit, _tables, dequantize_4bit, dynamic_map, quantize_4bit
+
+__all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training", "load_bnb_4bit_state",
+           "bnb_4bit_state_dict"]
+
+_QS_KEY = re.compile(r"^(?P<prefix>.+)\.weight\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _DequantizeLinear(torch.autograd.Function):
+    """y = x @ dequantize(state).T + bias, saving only the 4-bit state for backward."""
+
+    @staticmethod
+    def forward(ctx, x, state: QuantState4bit, bias):
+        weight = dequantize_4bit(state, x.dtype)  # (out, in), freed when forward returns
+        ctx.state = state
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_4bit(ctx.state, grad_out.dtype)  # (..., out) @ (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+class LinearNF4(nn.Module):
+    """A frozen 4-bit linear layer (NF4 or FP4, bitsandbytes' layout), computing in compute_dtype.
+
+    Buffers: `weight` (packed uint8), `absmax`, and with double quantization `absmax2`, `offset`.
+    `weight_dtype` is the dtype the weight had before quantization (what dequantize returns).
+    """
+
+    lora_compatible = True
+    is_quantized_4bit = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=torch.float32,
+                 quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
+                 weight_dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.quant_type, self.block_size, self.double_quant = quant_type, block_size, double_quant
+        self.weight_dtype, self.dq_block_size = weight_dtype, 256
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype), requires_grad=False) if bias else None
+        for name in ("weight", "absmax", "absmax2", "offset"):
+            self.register_buffer(name, None)
+
+    # ----------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
+                    compute_dtype=None) -> "LinearNF4":
+        """Quantize an nn.Linear (its weight is not modified)."""
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    compute_dtype or weight.dtype, quant_type, block_size, double_quant, weight.dtype)
+        layer.set_state(quantize_4bit(weight, quant_type, block_size, double_quant))
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.detach().to(layer.compute_dtype).clone()
+        return layer.to(weight.device)
+
+    @classmethod
+    def from_state(cls, state: QuantState4bit, bias: torch.Tensor | None = None, compute_dtype=None) -> "LinearNF4":
+        if len(state.shape) != 2:
+            raise ValueError(f"a linear weight must be 2-D (out, in), got shape {tuple(state.shape)}")
+        out_features, in_features = state.shape
+        layer = cls(in_features, out_features, bias is not None, compute_dtype or state.dtype, state.quant_type,
+                    state.block_size, state.double_quant, state.dtype)
+        layer.set_state(state)
+        if bias is not None:
+            if tuple(bias.shape) != (out_features,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+            layer.bias.data = bias.detach().to(layer.compute_dtype).clone()
+        return layer
+
+    def set_state(self, state: QuantState4bit) -> None:
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight has shape {tuple(state.shape)}, the layer is "
+                             f"({self.out_features}, {self.in_features})")
+        self.weight, self.absmax, self.absmax2, self.offset = state.packed, state.absmax, state.absmax2, state.offset
+        self.quant_type, self.block_size, self.double_quant = state.quant_type, state.block_size, state.double_quant
+        self.weight_dtype, self.dq_block_size = state.dtype, state.dq_block_size
+
+    @property
+    def quant_state(self) -> QuantState4bit:
+        if self.weight is None:
+            raise RuntimeError("LinearNF4 holds no weight yet: build it with from_linear/from_state or requantize_")
+        return QuantState4bit(self.weight, self.absmax, torch.Size((self.out_features, self.in_features)),
+                              self.weight_dtype, self.block_size, self.quant_type, self.absmax2, self.offset,
+                              self.dq_block_size)
+
+    # ------------------------------------------------------------------------ the LoRA protocol
+
+    def dequantize_weight(self, dtype=None) -> torch.Tensor:
+        """The dense (out, in) weight, in the original weight dtype unless `dtype` is given."""
+        return dequantize_4bit(self.quant_state, dtype or self.weight_dtype)
+
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> "LinearNF4":
+        """Replace the stored weight by `weight` (out, in) quantized with this layer's settings."""
+        self.set_state(quantize_4bit(weight.detach().to(self.weight_dtype), self.quant_type, self.block_size,
+                                     self.double_quant, self.dq_block_size))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return _DequantizeLinear.apply(x.to(self.compute_dtype), self.quant_state, bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, block_size={self.block_size}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")
+
+    # ------------------------------------------------------------- bitsandbytes state-dict format
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, value in quant_state_to_dict(self.quant_state).items():
+            destination[prefix + key] = value
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and
+                (k[len(prefix):] == "weight" or k[len(prefix):].startswith("weight."))}
+        if not mine:
+            missing_keys.append(prefix + "weight")
+        else:
+            try:
+                self.set_state(quant_state_from_dict(mine, prefix))
+            except ValueError as exc:
+                error_msgs.append(str(exc))
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                self.bias.data = state_dict[prefix + "bias"].detach().to(self.compute_dtype).clone()
+            else:
+                missing_keys.append(prefix + "bias")
+
+
+# --------------------------------------------------------------------- quant state <-> tensors
+
+def quant_state_to_dict(state: QuantState4bit) -> dict[str, torch.Tensor]:
+    """bitsandbytes QuantState.as_dict(packed=True) under `weight.*`, plus `weight` itself."""
+    if state.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bitsandbytes' format stores nf4 or fp4, got quant_type {state.quant_type!r}")
+    out = {"weight": state.packed, "weight.absmax": state.absmax, "weight.quant_map": state.codebook}
+    meta = {"quant_type": state.quant_type, "blocksize": state.block_size,
+            "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
+    if state.double_quant:
+        out["weight.nested_absmax"] = state.absmax2
+        out["weight.nested_quant_map"] = dynamic_map(True).to(state.absmax.device)
+        meta.update(nested_blocksize=state.dq_block_size, nested_dtype="float32", nested_offset=state.offset.item())
+    # bitsandbytes' pack_dict_to_tensor: json.dumps with default separators, as uint8 bytes
+    out[f"weight.quant_state.bitsandbytes__{state.quant_type}"] = torch.tensor(
+        list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    return out
+
+
+def quant_state_from_dict(tensors: dict[str, torch.Tensor], prefix: str = "") -> QuantState4bit:
+    """The inverse: keys `weight`, `weight.absmax`, ... (prefix stripped) -> QuantState4bit."""
+    where = prefix or "<module>."
+    packed_keys = [k for k in tensors if k.startswith("weight.quant_state.")]
+    if len(packed_keys) != 1 or not _QS_KEY.match("m." + packed_keys[0]):
+        raise ValueError(f"{where}weight needs exactly one weight.quant_state.bitsandbytes__nf4|fp4 entry, "
+                         f"got {packed_keys}")
+    try:
+        meta = json.loads(bytes(tensors[packed_keys[0]].cpu().tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where}{packed_keys[0]} is not a JSON quant state: {exc}") from exc
+    quant_type = packed_keys[0].rsplit("__", 1)[1]
+    for field in ("quant_type", "blocksize", "dtype", "shape"):
+        if field not in meta:
+            raise ValueError(f"{where}{packed_keys[0]} lacks {field!r} (has {sorted(meta)})")
+    if meta["quant_type"] != quant_type:
+        raise ValueError(f"{where}quant_state says quant_type {meta['quant_type']!r} under key {packed_keys[0]!r}")
+    if meta["dtype"] not in _DTYPE_NAMES:
+        raise ValueError(f"{where}quant_state dtype must be one of {sorted(_DTYPE_NAMES)}, got {meta['dtype']!r}")
+    for key in ("weight", "weight.absmax", "weight.quant_map"):
+        if key not in tensors:
+            raise ValueError(f"{where}{key} is missing from the 4-bit state dict")
+    if not torch.equal(tensors["weight.quant_map"].cpu().float(), _tables(quant_type, torch.device("cpu"))[0]):
+        raise ValueError(f"{where}weight.quant_map is not the {quant_type} codebook; custom codebooks are not supported")
+    nested = "nested_offset" in meta
+    if nested:
+        for key in ("weight.nested_absmax", "weight.nested_quant_map"):
+            if key not in tensors:
+                raise ValueError(f"{where}{key} is missing but the quant state is double quantized")
+        if not torch.equal(tensors["weight.nested_quant_map"].cpu().float(), dynamic_map(True)):
+            raise ValueError(f"{where}weight.nested_quant_map is not bitsandbytes' signed dynamic map")
+    shape = torch.Size(meta["shape"])
+    n, block_size = shape.numel(), meta["blocksize"]
+    packed, absmax = tensors["weight"], tensors["weight.absmax"]
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)  # quant_storage other than uint8 holds the same bytes
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"{where}weight has {packed.numel()} bytes, quant_state shape {tuple(shape)} needs {(n + 1) // 2}")
+    blocks = -(-n // block_size)
+    if absmax.numel() != blocks or absmax.dtype != (torch.uint8 if nested else torch.float32):
+        raise ValueError(f"{where}weight.absmax is {absmax.dtype} with {absmax.numel()} entries, expected "
+                         f"{'uint8' if nested else 'float32'} with ceil({n}/{block_size}) = {blocks}")
+    state = QuantState4bit(packed.reshape(-1, 1), absmax, shape, _DTYPE_NAMES[meta["dtype"]], block_size, quant_type)
+    if nested:
+        state.absmax2 = tensors["weight.nested_absmax"].float()
+        state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)  # as bitsandbytes' from_dict
+        state.dq_block_size = int(meta.get("nested_blocksize", 256))
+        if state.absmax2.numel() != -(-blocks // state.dq_block_size):
+            raise ValueError(f"{where}weight.nested_absmax has {state.absmax2.numel()} entries, expected "
+                             f"ceil({blocks}/{state.dq_block_size})")
+    return state
+
+
+# -------------------------------------------------------------------------------- model level
+
+def _matches(name: str, patterns) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def quantize_model(model: nn.Module, skip=("lm_head",), quant_type: str = "nf4", double_quant: bool = True,
+                   block_size: int = 64, compute_dtype=None) -> nn.Module:
+    """Swap every nn.Linear (except names in `skip`, matched in full or as a `.`-suffix) for a
+    LinearNF4, in place. Embeddings, norms and skipped layers are cast to `compute_dtype` if given."""
+    if isinstance(skip, str):
+        skip = (skip,)
+    targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
+    if not targets:
+        raise ValueError(f"quantize_model found no nn.Linear to quantize in {type(model).__name__} (skip={skip})")
+    for name in targets:
+        layer = LinearNF4.from_linear(model.get_submodule(name), quant_type, block_size, double_quant, compute_dtype)
+        model.set_submodule(name, layer)
+    if compute_dtype is not None:
+        for m in model.modules():
+            if not isinstance(m, LinearNF4):
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(compute_dtype)
+    return model
+
+
+def _upcast_input(module, args):
+    module._kbit_input_dtype = args[0].dtype if args and torch.is_tensor(args[0]) else None
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _cast_back(module, args, output):
+    dtype = getattr(module, "_kbit_input_dtype", None)
+    return output.to(dtype) if dtype is not None and torch.is_tensor(output) else output
+
+
+def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True) -> nn.Module:
+    """peft's prepare_model_for_kbit_training: freeze everything, keep norms in fp32 (computed in
+    fp32 from a 16-bit input), and make the embedding output require grad so checkpointed blocks
+    see an input that needs gradients even though every weight before the adapters is frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__:
+            if any(p.dtype != torch.float32 for p in m.parameters(recurse=False)):
+                m.float()
+                m.register_forward_pre_hook(_upcast_input)
+                m.register_forward_hook(_cast_back)
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is not None:
+        embedding.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    if use_gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
+        model.set_gradient_checkpointing(True)
+    return model
+
+
+def _is_conv1d_key(model: nn.Module, key: str) -> bool:
+    from reference_models import hub
+
+    return hub._is_conv1d(model, key)
+
+
+def load_bnb_4bit_state(model: nn.Module, tensors: dict[str, torch.Tensor], quantization_config: dict, dtype) -> None:
+    """The reference_models.hub seam: fill a (meta-device) model from a transformers +
+    bitsandbytes 4-bit checkpoint, building LinearNF4 layers straight from the stored bytes."""
+    from reference_models import hub
+
+    tensors = hub._add_prefix(model, {k: v for k, v in tensors.items() if not hub.IGNORED_KEYS.search(k)})
+    compute = quantization_config.get("bnb_4bit_compute_dtype") or dtype
+    compute_dtype = _DTYPE_NAMES.get(compute, compute) if isinstance(compute, str) else compute
+    prefixes = [m.group("prefix") for m in map(_QS_KEY.match, tensors) if m]
+    for prefix in prefixes:
+        try:
+            target = model.get_submodule(prefix)
+        except AttributeError:
+            raise ValueError(f"4-bit checkpoint has {prefix}.weight but {type(model).__name__} has no module {prefix!r}")
+        if type(target) is not nn.Linear:
+            raise ValueError(f"4-bit weight {prefix}.weight targets a {type(target).__name__}, expected nn.Linear")
+        own = {k[len(prefix) + 1:]: tensors.pop(k) for k in list(tensors)
+               if k == prefix + ".weight" or k.startswith(prefix + ".weight.")}
+        state = quant_state_from_dict(own, prefix + ".")
+        if tuple(state.shape) != (target.out_features, target.in_features):
+            raise ValueError(f"{prefix}.weight quant_state has shape {tuple(state.shape)}, the model needs "
+                             f"({target.out_features}, {target.in_features})")
+        bias = tensors.pop(prefix + ".bias", None)
+        if (bias is None) != (target.bias is None):
+            raise ValueError(f"{prefix}.bias is {'missing' if bias is None else 'unexpected'} in the 4-bit checkpoint")
+        model.set_submodule(prefix, LinearNF4.from_state(state, bias, compute_dtype))
+    if not prefixes:
+        raise ValueError("quantization_config says 4-bit but the checkpoint has no weight.quant_state.bitsandbytes__* keys")
+    # everything else is an ordinary tensor, in the file's layout
+    expected = {k: v.shape for k, v in model.state_dict().items() if v.is_meta}
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+        tensors.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"4-bit checkpoint does not match {type(model).__name__}: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}")
+    state = {}
+    for key, t in tensors.items():
+        if _is_conv1d_key(model, key) and t.dim() == 2:
+            t = t.t()
+        if t.shape != expected[key]:
+            raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}, the model needs {tuple(expected[key])}")
+        state[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def bnb_4bit_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, quantization_config) as transformers + bitsandbytes save a 4-bit model."""
+    layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LinearNF4 layers to save in 4-bit format")
+    kinds = {(m.quant_type, m.double_quant, m.compute_dtype) for m in layers}
+    if len(kinds) != 1:
+        raise ValueError(f"one quantization_config per checkpoint: layers differ in (quant_type, double_quant, "
+                         f"compute_dtype): {sorted(map(str, kinds))}")
+    quant_type, double_quant, compute_dtype = kinds.pop()
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    tensors = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and tied:
+            continue
+        if _is_conv1d_key(model, key) and t.dim() == 2 and t.is_floating_point():
+            t = t.t()  # a GPT-2 Conv1D weight left unquantized is stored (in, out)
+        tensors[key] = t.detach().to("cpu").contiguous().clone()
+    skipped = sorted({n for n, m in model.named_modules() if type(m) is nn.Linear})
+    skipped = None if set(skipped) <= {"lm_head"} else skipped  # transformers always keeps the head
+    config = {
+        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant, "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skipped, "llm_int8_threshold": 6.0,
+        "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
+    }
+    return tensors, config
