@@ -228,9 +228,10 @@ def unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     becomes an nn.Linear holding the dequantized merged weight, unless requantize=True keeps it 4-bit
     (the merged weight is quantized again, which adds quantization error)."""
     for name, layer in lora_layers(model).items():
-        layer.merge(layer.active_adapters, safe=True)
         base = layer.base_layer
         if not isinstance(base, nn.Linear) and not requantize:
+            # dequantize BEFORE merging, so the merge is done in full precision: merging into the
+            # 4-bit base first would requantize the merged weight and add a second rounding
             weight = base_weight(base)
             bias = getattr(base, "bias", None)
             dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
@@ -240,7 +241,8 @@ def unload(model: nn.Module, requantize: bool = False) -> nn.Module:
                 if bias is not None:
                     dense.bias.copy_(bias)
             dense.requires_grad_(False)
-            base = dense
+            layer.base_layer = base = dense
+        layer.merge(layer.active_adapters, safe=True)
         _set_submodule(model, name, base)
     if hasattr(model, "lora_configs"):
         del model.lora_configs
