@@ -73,12 +73,16 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--note", default="shared 2-core machine, other engineers' jobs running concurrently")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.layers, args.width, args.vocab, args.batch, args.seq, args.repeats = 2, 128, 2048, 2, 64, 3
     rows = bench_pair("gpt2", args) + bench_pair("llama", args)
     shapes = {k: getattr(args, k) for k in ("layers", "width", "vocab", "batch", "seq", "repeats")}
+    shapes["llama"] = "intermediate 8/3 * width rounded to 64, heads width/64, kv heads heads/3"
     report("models" + ("-quick" if args.quick else ""), rows, extra={"shapes": shapes, "note": args.note,
                                                                      "dtype": "float32", "attn": "sdpa"})
 

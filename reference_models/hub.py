@@ -12,6 +12,7 @@ Weights are read from safetensors only: nothing here ever unpickles.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -90,9 +91,7 @@ def config_from_hf(d: dict) -> GPTConfig | LlamaConfig:
 
 def from_hf_config(d: dict, attn_impl: str = "sdpa") -> GPT | Llama:
     """Build a randomly initialised GPT or Llama from a transformers config dict."""
-    config = config_from_hf(d)
-    config.attn_impl = attn_impl
-    config.__post_init__()
+    config = dataclasses.replace(config_from_hf(d), attn_impl=attn_impl)
     return (GPT if isinstance(config, GPTConfig) else Llama)(config)
 
 
@@ -210,9 +209,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", attn_i
     """
     folder = Path(path)
     hf = _read_config(folder)
-    config = config_from_hf(hf)
-    config.attn_impl = attn_impl
-    config.__post_init__()
+    config = dataclasses.replace(config_from_hf(hf), attn_impl=attn_impl)
     cls = GPT if isinstance(config, GPTConfig) else Llama
     tensors = _read_weights(folder)
     with torch.device("meta"):
