@@ -92,12 +92,16 @@ def _check(setup: TrainingSetup) -> None:
 
 
 def nf4_bytes(numel: int, block_size: int = 64, double_quant: bool = True) -> int:
-    """Bytes of one NF4 weight as bitsandbytes stores it (REFERENCE.md section 1)."""
+    """Bytes of one NF4 weight in memory: packed codes (two per byte), then per block of
+    `block_size` an fp32 absmax, or with double quantization a uint8 absmax plus one fp32 absmax2
+    per 256 blocks and an fp32 offset (REFERENCE.md section 1: 4.5 vs 4.127 bits per parameter).
+    The 16-entry codebook and the 256-entry dynamic map are shared constants, not counted
+    (bitsandbytes' serialized format repeats them per layer: 64 B + 1 KiB)."""
     packed = (numel + 1) // 2
     blocks = -(-numel // block_size)
     if not double_quant:
-        return packed + 4 * blocks + 16 * 4                     # fp32 absmax, quant_map
-    return packed + blocks + 4 * -(-blocks // 256) + 4 + 16 * 4 + 256 * 4  # uint8 absmax, absmax2, offset, maps
+        return packed + 4 * blocks
+    return packed + blocks + 4 * -(-blocks // 256) + 4
 
 
 def _optimizer_state_bytes(shapes_numel, optimizer, state_bytes):

@@ -114,3 +114,23 @@ def test_lora_saves_less_than_full_finetuning():
 def test_bad_sizes():
     with pytest.raises(ValueError, match="batch and seq must be >= 1, got batch=0"):
         activation_bytes(model_spec("gpt2"), ActivationSetup(batch=0, seq=8))
+
+
+@pytest.mark.parametrize("family,attn,ckpt", [("llama", "sdpa", False), ("gpt2", "eager", False), ("llama", "eager", True)])
+def test_qlora_activations_match_saved_tensors(family, attn, ckpt):
+    # LinearNF4 saves no dequantized weight for backward (it dequantizes again): a frozen 4-bit
+    # layer keeps nothing, like a frozen nn.Linear
+    from minilora.lora import LoRAConfig
+    from minilora.lora_model import inject
+    from minilora.qlora import quantize_model
+
+    model, spec = build(family, 64, attn, torch.bfloat16)
+    quantize_model(model)
+    names = [lin.name for lin in lora_layers(spec, "all-linear")]
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=names))
+    model.train()
+    model.set_gradient_checkpointing(ckpt)
+    real = saved_bytes(model, 2, 24, 101)
+    pred = predicted(spec, 2, 24, torch.bfloat16, attn, ckpt, trainable="lora",
+                     lora_targets=block_targets(names), lora_rank=4)
+    assert abs(pred / real - 1) <= TOLERANCE, (real, pred)

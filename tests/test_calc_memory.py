@@ -176,3 +176,22 @@ def test_bad_setup():
         training_memory(spec, TrainingSetup(method="dora"))
     with pytest.raises(ValueError, match="unknown sharding 'zero4'"):
         training_memory(spec, TrainingSetup(zero="zero4", gpus=2))
+
+
+@pytest.mark.parametrize("family,double_quant,dtype", [("llama", True, torch.bfloat16), ("gpt2", False, torch.float32),
+                                                       ("llama", False, torch.float32)])
+def test_qlora_state_bytes_exact(family, double_quant, dtype):
+    from minilora.lora import LoRAConfig
+    from minilora.lora_model import inject
+    from minilora.qlora import quantize_model
+
+    model, spec = tiny(family, dtype)
+    quantize_model(model, double_quant=double_quant)
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False)
+    train_step(model, opt)
+    real = real_states(model, opt)
+    real["weights"] = unique_nbytes(list(model.parameters()) + list(model.buffers()))
+    dname = "fp32" if dtype == torch.float32 else "bf16"
+    assert real == predicted(spec, method="qlora", dtype=dname, double_quant=double_quant,
+                             lora=LoRASpec(rank=4, targets="all-linear"))
