@@ -10,10 +10,10 @@ quantizing, injecting adapters; train's optimizer and bf16 autocast), takes two 
 steps, and reports the peak of the second step (optimizer states exist by then: the steady state)
 beside the calculator's total for the same setup. Goal (issue 8): within 5% on every point.
 
-The weights are stored as a loaded checkpoint would be: fp32 for full fine-tuning (fp32 master
-weights, bf16 autocast, fp32 AdamW states: the usual mixed precision) and bf16 for the frozen base
-of LoRA (adapters in the base dtype, as minilora.lora keeps them) and QLoRA (4-bit base, bf16
-compute, fp32 adapters). Batch 1; random token ids.
+The weights are bf16, as a bf16 checkpoint loads, for every method: full fine-tuning then trains
+in bf16 with bf16 AdamW states (what minilora.train does with such a checkpoint), LoRA keeps its
+adapters in the base dtype (minilora.lora), QLoRA has a 4-bit base with bf16 compute. bf16
+autocast on CUDA, as minilora.train. Batch 1; random token ids.
 
 Without CUDA it prints why and exits 0; --dry-run runs every point on the CPU with a tiny model
 (no measurement: CPU allocations are not counted by torch) so the whole path is exercised.
@@ -36,7 +36,10 @@ MODEL_QUICK = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, n
 MODEL_TINY = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
 METHODS = ("full", "lora", "qlora")
-WEIGHT_DTYPE = {"full": torch.float32, "lora": torch.bfloat16, "qlora": torch.bfloat16}
+# bf16 weights for every method, as a bf16 checkpoint loads: full fine-tuning then keeps bf16 AdamW
+# states (torch.optim.AdamW allocates them like the parameter; no fp32 master copy).
+WEIGHT_DTYPE = {"full": torch.bfloat16, "lora": torch.bfloat16, "qlora": torch.bfloat16}
+DTYPE_NAME = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 LORA = dict(lora_r=16, lora_alpha=32, lora_targets="all-linear")
 
 
@@ -94,20 +97,22 @@ def measure(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, 
     return out
 
 
-def predict(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, device: str) -> dict | None:
-    """The calculators' per-term prediction for this point (bytes), or None when it cannot say."""
-    try:
-        from calculators import memory as calc
-    except ImportError:
-        return None
+def predict(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, device: str) -> dict:
+    """The calculators' terms for this point, in bytes; "total" is their peak (CUDA context excluded,
+    as torch.cuda.max_memory_allocated excludes it)."""
+    from calculators.lora import LoRASpec, parse_targets
+    from calculators.memory import TrainingSetup, training_memory
     from calculators.models import model_spec
     from reference_models import LlamaConfig
 
     spec = model_spec(LlamaConfig(**model_kw).to_hf_dict(), name="validation")
-    return calc.training_memory(
-        spec, method=method, batch=batch, seq=seq, grad_ckpt="full" if grad_ckpt else "none",
-        weight_dtype=str(WEIGHT_DTYPE[method]).removeprefix("torch."), autocast="bf16" if device == "cuda" else None,
-        optimizer="adamw", lora_rank=LORA["lora_r"], lora_targets=LORA["lora_targets"], device=device)
+    lora = LoRASpec(rank=LORA["lora_r"], alpha=LORA["lora_alpha"], targets=parse_targets(LORA["lora_targets"]))
+    setup = TrainingSetup(method=method, batch=batch, seq=seq, grad_ckpt="full" if grad_ckpt else "none",
+                          dtype=DTYPE_NAME[WEIGHT_DTYPE[method]], master_weights=False, optimizer="adamw",
+                          lora=lora, device=device)
+    breakdown = training_memory(spec, setup)
+    return {**{t.name: t.gpu for t in breakdown.terms if t.name != "CUDA context and workspace"},
+            "total": breakdown.peak}
 
 
 def run(model_kw: dict, seqs: tuple, batch: int, device: torch.device, methods=METHODS) -> list[dict]:
@@ -122,17 +127,14 @@ def run(model_kw: dict, seqs: tuple, batch: int, device: torch.device, methods=M
                     rows.append({**row, "status": f"skipped: {exc}"})
                     continue
                 pred = predict(model_kw, method, grad_ckpt, seq, batch, device.type)
-                total = pred["total"] if pred else None
+                measured = got["measured"]
                 row.update(trainable=got["trainable"], loss=round(got["loss"], 4), step_s=got["step_s"],
-                           measured_MiB=got["measured"] / 2**20 if got["measured"] is not None else None,
-                           predicted_MiB=total / 2**20 if total is not None else None)
-                if got["measured"] is not None and total is not None:
-                    row["ratio"] = total / got["measured"]
+                           measured_MiB=measured / 2**20 if measured is not None else None,
+                           predicted_MiB=pred["total"] / 2**20, status="ok")
+                if measured is not None:
+                    row["ratio"] = pred["total"] / measured
                     row["within_5pct"] = abs(row["ratio"] - 1) <= 0.05
-                row["status"] = "ok" if total is not None else "ok (calculator has no prediction)"
-                if pred:
-                    row["terms_MiB"] = {k: round(v / 2**20, 1) for k, v in pred.items()
-                                        if k != "total" and isinstance(v, (int, float))}
+                row["terms_MiB"] = {k: round(v / 2**20, 2) for k, v in pred.items() if k != "total"}
                 rows.append(row)
                 print({k: v for k, v in row.items() if k != "terms_MiB"}, flush=True)
     return rows

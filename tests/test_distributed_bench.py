@@ -42,3 +42,4 @@ def test_memory_validation_dry_run_takes_real_steps_for_every_method(capsys):
     assert ran["full"]["trainable"] > ran["lora"]["trainable"] > 0
     for r in ran.values():
         assert 0 < r["loss"] < 10 and r["measured_MiB"] is None  # nothing is measured on the CPU
+        assert r["predicted_MiB"] > 0 and r["terms_MiB"]["weights"] > 0  # the calculator answered
