@@ -1,0 +1,100 @@
+"""python -m minilora.calc: answers, JSON, one-line errors with exit status 2, and no torch import."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from calculators.cli import main
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "minilora.calc", *args], capture_output=True, text=True,
+                          timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_calculators_and_calc_entry_import_no_torch():
+    code = ("import sys, calculators, calculators.cli, minilora.calc; "
+            "bad = [m for m in ('torch', 'reference_models', 'transformers') if m in sys.modules]; "
+            "bad += [m for m in sys.modules if m.startswith('minilora.') and m != 'minilora.calc']; "
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["params", "--model", "llama-9b"], "unknown model 'llama-9b'.*llama-2-7b"),
+    (["params", "--model", "/no/such/config.json"], "config file not found"),
+    (["vram", "--batch", "0"], "--batch: must be > 0"),
+    (["vram", "--seq", "-5"], "--seq: must be > 0"),
+    (["params", "--model", "gpt2", "--rank", "5000", "--targets", "c_attn"], "rank must be in 1..768"),
+    (["params", "--model", "gpt2", "--targets", "q_proj"], "match no linear layer"),
+    (["vram", "--method", "dora"], "--method must be one of full, lora, qlora"),
+    (["fit", "--gpu", "lots"], "unknown GPU 'lots'"),
+    (["vram", "--zero", "7", "--gpus", "2"], "unknown sharding '7'"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+    import re
+    code, out, err = run_cli(*args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("content,message", [("{broken", "cannot read .* as JSON"),
+                                             ('{"model_type": "llama", "vocab_size": 10}', "config is missing"),
+                                             ('[1, 2]', "must hold a JSON object")])
+def test_bad_config_files_exit_2(tmp_path, content, message):
+    import re
+    (tmp_path / "config.json").write_text(content)
+    code, _, err = run_cli("params", "--model", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_params_json_matches_api():
+    code, out, _ = run_cli("params", "--model", "llama-3-8b", "--rank", "16", "--targets", "q_proj,k_proj,v_proj,o_proj",
+                           "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["params"] == 8_030_261_248 and data["lora_trainable"] == 13_631_488
+
+
+def test_vram_prints_every_default_and_term(capsys):
+    assert main(["vram", "--model", "mistral-7b", "--method", "qlora"]) == 0
+    out = capsys.readouterr().out
+    for setting in ("grad-ckpt", "optimizer", "attn", "dtype", "zero", "gpus", "targets"):
+        assert setting in out
+    for term in ("weights", "gradients", "optimizer states", "activations", "logits and loss", "CUDA context"):
+        assert term in out
+    assert "fits on" in out
+
+
+def test_too_small_gpu_is_an_answer(capsys):
+    assert main(["vram", "--model", "llama-2-70b", "--method", "full", "--gpu", "rtx-4090"]) == 0
+    assert "does not fit" in capsys.readouterr().out
+    assert main(["fit", "--model", "llama-2-70b", "--method", "full", "--gpu", "24GB", "--search", "batch"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "what would" in out
+
+
+def test_fit_finds_the_boundary(capsys):
+    assert main(["fit", "--model", "llama-2-7b", "--method", "qlora", "--gpu", "24GB", "--search", "batch",
+                 "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["largest"]
+    assert best >= 1
+    for batch, fits in ((best, True), (best + 1, False)):
+        assert main(["vram", "--model", "llama-2-7b", "--method", "qlora", "--gpu", "24GB", "--batch", str(batch),
+                     "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["gpu"]["fits"] is fits
+
+
+def test_cost_and_inference(capsys):
+    assert main(["cost", "--model", "gpt2", "--method", "full", "--tokens", "1000000", "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)["cost"]
+    assert cost["flops_per_token"] >= 6 * 124_439_808
+    assert main(["vram", "--model", "llama-3-8b", "--inference", "--seq", "1024", "--json"]) == 0
+    terms = {t["name"]: t["gpu"] for t in json.loads(capsys.readouterr().out)["terms"]}
+    assert terms["KV cache"] == 2 * 32 * 8 * (1024 + 256) * 128 * 2
