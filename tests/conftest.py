@@ -22,6 +22,12 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Tests run tiny models: one intra-op thread is faster than two for them, and on a busy 2-core
+# machine a 2-thread parallel region can stall for hundreds of milliseconds per op.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 INTEROP = ("transformers", "peft", "bitsandbytes", "torchao", "accelerate")
 
 
