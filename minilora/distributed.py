@@ -3,13 +3,14 @@
     torchrun --nproc_per_node 2 -m minilora.distributed --strategy full_shard ...   (see train_distributed)
 
 What each strategy keeps on every GPU, for P parameters of which T are trainable, N GPUs
-(b = bytes per parameter element; AdamW keeps two fp32 moments):
+(b = bytes per element; torch's AdamW keeps two moments in the parameter's dtype, plus a 4-byte
+`step` per tensor that every rank keeps whole):
 
     strategy        parameters      gradients       AdamW moments    communication per step
-    ddp             P*b             T*b             8*T              all-reduce of the T gradients
-    full_shard      P*b / N         T*b / N         8*T / N          all-gather params in forward AND
+    ddp             P*b             T*b (+ buckets) 2*T*b            all-reduce of the T gradients
+    full_shard      P*b / N         T*b / N         2*T*b / N        all-gather params in forward AND
                                                                      again in backward, reduce-scatter grads
-    shard_grad_op   P*b / N         T*b / N         8*T / N          all-gather once per step: params stay
+    shard_grad_op   P*b / N         T*b / N         2*T*b / N        all-gather once per step: params stay
                                                                      unsharded from forward to backward
 
 (ZeRO-3 and ZeRO-2-like; FSDP2 names them reshard_after_forward=True / False.) Between forward and
@@ -17,20 +18,22 @@ backward, shard_grad_op also holds every unit's full parameters, which is the pr
 second all-gather. FSDP2 shards each parameter on dim 0 with torch.chunk semantics: when dim 0 does
 not divide by N, every rank's storage is padded to ceil(dim0 / N) rows.
 
-What FSDP2 supports for LoRA and QLoRA (checked on torch 2.13, see tests/test_distributed.py):
+What FSDP2 supports for LoRA and QLoRA (torch 2.13; tests/test_distributed.py):
 - Frozen and trainable parameters may share one FSDP unit: only trainable ones get gradients and
   reduce-scatters, so LoRA needs no special wrapping (FSDP1 needed use_orig_params=True for that).
 - All TRAINABLE parameters of one unit must share one dtype (FSDP2 reduce-scatters one flat buffer;
   it raises "FSDP expects uniform original parameter dtype" otherwise). wrap_model checks this first
-  and names the offending parameters.
-- Frozen integer parameters (NF4 codes packed two per uint8 byte) are sharded and all-gathered as
-  bytes; MixedPrecisionPolicy never casts non-floating parameters. A packed weight of shape
-  (n/2, 1) gathers back bit for bit, so QLoRA works as long as the 4-bit layer reads its codes from
-  the registered parameter at forward time (not from a reference kept elsewhere).
-- Buffers are never sharded: NF4 scales kept as buffers (absmax, quant_map, ...) are replicated on
-  every rank (about 0.5 bit per parameter with double quantization).
-- bf16 mixed precision: pass param_dtype=torch.bfloat16 (FSDP2's MixedPrecisionPolicy). It casts
-  the all-gathered copy; the sharded fp32 master stays fp32.
+  and names the offending parameters (e.g. bf16 modules_to_save beside QLoRA's fp32 adapters).
+- Buffers are never sharded. minilora's LinearNF4 keeps its packed codes and scales as buffers, so
+  under FSDP2 every rank holds the WHOLE 4-bit base (about 0.52 byte per base parameter) while the
+  embeddings, norms, lm_head and adapters are sharded. QLoRA trains correctly (tested equal to one
+  process). Sharding the 4-bit base would need the codes as frozen uint8 parameters: FSDP2 accepts
+  those beside fp32 trainables in one unit and never casts non-float parameters (tried, not in the
+  tests), or a tensor subclass with fsdp_pre_all_gather hooks as torchao's NF4Tensor has.
+- Mixed precision: train_distributed uses bf16 autocast on CUDA, as minilora.train does, so its
+  steps equal single-process ones; wrap_model(param_dtype=torch.bfloat16) instead gives FSDP2's
+  MixedPrecisionPolicy (bf16 all-gathers, fp32 sharded master).
+- The offload optimizer (CPUOffloadAdamW) is not wired to DDP/FSDP2; FSDP2's own CPUOffloadPolicy is.
 """
 from __future__ import annotations
 
