@@ -62,14 +62,16 @@ def nf4_codebook() -> torch.Tensor:
 def fp4_codebook() -> torch.Tensor:
     """bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2), in code order, max 1."""
     # code bits 0b_eem for the 3 low bits: 0, subnormal 0.0625, then 8, 12, 4, 6, 2, 3; bit 3 = sign.
+    # Code 8 ("-0") is +0.0: bitsandbytes writes the integer literal -0, and the serialized
+    # quant_map bytes must match.
     magnitudes = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
-    values = torch.tensor(magnitudes + [-m for m in magnitudes], dtype=torch.float32)
+    values = torch.tensor(magnitudes + [0.0] + [-m for m in magnitudes[1:]], dtype=torch.float32)
     return values / 12.0
 
 
 def int4_codebook() -> torch.Tensor:
-    """Symmetric INT4 as bitsandbytes' "int4" type: k/7 for k = 7..0, -0..-7 (zero twice)."""
-    values = torch.tensor([7.0, 6, 5, 4, 3, 2, 1, 0, -0.0, -1, -2, -3, -4, -5, -6, -7])
+    """Symmetric INT4 as bitsandbytes' "int4" type: k/7 for k = 7..0, 0..-7 (zero twice, both +0.0)."""
+    values = torch.tensor([7.0, 6, 5, 4, 3, 2, 1, 0, 0, -1, -2, -3, -4, -5, -6, -7])
     return values / 7.0
 
 
@@ -102,7 +104,7 @@ def _tables(quant_type: str, device: torch.device):
     """(codebook in code order, midpoints of the sorted values, sorted->code order or None,
     byte -> (high value, low value) table as int64[256] so one gather fetches two fp32 values)."""
     code = {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook}[quant_type]()
-    # stable sort: FP4/INT4 hold +0 and -0; the first (+0, code 0) wins, as in bitsandbytes.
+    # stable sort: FP4/INT4 hold zero twice (codes 0 and 8); the first (code 0) wins, as in bitsandbytes.
     values, order = torch.sort(code, stable=True)
     midpoints = (values[:-1] + values[1:]) / 2
     order = None if torch.equal(order, torch.arange(16)) else order.to(torch.uint8)

@@ -311,7 +311,10 @@ def load_bnb_4bit_state(model: nn.Module, tensors: dict[str, torch.Tensor], quan
     tensors = hub._add_prefix(model, {k: v for k, v in tensors.items() if not hub.IGNORED_KEYS.search(k)})
     compute = quantization_config.get("bnb_4bit_compute_dtype") or dtype
     compute_dtype = _DTYPE_NAMES.get(compute, compute) if isinstance(compute, str) else compute
-    prefixes = [m.group("prefix") for m in map(_QS_KEY.match, tensors) if m]
+    # a quantized module is one with a quant_state or an absmax entry (a missing quant_state is
+    # then reported by quant_state_from_dict instead of as unexpected keys)
+    prefixes = sorted({m.group("prefix") for m in map(_QS_KEY.match, tensors) if m}
+                      | {k[:-len(".weight.absmax")] for k in tensors if k.endswith(".weight.absmax")})
     for prefix in prefixes:
         try:
             target = model.get_submodule(prefix)

@@ -1,0 +1,106 @@
+"""4-bit checkpoints: folders quantized and saved by transformers + bitsandbytes on CPU load into
+reference models with LinearNF4 layers (no requantization), give transformers' logits, and save
+back byte for byte; transformers loads our 4-bit folders as 4-bit models."""
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from hf_factories import save_tiny
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import reference_models
+from minilora.qlora import LinearNF4, quantize_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def transformers_4bit(family, folder, quant_type, double_quant):
+    save_tiny(family, folder / "fp32")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder / "fp32", quantization_config=config, dtype=torch.float32)
+    model.save_pretrained(folder / "hf4bit")
+    return model.eval()
+
+
+CASES = [("llama", "nf4", True), ("llama", "nf4", False), ("llama", "fp4", True), ("llama", "fp4", False),
+         ("gpt2", "nf4", True), ("gpt2", "fp4", False)]
+
+
+@pytest.mark.parametrize("family,quant_type,double_quant", CASES)
+def test_transformers_4bit_folder_loads_with_equal_logits_and_saves_bit_identical(tmp_path, family, quant_type,
+                                                                                double_quant):
+    hf = transformers_4bit(family, tmp_path, quant_type, double_quant)
+    ours = reference_models.load_pretrained(tmp_path / "hf4bit")
+    layers = [m for m in ours.modules() if isinstance(m, LinearNF4)]
+    assert len(layers) == sum(type(m).__name__ == "Linear4bit" for m in hf.modules()) > 0
+    assert all(m.quant_type == quant_type and m.double_quant == double_quant for m in layers)
+    ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = hf(ids).logits, ours(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # GPT-2: transformers transposed each Conv1D weight before quantizing; the bytes are already
+    # nn.Linear (out, in) and load without a transpose.
+    reference_models.save_pretrained(ours, tmp_path / "ours")
+    assert (tmp_path / "ours" / "model.safetensors").read_bytes() == \
+        (tmp_path / "hf4bit" / "model.safetensors").read_bytes()
+    hf_config = json.loads((tmp_path / "hf4bit" / "config.json").read_text())["quantization_config"]
+    our_config = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]
+    assert our_config == hf_config
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_our_quantized_model_loads_in_transformers_as_4bit(tmp_path, family):
+    save_tiny(family, tmp_path / "fp32")
+    model = quantize_model(reference_models.load_pretrained(tmp_path / "fp32"), quant_type="nf4", double_quant=True)
+    reference_models.save_pretrained(model, tmp_path / "ours4bit")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours4bit", dtype=torch.float32).eval()
+    assert sum(type(m).__name__ == "Linear4bit" for m in hf.modules()) == \
+        sum(isinstance(m, LinearNF4) for m in model.modules())
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+    # and it round-trips through our loader bit for bit
+    again = reference_models.load_pretrained(tmp_path / "ours4bit")
+    reference_models.save_pretrained(again, tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == \
+        (tmp_path / "ours4bit" / "model.safetensors").read_bytes()
+
+
+def test_mismatched_4bit_checkpoints_are_rejected(tmp_path):
+    transformers_4bit("llama", tmp_path, "nf4", True)
+    folder = tmp_path / "hf4bit"
+    tensors = safetensors.torch.load_file(folder / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+
+    def write(name, mutate):
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "config.json").write_text((folder / "config.json").read_text())
+        t = dict(tensors)
+        mutate(t)
+        safetensors.torch.save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+        return bad
+
+    truncated = write("truncated", lambda t: t.update({key: t[key][:-1].clone()}))
+    with pytest.raises(ValueError, match=r"q_proj.weight has \d+ bytes, quant_state shape .* needs \d+"):
+        reference_models.load_pretrained(truncated)
+
+    def wrong_shape(t):
+        qs_key = key + ".quant_state.bitsandbytes__nf4"
+        meta = json.loads(bytes(t[qs_key].tolist()))
+        meta["shape"] = meta["shape"][::-1] if meta["shape"][0] != meta["shape"][1] else [meta["shape"][0] * 2,
+                                                                                        meta["shape"][1] // 2]
+        t[qs_key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+
+    with pytest.raises(ValueError, match="q_proj.weight quant_state has shape .* the model needs"):
+        reference_models.load_pretrained(write("shape", wrong_shape))
+    with pytest.raises(ValueError, match="exactly one weight.quant_state"):
+        reference_models.load_pretrained(write("no_state", lambda t: t.pop(key + ".quant_state.bitsandbytes__nf4")))
