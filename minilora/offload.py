@@ -368,9 +368,13 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         exp_avg_sq = self._read_state(page, seg, "exp_avg_sq")
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
         param = info.tensor.detach().view(-1)[seg.lo:seg.hi]
-        if info.master:
+        if not info.master and not self._staging:   # parameters in CPU memory: torch's own two ops
+            if decay is not None:
+                param.mul_(decay)
+            param.addcdiv_(exp_avg, denom, value=-step_size)
+        elif info.master:
             master = page.buffers["master"][seg.master_off:seg.master_off + n]
             if decay is not None:
                 master.mul_(decay)
