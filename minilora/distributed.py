@@ -54,10 +54,10 @@ __all__ = [
     "load_adapter_sharded", "save_checkpoint", "load_checkpoint", "model_state_bytes", "train_distributed",
 ]
 
-# FSDP1's names, which the calculators' --zero option uses too.
+# FSDP1's ShardingStrategy names; the calculators' names (--zero fsdp-full / fsdp-grad-op) map to them.
 STRATEGIES = ("none", "ddp", "full_shard", "shard_grad_op")
-_ALIASES = {"grad_op_shard": "shard_grad_op", "fsdp": "full_shard", "zero3": "full_shard",
-            "zero2": "shard_grad_op"}
+_ALIASES = {"fsdp-full": "full_shard", "full-shard": "full_shard", "fsdp": "full_shard",
+            "fsdp-grad-op": "shard_grad_op", "grad-op": "shard_grad_op", "grad_op_shard": "shard_grad_op"}
 
 
 @dataclass(frozen=True)
@@ -266,6 +266,28 @@ def _plain_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]):
             module._parameters[attr] = original
 
 
+def _local_shard(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full` laid out like `p` (a DTensor shard, or the whole tensor).
+
+    Every rank holds `full`, so no data moves (src_data_rank=None)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        return distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                 src_data_rank=None)
+    return full.to(p.device)
+
+
+@torch.no_grad()
+def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    from torch.distributed.tensor import DTensor
+
+    shard = _local_shard(p, full.to(p.dtype))
+    if isinstance(p, DTensor):
+        p, shard = p.to_local(), shard.to_local()
+    p.copy_(shard)
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -293,10 +315,7 @@ def load_adapter_sharded(model: nn.Module, folder: str | os.PathLike, adapter_na
     makes adapter-only checkpoints resumable on a different number of GPUs. (For a model without
     the adapter yet, call peft_io.load_adapter on every rank BEFORE wrap_model instead.)
     """
-    import json as _json
-
     from safetensors.torch import load_file
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     from minilora import peft_io
 
@@ -304,22 +323,15 @@ def load_adapter_sharded(model: nn.Module, folder: str | os.PathLike, adapter_na
     if adapter_name not in getattr(unwrap(model), "lora_configs", {}):
         raise ValueError(f"the model has no adapter {adapter_name!r} to load into; inject it first "
                          f"or call peft_io.load_adapter before wrap_model")
-    peft_io.config_from_peft(_json.loads((folder / peft_io.CONFIG_NAME).read_text()))  # rejects odd options
+    peft_io.config_from_peft(json.loads((folder / peft_io.CONFIG_NAME).read_text()))  # rejects odd options
     _reshard_all(model)
     params = {n: p for n, p in unwrap(model).named_parameters() if _is_adapter_param(n, p)}
     stand_ins = {n: torch.zeros(p.shape, dtype=p.dtype, device="cpu") for n, p in params.items()}
     with _plain_parameters(model, stand_ins):
         # peft_io's own key mapping and shape checks; it copies into the stand-ins in place
         peft_io._copy_tensors(unwrap(model), load_file(str(folder / peft_io.WEIGHTS_NAME)), adapter_name)
-    with torch.no_grad():
-        for name, p in params.items():
-            full = stand_ins[name]
-            if isinstance(p, DTensor):
-                # every rank holds the full tensor, so no data moves (src_data_rank=None)
-                full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
-                                         src_data_rank=None).to_local()
-                p = p.to_local()
-            p.copy_(full)
+    for name, p in params.items():
+        _copy_full(p, stand_ins[name])
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
@@ -373,7 +385,6 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, folder: 
     """Restore what save_checkpoint wrote, on any strategy and world size; returns trainer_state."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     folder = Path(folder)
     state_path = folder / "trainer_state.json"
@@ -395,31 +406,22 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, folder: 
             state = {}
             for key in [k[len(name) + 1:] for k in moments if k.startswith(name + ".")]:
                 full = moments[f"{name}.{key}"]
-                if isinstance(p, DTensor) and full.dim() > 0:
-                    full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
-                                             src_data_rank=None)
-                elif full.dim() > 0:
-                    full = full.to(p.device)
-                state[key] = full  # AdamW keeps its scalar `step` on the CPU
+                if full.dim() > 0:
+                    full = _local_shard(p, full.to(p.dtype))
+                elif group.get("fused") or group.get("capturable"):
+                    full = full.to(p.device)  # these AdamW variants keep `step` on the device
+                state[key] = full  # otherwise AdamW keeps its scalar `step` on the CPU
             if state:
                 optimizer.state[p] = state
     return json.loads(state_path.read_text())
 
 
 def _copy_full_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     _reshard_all(model)
-    with torch.no_grad():
-        for name, p in unwrap(model).named_parameters():
-            if name not in tensors:
-                raise ValueError(f"checkpoint has no tensor for parameter {name!r}")
-            full = tensors[name].to(p.dtype)
-            if isinstance(p, DTensor):
-                full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
-                                         src_data_rank=None).to_local()
-                p = p.to_local()
-            p.copy_(full)
+    for name, p in unwrap(model).named_parameters():
+        if name not in tensors:
+            raise ValueError(f"checkpoint has no tensor for parameter {name!r}")
+        _copy_full(p, tensors[name])
 
 
 def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
