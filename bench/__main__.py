@@ -5,7 +5,7 @@
     .venv/bin/python -m bench --only nf4 --only offload
     .venv/bin/python -m bench --list          # names, and whether this machine runs each
 
-Each benchmark runs in its own process (`python -m bench.<name> [--quick]`), so one crash or
+Each benchmark runs in its own process (`python -m bench.<name> [--quick]`, from the repository root), so one crash or
 one benchmark's allocations cannot disturb the next, and CUDA peak-memory counters start clean.
 Each writes its own bench/results/<name>-<machine>.json; the suite gathers those into
 bench/results/suite-<machine>.json and a markdown page suite-<machine>.md (one table per
@@ -24,22 +24,24 @@ from pathlib import Path
 
 from bench._harness import RESULTS, machine_info, machine_name
 
-# name -> what it needs; the order is the order they run in (cheap ones first)
+# name -> (module run as `python -m`, what the machine needs); run in this order, cheap ones first
 SUITE = {
-    "models": None,
-    "lora_step": None,
-    "nf4": None,
-    "quant_error": None,
-    "offload": None,
-    "memory_validation": "cuda",  # torch.cuda.max_memory_allocated is the measurement
+    "models": ("bench.models", None),
+    "lora_step": ("bench.lora_step", None),
+    "nf4": ("bench.nf4", None),
+    "quant_error": ("bench.quant_error", None),
+    "offload": ("bench.offload", None),
+    "train_throughput": ("bench.train_throughput", None),
+    "memory_validation": ("bench.memory_validation", "cuda"),  # torch.cuda.max_memory_allocated
 }
 
 
 def _unsupported(name: str) -> str | None:
     """Why this machine cannot run benchmark `name`, or None when it can."""
-    if importlib.util.find_spec(f"bench.{name}") is None:
-        return f"bench/{name}.py is not in this checkout"
-    if SUITE[name] == "cuda":
+    module, needs = SUITE[name]
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not in this checkout"
+    if needs == "cuda":
         import torch
 
         if not torch.cuda.is_available():
@@ -55,11 +57,11 @@ def _results_snapshot() -> dict[Path, float]:
 def _run_one(name: str, quick: bool, timeout: float | None) -> dict:
     """Run bench.<name> in a child process; return its status and the result files it wrote."""
     before = _results_snapshot()
-    cmd = [sys.executable, "-m", f"bench.{name}"] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", SUITE[name][0]] + (["--quick"] if quick else [])
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, timeout=timeout, cwd=RESULTS.parent.parent)
+        proc = subprocess.run(cmd, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
     except subprocess.TimeoutExpired:
         status = f"failed (timed out after {timeout:.0f} s)"
@@ -70,7 +72,7 @@ def _run_one(name: str, quick: bool, timeout: float | None) -> dict:
     for path in written:
         payload = json.loads(path.read_text())
         payload.pop("machine", None)  # the suite file states the machine once
-        results.append({"file": str(path.relative_to(RESULTS.parent.parent)), **payload})
+        results.append({"file": f"bench/results/{path.name}", **payload})
     if status == "ok" and not results:
         status = "ok (wrote no results file)"
     return {"name": name, "status": status, "seconds": round(seconds, 1), "results": results}
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     write_json_atomic(json_path, summary)
     write_text_atomic(md_path, _markdown(info, runs, args.quick))
     print("\n" + "\n".join(f"{r['name']:20s} {r['status']} ({r['seconds']} s)" for r in runs))
-    print(f"wrote {json_path.relative_to(RESULTS.parent.parent)} and {md_path.name}")
+    print(f"wrote {json_path} and {md_path.name}")
     return 1 if any(r["status"].startswith("failed") for r in runs) else 0
 
 

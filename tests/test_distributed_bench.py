@@ -22,6 +22,37 @@ def test_suite_skips_gpu_only_benchmarks_with_the_reason_and_writes_the_summary(
     assert "| memory_validation | skipped" in (tmp_path / f"suite-{machine}.md").read_text()
 
 
+FAKE_OK = """
+import json, os, sys
+out = os.path.join(os.environ["FAKE_RESULTS"], "fake-m.json")
+json.dump({"benchmark": "fake", "machine": {"device": "x"}, "note": "a note", "argv": sys.argv[1:],
+           "results": [{"shape": "s", "ratio": 0.75}]}, open(out, "w"))
+"""
+
+
+def test_suite_runs_each_benchmark_in_a_child_and_gathers_its_results(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fakebench_ok.py").write_text(FAKE_OK)
+    (tmp_path / "fakebench_fail.py").write_text("raise SystemExit(3)\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("FAKE_RESULTS", str(results))
+    monkeypatch.setattr(suite, "RESULTS", results)
+    monkeypatch.setattr(suite, "SUITE", {"fake": ("fakebench_ok", None), "broken": ("fakebench_fail", None),
+                                         "absent": ("fakebench_absent", None)})
+    assert suite.main(["--quick"]) == 1  # one benchmark failed
+    summary = json.loads((results / f"suite-{suite.machine_name()}.json").read_text())
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert runs["fake"]["status"] == "ok" and runs["fake"]["results"][0]["argv"] == ["--quick"]
+    assert runs["fake"]["results"][0]["results"] == [{"shape": "s", "ratio": 0.75}]
+    assert "machine" not in runs["fake"]["results"][0]  # stated once, at the top
+    assert runs["broken"]["status"] == "failed (exit 3)"
+    assert runs["absent"]["status"] == "skipped: fakebench_absent is not in this checkout"
+    md = (results / f"suite-{suite.machine_name()}.md").read_text()
+    assert "| shape   |   ratio |" in md and "_a note_" in md and "failed (exit 3)" in md
+
+
 def test_suite_rejects_an_unknown_benchmark_name(capsys):
     with pytest.raises(SystemExit) as exc:
         suite.main(["--only", "lora_stepp"])
