@@ -109,9 +109,9 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
     accumulated gradient with `host_grad(p)` and clip it with `clip_grad_norm_(max_norm)`.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  page_size: int = 2**20, gpu_pages: int = 2, master_weights: str | None = None,
-                 state_bits: int = 32, _force_staging: bool = False):
+                 state_bits: int = 32, *, _force_staging: bool = False):
         _check_hyperparameters(lr, betas, eps, weight_decay)
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive int (elements per page), got {page_size!r}")
