@@ -18,11 +18,12 @@ work, so the optimizer's device memory does not grow with the model.
 
 Numerics: the update is torch.optim.AdamW(foreach=False)'s `_single_tensor_adam`, op for op, on
 each page's slice; elementwise ops give the same bits on any slicing, so fp32 parameters match
-torch bit for bit. The one rewrite: for parameters without a master copy the step
+torch bit for bit. One rewrite, where parameters live on the GPU without a master copy: the step
 `(-step_size * m) / denom` is written over the consumed gradient, shipped to the device and added
-there (`p.mul_(1 - lr*wd); p.add_(step)`), which is the same arithmetic as torch's
-`p.addcdiv_(m, denom, value=-step_size)`. So step() consumes the gradients: a backward after step()
-starts a new accumulation, as it would after zero_grad().
+there (`p.mul_(1 - lr*wd); p.add_(step)`), the same arithmetic as torch's
+`p.addcdiv_(m, denom, value=-step_size)`. step() consumes the gradients (everywhere, so behaviour
+does not depend on the device): a backward after step() starts a new accumulation, as it would
+after zero_grad().
 
 8-bit states (state_bits=8) follow bitsandbytes' blockwise 8-bit Adam: m is stored with the signed
 dynamic map, v with the unsigned one, blocks of 256 elements each with an fp32 absmax; tensors with
