@@ -99,6 +99,23 @@ def test_zero_grad_keep_zeros_and_params_without_grads_match_torch():
     assert sorted(ref_opt.state_dict()["state"]) == sorted(opt.state_dict()["state"])
 
 
+def test_step_consumes_gradients_and_a_dropped_optimizer_leaves_no_hooks():
+    model = mlp()
+    opt = CPUOffloadAdamW(model.parameters(), page_size=16)
+    x, y = batch(0, 0)
+    loss_fn(model, x, y).backward()
+    opt.step()
+    assert all(opt.host_grad(p) is None for p in model.parameters())
+    loss_fn(model, x, y).backward()   # no zero_grad: a new accumulation starts
+    twin = mlp()
+    twin.load_state_dict(model.state_dict())
+    loss_fn(twin, x, y).backward()
+    assert all(torch.equal(opt.host_grad(p), q.grad) for p, q in zip(model.parameters(), twin.parameters()))
+    del opt
+    loss_fn(model, x, y).backward()
+    assert all(p.grad is not None for p in model.parameters()), "hooks of a dropped optimizer must do nothing"
+
+
 def test_bf16_with_fp32_master_equals_fp32_adamw_then_rounded():
     ours = mlp(dtype=torch.bfloat16)
     twin = mlp(dtype=torch.bfloat16)       # computes the reference gradients at the same weights
