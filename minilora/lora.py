@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoRAConfig", "LoRALinear", "is_linear_like", "pattern_value"]
+__all__ = ["LoRAConfig", "LoRALinear", "LowRankAdd", "is_linear_like", "pattern_value"]
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 BIASES = ("none", "all", "lora_only")
@@ -106,6 +106,36 @@ def write_base_weight(base: nn.Module, weight: torch.Tensor) -> None:
         base.weight.data.copy_(weight)
     else:
         base.requantize_(weight)
+
+
+class LowRankAdd(torch.autograd.Function):
+    """result + scaling * (h @ A^T) @ B^T, with the backward written out.
+
+    Same math as autograd would do for `result + F.linear(F.linear(h, A), B) * scaling`, but: the scale
+    and the add are fused into one addmm (no extra passes over the (N, out) activations), and the
+    skinny backward products are computed in the layout BLAS runs fast: g @ B, an (N, out) x (out, r)
+    product with a tiny output, runs ~3x faster on CPU as (B^T @ g^T)^T. The base layer's weight never
+    appears here: a frozen W gets no gradient and costs nothing in backward but g @ W for the input.
+    """
+
+    @staticmethod
+    def forward(ctx, h, result, A, B, scaling):
+        h2 = h.reshape(-1, h.shape[-1])  # (N, in)
+        down = h2 @ A.t()  # (N, r)
+        ctx.save_for_backward(h2, down, A, B)
+        ctx.scaling, ctx.h_shape = scaling, h.shape
+        return torch.addmm(result.reshape(-1, B.shape[0]), down, B.t(), alpha=scaling).view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h2, down, A, B = ctx.saved_tensors
+        need_h, _, need_A, need_B, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        g_down = (B.t() @ g.t()).t() * ctx.scaling if need_h or need_A else None  # (N, r)
+        grad_h = (g_down @ A).view(ctx.h_shape) if need_h else None  # (.., in)
+        grad_A = g_down.t() @ h2 if need_A else None  # (r, in)
+        grad_B = (down.t() @ g).t() * ctx.scaling if need_B else None  # (out, r)
+        return grad_h, grad, grad_A, grad_B, None
 
 
 class LoRALinear(nn.Module):
@@ -220,14 +250,10 @@ class LoRALinear(nn.Module):
         x = x.to(A.dtype)
         p = self.dropout[adapter]
         h = F.dropout(x, p, self.training) if p > 0 and self.training else x
-        down = F.linear(h, A)  # (.., r)
         if adapter not in self.lora_magnitude_vector:
             if result.dtype == B.dtype:
-                # result + scaling * down @ B^T as ONE GEMM accumulating into a copy of result: no separate
-                # scale and add passes over the (.., out) activations, forward or backward.
-                out = torch.addmm(result.reshape(-1, B.shape[0]), down.reshape(-1, B.shape[1]), B.t(), alpha=scaling)
-                return out.view(result.shape)
-            return result + (F.linear(down, B) * scaling).to(result.dtype)
+                return LowRankAdd.apply(h, result, A, B, scaling)
+            return result + (F.linear(F.linear(h, A), B) * scaling).to(result.dtype)
         # DoRA: y = m / ||W + s*B@A||_row * (W x + s*B A x) + bias; the norm is a constant in backward.
         # As peft, "W x" is taken from `result` (minus the bias), which holds the adapters added before.
         W = base_weight(self.base_layer).to(x.dtype)
@@ -238,7 +264,8 @@ class LoRALinear(nn.Module):
             plain = result.to(x.dtype) - bias if bias is not None else result.to(x.dtype)
         else:  # with dropout, the rescaled base path sees the same dropped-out input (as peft)
             plain = F.linear(h, W)
-        return result + ((mag - 1) * plain + mag * F.linear(down, B) * scaling).to(result.dtype)
+        lora = F.linear(F.linear(h, A), B)  # (.., r) -> (.., out)
+        return result + ((mag - 1) * plain + mag * lora * scaling).to(result.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Row i of the batch uses adapter sample_adapters[i] ("__base__": none), as peft's

@@ -267,3 +267,17 @@ def test_linear_like_protocol_base_is_accepted():
     layer.unmerge()
     assert base.requantized == 2
     assert math.isclose(layer.scaling["a"], 2.0)
+
+
+@given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.booleans())
+@settings(max_examples=10)
+def test_low_rank_add_backward_passes_gradcheck(batch, fan_in, fan_out, r, h_needs_grad):
+    from minilora.lora import LowRankAdd
+
+    g = torch.Generator().manual_seed(batch * 100 + fan_in)
+    h = torch.randn(batch, 2, fan_in, dtype=torch.float64, generator=g).requires_grad_(h_needs_grad)
+    result = torch.randn(batch, 2, fan_out, dtype=torch.float64, generator=g, requires_grad=True)
+    A = torch.randn(r, fan_in, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(fan_out, r, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: LowRankAdd.apply(*t, 0.7), (h, result, A, B))
+    torch.testing.assert_close(LowRankAdd.apply(h, result, A, B, 0.7), result + 0.7 * h @ A.T @ B.T)
