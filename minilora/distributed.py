@@ -41,7 +41,7 @@ import json
 import os
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -98,6 +98,8 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if world_size > 1 and "MASTER_ADDR" not in os.environ and not dist.is_initialized():
+        raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: launch with torchrun")
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
@@ -477,6 +479,22 @@ def _clip_grad_norm(params: list, max_norm: float) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
+def _check_resume(state: dict, cfg, global_batch: int) -> None:
+    """The settings an exact resume needs, as minilora.train checks them; the per-rank batch may
+    change with the world size as long as the global batch (batch_size x world_size) does not."""
+    from minilora import train as T
+
+    saved = state.get("config", {})
+    for key in T._RESUME_KEYS:
+        if key != "batch_size" and saved.get(key) != getattr(cfg, key):
+            raise ValueError(f"--resume: checkpoint was trained with {key}={saved.get(key)!r}, "
+                             f"this run has {getattr(cfg, key)!r}")
+    if state.get("global_batch") != global_batch:
+        raise ValueError(f"--resume: checkpoint was trained with a global batch of {state.get('global_batch')} "
+                         f"sequences (batch_size x world_size), this run has {global_batch}; "
+                         f"set --batch-size to {state.get('global_batch')} / world_size")
+
+
 def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None = None,
                       env: DistEnv | None = None) -> dict:
     """minilora.train's step (token-weighted loss, warmup + cosine, clipping, eval, checkpoints)
@@ -518,7 +536,9 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
         pointer = checkpoints / "latest.json"
         if not pointer.is_file():
             raise ValueError(f"--resume: no checkpoint in {checkpoints} (latest.json is missing)")
-        state = load_checkpoint(wrapped, optimizer, checkpoints / json.loads(pointer.read_text())["path"], adapter)
+        folder = checkpoints / json.loads(pointer.read_text())["path"]
+        _check_resume(json.loads((folder / "trainer_state.json").read_text()), cfg, sampler.batch_size)
+        state = load_checkpoint(wrapped, optimizer, folder, adapter)
         start, history = state["step"], state["history"]
         # the position is counted in examples, so it holds for any global batch size
         sampler.load_state_dict({**state["sampler"], "batch_size": sampler.batch_size})
@@ -560,7 +580,8 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
         if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
             name = f"step-{done:06d}"
             save_checkpoint(wrapped, optimizer, checkpoints / name, done, adapter,
-                            extra={"history": history, "sampler": sampler.state_dict(), "strategy": strategy})
+                            extra={"history": history, "sampler": sampler.state_dict(), "strategy": strategy,
+                                   "config": asdict(cfg), "global_batch": sampler.batch_size})
             if env.is_main:  # the pointer goes last, as in minilora.train
                 write_json_atomic(checkpoints / "latest.json", {"step": done, "path": name})
                 T._prune_checkpoints(checkpoints, cfg.keep_checkpoints)
