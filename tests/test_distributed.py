@@ -351,3 +351,21 @@ def test_calculator_fsdp2_qlora_weights_equal_what_each_rank_holds(fsdp_lora_run
     calc = {t.name: t.gpu for t in training_memory(spec, setup).terms}
     for held in _held(fsdp_lora_run, "bytes_qlora"):
         assert held["params"] + held["buffers"] == calc["weights"], (held, calc)
+
+
+def test_init_distributed_without_torchrun_rendezvous_says_how_to_launch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2 but MASTER_ADDR is not set: launch with torchrun"):
+        D.init_distributed("gloo")
+
+
+def test_load_adapter_sharded_needs_the_adapter_injected_first(tmp_path):
+    with pytest.raises(ValueError, match=r"has no adapter 'default' to load into; inject it first"):
+        D.load_adapter_sharded(tiny_llama(), tmp_path)
+
+
+def test_load_checkpoint_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
+    model = lora_llama()
+    with pytest.raises(ValueError, match=r"is not a minilora checkpoint: trainer_state.json is missing"):
+        D.load_checkpoint(model, adamw(model), tmp_path)
