@@ -524,6 +524,7 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
     if hasattr(model, "set_gradient_checkpointing"):
         model.set_gradient_checkpointing(cfg.grad_checkpointing)
     wrapped = wrap_model(model, strategy, env)
+    torch.manual_seed(cfg.seed + env.rank)  # from here on (dropout) each rank draws its own numbers
     params = [p for p in wrapped.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad (check --lora-targets)")
