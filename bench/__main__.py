@@ -93,6 +93,9 @@ def _markdown(info: dict, runs: list[dict], quick: bool) -> str:
             lines += [f"## {result.get('benchmark', run['name'])}", ""]
             if result.get("note"):
                 lines += [f"_{result['note']}_", ""]
+            if "goal" in result:  # benchmarks that state their issue's goal say whether it was met
+                met = {True: "met", False: "not met"}.get(result.get("goal_met"), "not judged")
+                lines += [f"Goal: {result['goal']} ({met})", ""]
             rows = result.get("results") or []
             if rows and isinstance(rows, list) and isinstance(rows[0], dict):
                 lines += [tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4g"), ""]

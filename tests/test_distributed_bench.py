@@ -26,6 +26,7 @@ FAKE_OK = """
 import json, os, sys
 out = os.path.join(os.environ["FAKE_RESULTS"], "fake-m.json")
 json.dump({"benchmark": "fake", "machine": {"device": "x"}, "note": "a note", "argv": sys.argv[1:],
+           "goal": "ratio < 1", "goal_met": True,
            "results": [{"shape": "s", "ratio": 0.75}]}, open(out, "w"))
 """
 
@@ -50,7 +51,7 @@ def test_suite_runs_each_benchmark_in_a_child_and_gathers_its_results(tmp_path, 
     assert runs["broken"]["status"] == "failed (exit 3)"
     assert runs["absent"]["status"] == "skipped: fakebench_absent is not in this checkout"
     md = (results / f"suite-{suite.machine_name()}.md").read_text()
-    assert "| shape   |   ratio |" in md and "_a note_" in md and "failed (exit 3)" in md
+    assert "| shape   |   ratio |" in md and "_a note_" in md and "Goal: ratio < 1 (met)" in md and "failed (exit 3)" in md
 
 
 def test_suite_rejects_an_unknown_benchmark_name(capsys):
