@@ -19,6 +19,7 @@ Storage per parameter: 4 + 32/64 = 4.5 bits (block 64), with double quantization
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -99,10 +100,14 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
     return torch.tensor(_dynamic_values(bool(signed)), dtype=torch.float32)
 
 
+_GRID = 4096  # cells of the code-lookup grid over [-1, 1]
+
+
 @lru_cache(maxsize=None)
 def _tables(quant_type: str, device: torch.device):
     """(codebook in code order, midpoints of the sorted values, sorted->code order or None,
-    byte -> (high value, low value) table as int64[256] so one gather fetches two fp32 values)."""
+    byte -> (high value, low value) table as int64[256] so one gather fetches two fp32 values,
+    grid tables (below_code uint8[_GRID], midpoint fp32[_GRID]) for _nearest_codes)."""
     code = {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook}[quant_type]()
     # stable sort: FP4/INT4 hold zero twice (codes 0 and 8); the first (code 0) wins, as in bitsandbytes.
     values, order = torch.sort(code, stable=True)
@@ -111,8 +116,68 @@ def _tables(quant_type: str, device: torch.device):
     byte = torch.arange(256)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()  # (256, 2)
     pair_table = pairs.view(torch.int64).view(256)
+    # The grid: cell j covers [-1 + 2j/G, -1 + 2(j+1)/G]; a scaled value's sorted code is the number
+    # of midpoints strictly below it (= bucketize, ties to the lower code). Midpoints entirely below
+    # the cell (with a margin far above fp32 rounding of the cell index) are counted in below[j];
+    # at most one midpoint can fall inside a widened cell (the closest two are 0.0026 apart), and
+    # it is compared exactly, so the result equals bucketize bit for bit.
+    edges = torch.linspace(-1, 1, _GRID + 1, dtype=torch.float64)
+    lower, upper = edges[:-1] - 1e-6, edges[1:] + 1e-6
+    mids = midpoints.double()
+    below = (mids[None, :] < lower[:, None]).sum(1)
+    inside = (mids[None, :] >= lower[:, None]) & (mids[None, :] <= upper[:, None])
+    if int(inside.sum(1).max()) > 1:
+        raise AssertionError(f"{quant_type}: more than one midpoint per grid cell; raise _GRID")
+    cell_mid = torch.where(inside.any(1), midpoints[inside.float().argmax(1)], torch.tensor(float("inf")))
+    grid = (below.to(torch.uint8), cell_mid.float())
+    if order is not None:  # fold the sorted -> code order in: code if <= midpoint, code if above
+        grid = (order[below], order[(below + 1).clamp(max=15)], cell_mid.float())
     put = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return put(code), put(midpoints), put(order), put(pair_table)
+    return put(code), put(midpoints), put(order), put(pair_table), tuple(put(t) for t in grid)
+
+
+def _nearest_codes(scaled: torch.Tensor, grid) -> torch.Tensor:
+    """4-bit code (uint8) of each scaled value: nearest codebook entry, ties to the lower value.
+    Equal to bucketize(scaled, midpoints) but ~15x faster: one cell lookup and one comparison."""
+    cell = scaled.mul(_GRID / 2).add_(_GRID / 2).int().clamp_(0, _GRID - 1)
+    if len(grid) == 2:  # sorted codebook (NF4): code = midpoints below the cell + the one inside
+        below, cell_mid = grid
+        codes = torch.index_select(below, 0, cell)
+        return codes.add_(scaled > torch.index_select(cell_mid, 0, cell))
+    low, high, cell_mid = grid
+    above = scaled > torch.index_select(cell_mid, 0, cell)
+    return torch.where(above, torch.index_select(high, 0, cell), torch.index_select(low, 0, cell))
+
+
+# ------------------------------------------------------------------------------------- chunking
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _chunk_elements(device: torch.device, block_size: int) -> int:
+    """Elements per chunk, a whole number of blocks. On CPU with several threads, chunks stay under
+    PyTorch's parallel grain size (32768) so every op runs inline and the chunks are spread over a
+    thread pool: no per-op barrier, which a loaded machine punishes (measured 2-6x slower with 2^18-element chunks)."""
+    if device.type != "cpu":
+        target = 1 << 24
+    elif torch.get_num_threads() > 1:
+        target = min(_CHUNK, (1 << 15) - block_size)
+    else:
+        target = _CHUNK
+    return max(target // block_size, 1) * block_size
+
+
+def _for_each_chunk(fn, starts: range, device: torch.device) -> None:
+    global _POOL
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or len(starts) < 2:
+        for start in starts:
+            fn(start)
+        return
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="minilora-nf4")
+    for _ in _POOL.map(fn, starts):  # re-raises the first error of any chunk
+        pass
 
 
 # -------------------------------------------------------------------------------------- checks
@@ -150,11 +215,13 @@ def _scale_blocks(flat: torch.Tensor, block_size: int):
     full = n - n % block_size
     blocks = flat[:full].view(-1, block_size)
     absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
+    # bitsandbytes clamps to [-1, 1]; values beyond +-1 (by rounding) get the end codes either way,
+    # since every midpoint lies inside (-1, 1), so the clamp is left out.
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).view(-1)
     if full < n:
         last = flat[full:].abs().max().clamp(min=1e-38)  # stored clamped, as bitsandbytes does
         absmax = torch.cat([absmax, last.view(1)])
-        scaled = torch.cat([scaled, (flat[full:] / last).clamp_(-1, 1)])
+        scaled = torch.cat([scaled, flat[full:] / last])
     return scaled, absmax
 
 
@@ -276,24 +343,26 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     _check_block_size(block_size)
     _check_block_size(dq_block_size, "dq_block_size")
-    _, midpoints, order, _ = _tables(quant_type, w.device)
+    grid = _tables(quant_type, w.device)[4]
     flat = w.reshape(-1)  # a view when contiguous; one copy in w's dtype when not
     n = flat.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=w.device)
-    step = max(_CHUNK // block_size, 1) * block_size  # whole blocks, an even count of elements
-    for start in range(0, n, step):
+    step = _chunk_elements(w.device, block_size)
+
+    def quantize_chunk(start):
         chunk = flat[start:start + step].float()
         scaled, chunk_absmax = _scale_blocks(chunk, block_size)
         _check_finite(chunk_absmax, w, "w")
         if scaled.numel() % 2:
             scaled = torch.nn.functional.pad(scaled, (0, 1))
-        q = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
-        if order is not None:
-            q = order[q.long()]
-        q = q.view(-1, 2)  # (pairs, 2): high nibble first
-        packed[start // 2:start // 2 + q.shape[0]] = (q[:, 0] << 4) | q[:, 1]
+        codes = _nearest_codes(scaled, grid)  # (m,) uint8
+        # pairs as little-endian int16: low byte = first element -> high nibble
+        pairs = codes.view(torch.int16)
+        packed[start // 2:start // 2 + pairs.numel()] = ((pairs & 15) << 4) | (pairs >> 8)
         absmax[start // block_size:start // block_size + chunk_absmax.numel()] = chunk_absmax
+
+    _for_each_chunk(quantize_chunk, range(0, n, step), w.device)
     state = QuantState4bit(packed.view(-1, 1), absmax, torch.Size(w.shape), w.dtype, block_size, quant_type,
                            dq_block_size=dq_block_size)
     if double_quant:
@@ -324,19 +393,21 @@ def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> 
     pair_table = _tables(state.quant_type, packed.device)[3]
     out = torch.empty(n, dtype=dtype, device=packed.device)
     full = n - n % bs
-    step = max(_CHUNK // bs, 1) * bs
-    scratch = None if dtype == torch.float32 else torch.empty(step, dtype=torch.float32, device=packed.device)
-    for start in range(0, full, step):
+    step = _chunk_elements(packed.device, bs)
+
+    def dequantize_chunk(start):
         stop = min(start + step, full)
-        if scratch is None:  # gather straight into the fp32 output, then scale in place
+        index = packed[start // 2:stop // 2].int()
+        scale = absmax[start // bs:stop // bs].unsqueeze(1)
+        if dtype == torch.float32:  # gather straight into the output, then scale in place
             values = out[start:stop]
-            torch.index_select(pair_table, 0, packed[start // 2:stop // 2].int(), out=values.view(torch.int64))
-            values.view(-1, bs).mul_(absmax[start // bs:stop // bs].unsqueeze(1))
-        else:  # gather into fp32 scratch, multiply in fp32 and round once into the 16-bit output
-            values = scratch[:stop - start]
-            torch.index_select(pair_table, 0, packed[start // 2:stop // 2].int(), out=values.view(torch.int64))
-            torch.mul(values.view(-1, bs), absmax[start // bs:stop // bs].unsqueeze(1),
-                      out=out[start:stop].view(-1, bs))
+            torch.index_select(pair_table, 0, index, out=values.view(torch.int64))
+            values.view(-1, bs).mul_(scale)
+        else:  # gather fp32 pairs, multiply in fp32 and round once into the 16-bit output
+            values = torch.index_select(pair_table, 0, index).view(torch.float32)
+            torch.mul(values.view(-1, bs), scale, out=out[start:stop].view(-1, bs))
+
+    _for_each_chunk(dequantize_chunk, range(0, full, step), packed.device)
     if full < n:
         tail = pair_table[packed[full // 2:].long()].view(torch.float32)[:n - full]
         out[full:] = tail * absmax[-1]
