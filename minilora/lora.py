@@ -175,33 +175,47 @@ class LoRALinear(nn.Module):
         if self.merged_adapters and init in ("pissa", "olora"):
             raise ValueError(f"init={init!r} rewrites the base weight of {self.name}; unmerge "
                              f"{self.merged_adapters} first")
-        w = base_weight(self.base_layer)
-        # Adapters are kept in the base weight's dtype unless that is not a float dtype (4-bit).
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-        self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
-        self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        dtype, device = self._adapter_dtype_device()
+        self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         self.r[adapter], self.alpha[adapter], self.dropout[adapter] = r, alpha, float(dropout)
         self.use_rslora[adapter] = use_rslora
         self.scaling[adapter] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self._init_adapter(adapter, init, w)
+        if init in ("pissa", "olora"):
+            self._init_from_weight(adapter, init)
+        else:
+            self._init_random(adapter, init)
         if use_dora:
             with torch.no_grad():
                 # m starts at ||W + scaling*B@A|| per row, so the DoRA layer starts equal to plain LoRA.
                 norm = (base_weight(self.base_layer).float() + self.delta_weight(adapter)).norm(dim=1)
             self.lora_magnitude_vector[adapter] = nn.Parameter(norm.to(dtype))
 
+    def _adapter_dtype_device(self):
+        """Adapters take the base weight's dtype (a 4-bit base: its compute_dtype), without dequantizing."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return base.weight.dtype, base.weight.device
+        tensor = next(iter(base.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(base.buffers()))
+        return getattr(base, "compute_dtype", None) or torch.float32, tensor.device
+
     @torch.no_grad()
-    def _init_adapter(self, adapter: str, init: str, w: torch.Tensor) -> None:
-        A, B, r, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.r[adapter], self.scaling[adapter]
-        if init in ("kaiming", "gaussian"):
-            if init == "kaiming":  # nn.Linear's own init, as loralib and peft
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            else:
-                nn.init.normal_(A, std=1 / r)
-            nn.init.zeros_(B)
-            return
-        # PiSSA (arXiv:2404.02948) and OLoRA (arXiv:2406.01775) start from the principal directions of W
-        # and subtract them from W, so the model output is unchanged at step 0 (the base weight changes).
+    def _init_random(self, adapter: str, init: str) -> None:
+        A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if init == "kaiming":  # nn.Linear's own init, as loralib and peft
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(A, std=1 / self.r[adapter])
+        nn.init.zeros_(B)
+
+    @torch.no_grad()
+    def _init_from_weight(self, adapter: str, init: str) -> None:
+        """PiSSA (arXiv:2404.02948) and OLoRA (arXiv:2406.01775) start from the principal directions of W
+        and subtract them from W, so the model output is unchanged at step 0 (the base weight changes)."""
+        r, scaling = self.r[adapter], self.scaling[adapter]
+        w = base_weight(self.base_layer)
         w32 = w.float()
         if init == "pissa":
             U, S, Vh = torch.linalg.svd(w32, full_matrices=False)
@@ -210,8 +224,8 @@ class LoRALinear(nn.Module):
         else:
             Q, R = torch.linalg.qr(w32)
             a, b = R[:r], Q[:, :r]
-        A.copy_(a)
-        B.copy_(b)
+        self.lora_A[adapter].weight.copy_(a)
+        self.lora_B[adapter].weight.copy_(b)
         write_base_weight(self.base_layer, (w32 - scaling * (b @ a)).to(w.dtype))
 
     def delete_adapter(self, adapter: str) -> None:

@@ -278,3 +278,43 @@ def test_lora_linear_in_state_dict_keeps_peft_key_names():
             "transformer.h.0.attn.c_attn.lora_B.default.weight",
             "transformer.h.0.attn.c_attn.lora_magnitude_vector.default"} <= keys
     assert isinstance(model.transformer.h[0].attn.c_attn, LoRALinear)
+
+
+class Fake4bit(nn.Module):
+    """The linear-like protocol of minilora.qlora.LinearNF4, with a crude 'quantizer' (round to 1/64)."""
+    lora_compatible = True
+    is_quantized_4bit = True
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = torch.float32
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
+        self.requantize_(linear.weight.detach())
+        self.bias = linear.bias
+
+    def dequantize_weight(self):
+        return self.codes.float() / 64
+
+    def requantize_(self, weight):
+        self.codes = torch.round(weight * 64).to(torch.int16)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.dequantize_weight(), self.bias)
+
+
+def test_quantized_base_counts_logically_and_unloads_to_linear_or_stays_quantized():
+    for requantize in (False, True):
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+        model[0] = Fake4bit(model[0])
+        model.requires_grad_(False)
+        inject(model, LoRAConfig(r=2, target_modules=["0", "2"]))
+        trainable, total, _ = trainable_parameters(model)
+        assert (trainable, total) == (2 * (16 + 16) + 2 * (16 + 8), 16 * 16 + 16 + 16 * 8 + 8 + trainable)
+        randomize_(model)
+        x = torch.randn(3, 16)
+        y = model(x).detach()
+        unload(model, requantize=requantize)
+        assert type(model[0]) is (Fake4bit if requantize else nn.Linear)
+        # requantizing rounds the merged weight to the 1/64 grid again
+        torch.testing.assert_close(model(x), y, rtol=0, atol=0.2 if requantize else 1e-5)
