@@ -32,6 +32,7 @@ def main():
         rows.append({"rank": r, "trainable_params": result.summary["trainable_params"],
                      "instruct_eval_loss": fmt(sum(losses) / len(losses)),
                      "instruct_eval_ppl": fmt(math.exp(sum(losses) / len(losses))),
+                     "seed_spread": fmt(max(losses) - min(losses)),
                      "final_train_loss": fmt(result.summary["final_loss"])})
         print(rows[-1], flush=True)
     loss = {row["rank"]: row["instruct_eval_loss"] for row in rows}
@@ -42,8 +43,8 @@ def main():
                   f"beyond r=8: {gain_after:.4f} nats. "
                   + ("Consistent with 'sharp gains to r=8 then a plateau'." if gain_after < 0.25 * max(gain_to_8, 1e-9)
                      else "Not a plateau at this scale: larger ranks keep helping.")
-                  + f" Tiny model (width 128), {steps} steps, {args.seeds} seed(s): differences of a few "
-                  "hundredths of a nat are within run-to-run noise.")
+                  + f" Tiny model (width 128), {steps} steps, {args.seeds} seed(s) (mean; seed_spread = max - min "
+                  "over seeds, the run-to-run noise).")
     write("rank_sweep", rows, conclusion, meta={"base_instruct_eval_loss": fmt(base_loss), "steps": steps, "lr": 3e-3, "alpha": "2r", "seeds": args.seeds},
           plot=lambda plt: _plot(plt, rows))
 
