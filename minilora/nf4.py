@@ -100,6 +100,11 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
     return torch.tensor(_dynamic_values(bool(signed)), dtype=torch.float32)
 
 
+@lru_cache(maxsize=None)
+def _dynamic_on(device: torch.device) -> torch.Tensor:
+    return dynamic_map(True).to(device)  # cached, read-only: the double-quantization map
+
+
 _GRID = 4096  # cells of the code-lookup grid over [-1, 1]
 
 
@@ -263,13 +268,12 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
     n = codes.numel()
     if absmax.numel() != -(-n // block_size):
         raise ValueError(f"absmax has {absmax.numel()} entries, expected ceil({n}/{block_size}) = {-(-n // block_size)}")
-    code = dynamic_map(True).to(codes.device) if code is None else code.to(codes.device, torch.float32)
-    values = code[codes.reshape(-1).long()]
+    code = _dynamic_on(codes.device) if code is None else code.to(codes.device, torch.float32)
+    out = torch.index_select(code, 0, codes.reshape(-1).int())  # (n,) fp32, scaled in place below
     full = n - n % block_size
-    out = torch.empty(n, dtype=torch.float32, device=codes.device)
-    out[:full] = (values[:full].view(-1, block_size) * absmax[:full // block_size].unsqueeze(1)).view(-1)
+    out[:full].view(-1, block_size).mul_(absmax[:full // block_size].unsqueeze(1))
     if full < n:
-        out[full:] = values[full:] * absmax[-1]
+        out[full:].mul_(absmax[-1])
     return out.to(dtype).view(shape if shape is not None else (n,))
 
 
@@ -321,8 +325,8 @@ class QuantState4bit:
         """fp32 absmax per block (the double-quantized ones decoded exactly as bitsandbytes does)."""
         if not self.double_quant:
             return self.absmax.float()
-        absmax = dequantize_blockwise_8bit(self.absmax, self.absmax2, dynamic_map(True), self.dq_block_size)
-        return absmax + self.offset  # a separate fp32 add, as bitsandbytes' `absmax += offset`
+        absmax = dequantize_blockwise_8bit(self.absmax, self.absmax2, None, self.dq_block_size)
+        return absmax.add_(self.offset)  # a separate fp32 add, as bitsandbytes' `absmax += offset`
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_4bit(self, dtype)

@@ -293,3 +293,20 @@ def test_all_zero_blocks_dequantize_to_zero():
     assert torch.equal(out[0], torch.zeros(64)) and torch.equal(out[2], torch.zeros(64))
     packed, qs = bnbF.quantize_4bit(x, blocksize=64, quant_type="nf4")
     assert torch.equal(state.packed, packed) and torch.equal(state.absmax, qs.absmax)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_grid_code_lookup_equals_bucketize_at_and_around_every_midpoint(quant_type):
+    # quantize_4bit finds codes with a lookup grid instead of bucketize; ties must still go to
+    # the lower value, and values just past +-1 (fp32 rounding of x * (1/absmax)) to the end codes.
+    code, midpoints, order, _, grid = nf4._tables(quant_type, torch.device("cpu"))
+    up, down = torch.full_like(midpoints, 2.0), torch.full_like(midpoints, -2.0)
+    near = [midpoints, torch.nextafter(midpoints, up), torch.nextafter(midpoints, down)]
+    edges = torch.linspace(-1, 1, nf4._GRID + 1)  # grid cell borders and their neighbours
+    near += [edges, torch.nextafter(edges, torch.full_like(edges, 2.0)), torch.nextafter(edges, -torch.ones_like(edges) * 2)]
+    x = torch.cat(near + [torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1,
+                          torch.tensor([1.0000001, -1.0000001, 0.0, -0.0])])
+    expected = torch.bucketize(x, midpoints, out_int32=True)
+    if order is not None:
+        expected = order[expected.long()].int()
+    assert torch.equal(nf4._nearest_codes(x, grid).int(), expected)
