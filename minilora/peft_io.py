@@ -19,7 +19,7 @@ from ._io import save_safetensors_atomic, write_json_atomic
 from .lora import LoRAConfig
 from .lora_model import _set_submodule, delete_adapter, inject, lora_layers
 
-__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "config_from_peft", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
