@@ -34,7 +34,12 @@ def parse(description: str, extra=None):
         extra(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global QUICK
+    QUICK = args.quick
     return args
+
+
+QUICK = False  # --quick runs write exp-<name>-quick-<machine>.* so they never overwrite the results
 
 
 def ensure_base():
@@ -107,7 +112,7 @@ def write(name: str, rows: list[dict], conclusion: str, meta: dict | None = None
     extra = {"conclusion": conclusion, "note": "shared 2-core CPU, loaded by other jobs; numbers are losses/"
              "perplexities (load-independent) unless a column says seconds"}
     extra.update(meta or {})
-    path = report(f"exp-{name}", rows, extra=extra)
+    path = report(f"exp-{name}" + ("-quick" if QUICK else ""), rows, extra=extra)
     md = [f"# Experiment: {name}", "", f"Machine: {machine_name()} (see the JSON for versions).", ""]
     if meta:
         md += ["Settings: `" + json.dumps(meta, sort_keys=True) + "`", ""]

@@ -17,7 +17,7 @@ CONFIG = dict(vocab_size=259, hidden_size=128, intermediate_size=384, num_hidden
               num_key_value_heads=4, max_position_embeddings=512, bos_token_id=256, eos_token_id=257)
 
 
-def run(steps: int = 300, seed: int = 0):
+def run(steps: int = 300, seed: int = 0, out: str = "pretrain"):
     from minilora.train import TrainConfig, train
     from reference_models import Llama, LlamaConfig, save_pretrained
 
@@ -25,7 +25,7 @@ def run(steps: int = 300, seed: int = 0):
     init = WORK / "init"
     save_pretrained(Llama(LlamaConfig(**CONFIG)), init)
     cfg = TrainConfig(model=str(init), data=str(DATA / "corpus_train.txt"), eval_data=str(DATA / "corpus_eval.txt"),
-                      out=str(WORK / "pretrain"), method="full", max_seq_len=256, batch_size=16, steps=steps,
+                      out=str(WORK / out), method="full", max_seq_len=256, batch_size=16, steps=steps,
                       lr=3e-3, warmup_steps=max(1, steps // 10), weight_decay=0.01, eval_every=max(1, steps // 5),
                       log_every=max(1, steps // 20), seed=seed)
     return train(cfg)
@@ -34,7 +34,8 @@ def run(steps: int = 300, seed: int = 0):
 def main():
     args = parse(__doc__.splitlines()[0])
     steps = args.steps or (30 if args.quick else 300)
-    result = run(steps)
+    # A quick run keeps its model apart, so it never replaces the base the experiments use.
+    result = run(steps, out="pretrain-quick" if args.quick else "pretrain")
     rows = [{"step": h["step"], "eval_loss": fmt(h["eval_loss"]), "eval_ppl": fmt(h["eval_ppl"])}
             for h in result.history if "eval_loss" in h]
     s = result.summary
