@@ -149,7 +149,7 @@ def main(argv=None):
     from tabulate import tabulate
 
     print(tabulate(infer_rows, headers="keys", floatfmt=".4g"), end="\n\n")
-    report("lora_step", rows, extra={
+    report("lora_step-quick" if args.quick else "lora_step", rows, extra={
         "inference": infer_rows, "shapes": shapes, "repeats": args.repeats, "clock": args.clock,
         "note": "medians of interleaved repeats; ratios are measured side by side in one run. The machine may be "
                 "shared with other jobs: compare ratios, not absolute times."})
