@@ -35,6 +35,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=None, help="rows of x for the linear rows (default 256)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--bf16-linear", action="store_true", help="also time bf16 linears on CPU (slow)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd dequantize (CUDA)")
     parser.add_argument("--peak-gbs", type=float, default=None, help="device memory bandwidth, GB/s (CUDA)")
     args = parser.parse_args(argv)
@@ -42,7 +43,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     size = args.size or (1024 if args.quick else 4096)
     tokens = args.tokens or (64 if args.quick else 256)
-    repeats = args.repeats or (5 if args.quick else 7)
+    repeats = args.repeats or 5
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     import bitsandbytes as bnb
@@ -96,7 +97,9 @@ def main(argv=None):
         rows.append(row)
 
     # LinearNF4 vs dense nn.Linear vs bitsandbytes Linear4bit (forward)
-    for compute in (torch.float32, torch.bfloat16):
+    # bf16 matmuls on a CPU without AVX512-BF16 take seconds each (35 s per fwd+bwd at 4096): opt in
+    computes = (torch.float32, torch.bfloat16) if device == "cuda" or args.bf16_linear else (torch.float32,)
+    for compute in computes:
         dense = nn.Linear(size, size, bias=False, device=device, dtype=compute)
         dense.weight.data.copy_(w)
         dense.requires_grad_(False)
