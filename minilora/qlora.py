@@ -29,7 +29,7 @@ from torch import nn
 from .nf4 import QuantState4bit, _tables, dequantize_4bit, dynamic_map, quantize_4bit
 
 __all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training", "load_bnb_4bit_state",
-           "bnb_4bit_state_dict"]
+           "bnb_4bit_state_dict", "quant_state_to_dict", "quant_state_from_dict"]
 
 _QS_KEY = re.compile(r"^(?P<prefix>.+)\.weight\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
