@@ -19,7 +19,6 @@ Storage per parameter: 4 + 32/64 = 4.5 bits (block 64), with double quantization
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -35,7 +34,7 @@ QUANT_TYPES = ("nf4", "fp4", "int4")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements per chunk: quantize/dequantize touch at most a few chunk-sized fp32 temporaries, so
 # memory stays bounded for a 128256 x 4096 embedding, and each chunk stays in cache.
-_CHUNK = 1 << 18
+_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------------- codebooks
@@ -156,33 +155,11 @@ def _nearest_codes(scaled: torch.Tensor, grid) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- chunking
 
-_POOL: ThreadPoolExecutor | None = None
-
-
 def _chunk_elements(device: torch.device, block_size: int) -> int:
-    """Elements per chunk, a whole number of blocks. On CPU with several threads, chunks stay under
-    PyTorch's parallel grain size (32768) so every op runs inline and the chunks are spread over a
-    thread pool: no per-op barrier, which a loaded machine punishes (measured 2-6x slower with 2^18-element chunks)."""
-    if device.type != "cpu":
-        target = 1 << 24
-    elif torch.get_num_threads() > 1:
-        target = min(_CHUNK, (1 << 15) - block_size)
-    else:
-        target = _CHUNK
+    """Elements per chunk, a whole number of blocks: big enough that each op's intra-op threads
+    have work, small enough that temporaries stay bounded (and in cache on CPU)."""
+    target = _CHUNK if device.type == "cpu" else max(_CHUNK, 1 << 24)
     return max(target // block_size, 1) * block_size
-
-
-def _for_each_chunk(fn, starts: range, device: torch.device) -> None:
-    global _POOL
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or len(starts) < 2:
-        for start in starts:
-            fn(start)
-        return
-    if _POOL is None or _POOL._max_workers != threads:
-        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="minilora-nf4")
-    for _ in _POOL.map(fn, starts):  # re-raises the first error of any chunk
-        pass
 
 
 # -------------------------------------------------------------------------------------- checks
@@ -353,8 +330,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=w.device)
     step = _chunk_elements(w.device, block_size)
-
-    def quantize_chunk(start):
+    for start in range(0, n, step):
         chunk = flat[start:start + step].float()
         scaled, chunk_absmax = _scale_blocks(chunk, block_size)
         _check_finite(chunk_absmax, w, "w")
@@ -365,8 +341,6 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
         pairs = codes.view(torch.int16)
         packed[start // 2:start // 2 + pairs.numel()] = ((pairs & 15) << 4) | (pairs >> 8)
         absmax[start // block_size:start // block_size + chunk_absmax.numel()] = chunk_absmax
-
-    _for_each_chunk(quantize_chunk, range(0, n, step), w.device)
     state = QuantState4bit(packed.view(-1, 1), absmax, torch.Size(w.shape), w.dtype, block_size, quant_type,
                            dq_block_size=dq_block_size)
     if double_quant:
@@ -381,7 +355,7 @@ def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> 
     """codebook[code] * absmax in fp32, cast to `dtype` (default: the original dtype), original shape.
 
     A byte -> (high, low) table of int64 gathers two fp32 values at once: one gather and one
-    multiply per chunk, written straight into the output."""
+    multiply per chunk."""
     if not isinstance(state, QuantState4bit):
         raise TypeError(f"state must be a QuantState4bit, got {type(state).__name__}")
     dtype = state.dtype if dtype is None else dtype
@@ -399,19 +373,15 @@ def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> 
     full = n - n % bs
     step = _chunk_elements(packed.device, bs)
 
-    def dequantize_chunk(start):
+    # gather pairs into a cache-sized scratch, then one multiply writes (and first touches) the
+    # output, in fp32 and rounded once to a 16-bit dtype: both passes run on all threads
+    scratch = torch.empty(min(step, full) // 2, dtype=torch.int64, device=packed.device)
+    for start in range(0, full, step):
         stop = min(start + step, full)
-        index = packed[start // 2:stop // 2].int()
-        scale = absmax[start // bs:stop // bs].unsqueeze(1)
-        if dtype == torch.float32:  # gather straight into the output, then scale in place
-            values = out[start:stop]
-            torch.index_select(pair_table, 0, index, out=values.view(torch.int64))
-            values.view(-1, bs).mul_(scale)
-        else:  # gather fp32 pairs, multiply in fp32 and round once into the 16-bit output
-            values = torch.index_select(pair_table, 0, index).view(torch.float32)
-            torch.mul(values.view(-1, bs), scale, out=out[start:stop].view(-1, bs))
-
-    _for_each_chunk(dequantize_chunk, range(0, full, step), packed.device)
+        pairs = torch.index_select(pair_table, 0, packed[start // 2:stop // 2].int(),
+                                   out=scratch[:(stop - start) // 2])
+        torch.mul(pairs.view(torch.float32).view(-1, bs), absmax[start // bs:stop // bs].unsqueeze(1),
+                  out=out[start:stop].view(-1, bs))
     if full < n:
         tail = pair_table[packed[full // 2:].long()].view(torch.float32)[:n - full]
         out[full:] = tail * absmax[-1]
