@@ -136,6 +136,7 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> dict:
     "params", "trainable_shapes", "all_shapes"}."""
     d = DTYPE_BYTES[setup.dtype]
     tensors = parameter_tensors(spec)
+    quantized_bytes, dense_shapes = 0, []  # NF4 bytes (LinearNF4 buffers) and the 16-bit frozen tensors
     if setup.method == "full":
         trainable_shapes = [t.shape for t in tensors]
         frozen_bytes = 0
@@ -146,12 +147,14 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> dict:
         frozen_bytes = 0
         for t in tensors:
             if t.name in quantized:
-                frozen_bytes += nf4_bytes(t.numel, setup.block_size, setup.double_quant)
+                quantized_bytes += nf4_bytes(t.numel, setup.block_size, setup.double_quant)
             elif setup.method == "qlora" and t.kind == "experts":
                 per = t.numel // t.shape[0]  # each expert quantized as its own (out, in) matrix
-                frozen_bytes += t.shape[0] * nf4_bytes(per, setup.block_size, setup.double_quant)
+                quantized_bytes += t.shape[0] * nf4_bytes(per, setup.block_size, setup.double_quant)
             else:
                 frozen_bytes += t.numel * d
+                dense_shapes.append(t.shape)
+        frozen_bytes += quantized_bytes
     numels = [_numel(s) for s in trainable_shapes]
     trainable = sum(numels)
     master = setup.master_weights if setup.master_weights is not None else setup.method == "full"
@@ -168,6 +171,7 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> dict:
         "trainable": trainable, "params": sum(t.numel for t in tensors),
         "trainable_shapes": trainable_shapes, "all_shapes": [t.shape for t in tensors],
         "master_fp32": master, "state_bytes": state_bytes,
+        "quantized_bytes": quantized_bytes, "dense_shapes": dense_shapes,
     }
     return out
 
@@ -208,8 +212,15 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
 
     tshapes = states["trainable_shapes"]
     all_shapes = states["all_shapes"] + ([] if setup.method == "full" else tshapes)
-    weights = sharded("weights", states["weights"], None if setup.method == "qlora" else all_shapes, d)
-    terms.append(Term("weights", weights, w_assume + _shard_note("weights", strategy, n_gpu)))
+    if setup.method == "qlora" and fsdp:
+        # FSDP2 shards parameters only; LinearNF4 keeps its codes and scales in buffers, which every
+        # rank holds whole (measured in tests/test_distributed.py)
+        weights = states["quantized_bytes"] + fsdp_rank0_elements(states["dense_shapes"] + tshapes, n_gpu) * d
+        w_note = f", NF4 buffers replicated and the rest sharded over {n_gpu} GPUs ({strategy})"
+    else:
+        weights = sharded("weights", states["weights"], None if setup.method == "qlora" else all_shapes, d)
+        w_note = _shard_note("weights", strategy, n_gpu)
+    terms.append(Term("weights", weights, w_assume + w_note))
     grads = 0 if not states["gradients"] else sharded("gradients", states["gradients"], tshapes, d)
     offload = setup.optimizer.startswith("offload")
     terms.append(Term("gradients", grads,

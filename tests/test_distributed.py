@@ -338,8 +338,6 @@ def test_fsdp2_qlora_keeps_the_4bit_base_whole_on_every_rank_and_shards_the_rest
         assert held["grads"] == trainable // WORLD
 
 
-@pytest.mark.xfail(strict=True, reason="calculators.memory shards the NF4 bytes of the base under FSDP2; "
-                                       "minilora's LinearNF4 keeps them in buffers, which FSDP2 replicates (reported)")
 def test_calculator_fsdp2_qlora_weights_equal_what_each_rank_holds(fsdp_lora_run):
     from calculators.lora import LoRASpec
     from calculators.memory import TrainingSetup, training_memory
