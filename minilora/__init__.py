@@ -19,6 +19,7 @@ _EXPORTS = {
     "unmerge": "lora_model",
     "unload": "lora_model",
     "trainable_parameters": "lora_model",
+    "adapter_names_per_sample": "lora_model",
     # peft's adapter file format (minilora/peft_io.py)
     "save_adapter": "peft_io",
     "load_adapter": "peft_io",
@@ -41,6 +42,18 @@ _EXPORTS = {
     "prepare_for_kbit_training": "qlora",
     # optimizers (minilora/offload.py)
     "CPUOffloadAdamW": "offload",
+    # training (minilora/train.py, data.py, tokenizer.py); the `train` function stays in
+    # minilora.train so that it does not shadow the module
+    "TrainConfig": "train",
+    "evaluate": "train",
+    "ByteTokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "load_dataset": "data",
+    # several GPUs (minilora/distributed.py)
+    "init_distributed": "distributed",
+    "wrap_model": "distributed",
+    "save_adapter_sharded": "distributed",
+    "train_distributed": "distributed",
 }
 
 __all__ = sorted(_EXPORTS)
