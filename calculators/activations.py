@@ -125,7 +125,7 @@ def _lora_linear(tape: _Tape, x, name: str, n_in: int, n_out: int, trainable_all
     h = tape.cast(x, rows * n_in * lb)                 # x.to(A.dtype)
     h = tape.dropout(h, s.lora_dropout) if s.lora_dropout > 0 else h
     a = tape.linear(h, rows * s.lora_rank * lb, True)  # (B, T, r), saves h
-    b = tape.linear(a, rows * n_out * lb, True)        # saves a
+    tape.linear(a, rows * n_out * lb, True)            # (B, T, out), saves a
     return tape.new(out.nbytes, True)                  # base + (b * scaling).to(dtype)
 
 
@@ -202,7 +202,7 @@ def _attention(tape: _Tape, q, k, v, B, T, H, D, p):
 
 def _gpt_block(tape, x, spec, full):
     s = tape.s
-    B, T, h, d, H = s.batch, s.seq, spec.hidden_size, s.dtype_bytes, spec.num_heads
+    B, T, h, H = s.batch, s.seq, spec.hidden_size, spec.num_heads
     n = _layernorm(tape, x, full)
     qkv = _lora_linear(tape, n, "attn.c_attn", h, 3 * h, full)       # q, k, v: views of one storage
     y = _attention(tape, qkv, qkv, qkv, B, T, H, h // H, s.attn_pdrop)
@@ -281,7 +281,7 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     rope = ()
     if not gpt:
         rope = (tape.new(T * spec.head_dim * d, False), tape.new(T * spec.head_dim * d, False))
-    layers, shared_before = [], None
+    layers = []
     for _ in range(spec.num_layers):
         before = dict(tape.saved)
         if s.grad_ckpt == "full":

@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 
 from .cost import training_cost
-from .distributed import STRATEGIES, parse_strategy
+from .distributed import parse_strategy
 from .fit import largest_fitting, methods_that_fit
 from .gpus import GPUS, GiB, gpu_from_text
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_trainable_parameters, parse_targets

@@ -12,15 +12,6 @@ from reference_models import GPT, GPTConfig, Llama, LlamaConfig, from_hf_config,
 from reference_models.hub import config_from_hf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second thread only adds synchronisation, and on a loaded machine each
-    # parallel region can stall for a scheduler slice (measured: 100x slower forward passes).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def ids(seq=9):
     return torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ import copy
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from minilora import nf4

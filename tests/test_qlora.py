@@ -16,14 +16,6 @@ from minilora.qlora import (
 from reference_models import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: one thread is faster than two on a loaded 2-core machine, and deterministic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_gpt(seed=0):
     torch.manual_seed(seed)
@@ -168,8 +160,6 @@ def test_prepare_for_kbit_training_bf16_norms_fp32_and_input_grads():
 # ------------------------------------------------------------------------------ QLoRA = + LoRA
 
 def _train(model, steps, seed=0):
-    from minilora.lora_model import trainable_parameters  # noqa: F401  (imported to fail loudly if absent)
-
     torch.manual_seed(seed)
     data = torch.randint(0, 96, (8, 17))
     params = [p for p in model.parameters() if p.requires_grad]

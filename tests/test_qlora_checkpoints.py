@@ -13,13 +13,6 @@ import reference_models
 from minilora.qlora import LinearNF4, quantize_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def transformers_4bit(family, folder, quant_type, double_quant):
     save_tiny(family, folder / "fp32")

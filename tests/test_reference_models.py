@@ -14,15 +14,6 @@ from reference_models import GPT, GPTConfig, Llama, LlamaConfig, from_hf_config,
 
 FP32_TOL = 1e-5
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second thread only adds synchronisation, and on a loaded machine each
-    # parallel region can stall for a scheduler slice (measured: 100x slower forward passes).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
               "qwen2": "Qwen2ForCausalLM"}
 

@@ -32,15 +32,6 @@ def _tiny_gpt(folder, seed=0):
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread avoids OpenMP spinning against other jobs on a shared CPU (measured
-    # 16x faster under load); restored afterwards for the rest of the session.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
