@@ -37,6 +37,8 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        # other work on the machine slows everything alike in interleaved ratios, but not absolute times
+        "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     for lib in ("transformers", "peft", "bitsandbytes", "torchao", "numpy"):
         try:

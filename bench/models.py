@@ -74,7 +74,7 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--note", default="shared 2-core machine, other engineers' jobs running concurrently")
+    p.add_argument("--note", default="ours and transformers interleaved in one run; the load average at start is in machine.loadavg")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

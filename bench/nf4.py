@@ -137,8 +137,8 @@ def main(argv=None):
                      "minilora / nn.Linear": t_bwd["LinearNF4"] / t_bwd["nn.Linear"]})
 
     info = machine_info()
-    note = ("shared 2-core CPU, loaded by other engineers' jobs while measuring: absolute times are noisy, "
-            "ratios come from interleaved repeats" if device == "cpu" else "")
+    note = ("ratios come from interleaved repeats; absolute times depend on the machine's load "
+            "(machine.loadavg)" if device == "cpu" else "")
     report("nf4" + ("-quick" if args.quick else ""), rows,
            extra={"note": note, "device": device, "threads": info["threads"], "tokens": tokens})
 

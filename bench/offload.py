@@ -140,7 +140,7 @@ def main(argv=None):
     for row in rows:
         row["x baseline"] = row["step s"] / base
     note = ("CUDA: goal ours <= 1.2x the all-GPU step." if cuda else
-            "CPU only (shared 2-core machine, other engineers' jobs running): ratios of full training "
+            "CPU only: ratios of full training "
             "steps (forward + backward + optimizer); torchao's CPUOffloadOptimizer needs a GPU.")
     report("offload", rows, extra={"note": note, "params": params, "batch": batch, "seq": seq,
                                    "page_size": args.page_size, "model": config})

@@ -102,7 +102,7 @@ def main(argv=None):
                      "speedup_minilora_vs_peft": round(t["peft"] / t["minilora"], 3)})
         print(rows[-1], flush=True)
     report("train_throughput", rows, extra={
-        "note": "shared 2-core CPU loaded by other jobs; ratio measured interleaved in one run. Loss targets: "
+        "note": "ratio measured interleaved in one run. Loss targets: "
                 "minilora uses next-token targets y, transformers shifts labels=x internally (same tokens).",
         "repeats": args.repeats, "quick": args.quick})
 

@@ -109,8 +109,8 @@ def write(name: str, rows: list[dict], conclusion: str, meta: dict | None = None
     from bench._harness import machine_name, report
     from minilora._io import write_text_atomic
 
-    extra = {"conclusion": conclusion, "note": "shared 2-core CPU, loaded by other jobs; numbers are losses/"
-             "perplexities (load-independent) unless a column says seconds"}
+    extra = {"conclusion": conclusion, "note": "numbers are losses/perplexities (load-independent) "
+             "unless a column says seconds; the experiments ran while other jobs shared the 2-core CPU"}
     extra.update(meta or {})
     path = report(f"exp-{name}" + ("-quick" if QUICK else ""), rows, extra=extra)
     md = [f"# Experiment: {name}", "", f"Machine: {machine_name()} (see the JSON for versions).", ""]
