@@ -207,6 +207,45 @@ def _scale_blocks(flat: torch.Tensor, block_size: int):
     return scaled, absmax
 
 
+# The 8-bit maps are dense near zero (the dynamic map spans 1e-7..1 in decades), so a uniform grid
+# over [-1, 1] cannot separate their midpoints. A logarithmic grid can: the cell of a value is its
+# fp32 bit pattern, made order-preserving, with the low mantissa bits dropped (sign, exponent and
+# 10 mantissa bits: cells 2**-10 wide relative to the value, 2**19 of them).
+_KEY_SHIFT = 13
+
+
+def _ordered_cells(x: torch.Tensor) -> torch.Tensor:
+    """int32 cell index of each fp32 value; x <= y implies cell(x) <= cell(y)."""
+    bits = x.contiguous().view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip all but the sign bit
+    return (key >> _KEY_SHIFT) + (1 << (31 - _KEY_SHIFT))
+
+
+@lru_cache(maxsize=16)
+def _code8_tables(values: tuple, device: torch.device):
+    """(below int32[2**19], midpoints fp32[256] padded with +inf, depth) for a sorted 8-bit map.
+    below[c] counts the midpoints in cells before c; the `depth` midpoints from there on are
+    compared exactly, so codes equal bucketize(x, midpoints) bit for bit."""
+    code = torch.tensor(values, dtype=torch.float32)
+    midpoints = (code[:-1] + code[1:]) / 2
+    mid_cells = _ordered_cells(midpoints).long()
+    cells = torch.arange(1 << (32 - _KEY_SHIFT), dtype=torch.int64)
+    below = torch.searchsorted(mid_cells, cells).to(torch.int32)
+    depth = int(torch.bincount(mid_cells).max())
+    padded = torch.cat([midpoints, torch.full((depth,), float("inf"))])
+    return below.to(device), padded.to(device), depth
+
+
+def _nearest_codes_8bit(scaled: torch.Tensor, tables) -> torch.Tensor:
+    """uint8 code of each scaled fp32 value: nearest map entry, ties to the lower one (= bucketize)."""
+    below, padded, depth = tables
+    idx = torch.index_select(below, 0, _ordered_cells(scaled).view(-1))
+    codes = idx.clone()
+    for j in range(depth):
+        codes += scaled > torch.index_select(padded, 0, idx + j if j else idx)
+    return codes.to(torch.uint8)
+
+
 @torch.no_grad()
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, block_size: int = 256):
     """Blockwise 8-bit quantization with exact nearest-value rounding (ties -> lower value).
@@ -220,7 +259,9 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     code = dynamic_map(True).to(x.device) if code is None else code.to(x.device, torch.float32)
     if code.numel() != 256:
         raise ValueError(f"code must have 256 entries, got {code.numel()}")
-    midpoints = (code[:-1] + code[1:]) / 2
+    if not bool((code[1:] > code[:-1]).all()):
+        raise ValueError("code must be sorted in increasing order with distinct values")
+    tables = _code8_tables(tuple(code.tolist()), x.device)
     flat = x.reshape(-1)
     n = flat.numel()
     codes = torch.empty(n, dtype=torch.uint8, device=x.device)
@@ -230,7 +271,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
         chunk = flat[start:start + step].float()
         scaled, chunk_absmax = _scale_blocks(chunk, block_size)
         _check_finite(chunk_absmax, x, "x")
-        codes[start:start + chunk.numel()] = torch.bucketize(scaled, midpoints, out_int32=True)
+        codes[start:start + chunk.numel()] = _nearest_codes_8bit(scaled, tables)
         absmax[start // block_size:start // block_size + chunk_absmax.numel()] = chunk_absmax
     return codes, absmax
 

@@ -310,3 +310,29 @@ def test_grid_code_lookup_equals_bucketize_at_and_around_every_midpoint(quant_ty
     if order is not None:
         expected = order[expected.long()].int()
     assert torch.equal(nf4._nearest_codes(x, grid).int(), expected)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_log_grid_codes_equal_bucketize_at_every_midpoint_and_its_neighbours(signed):
+    # The 8-bit quantizer looks codes up on a logarithmic grid; at each midpoint (a tie goes to
+    # the lower code), one ulp either side of it, the map's own values, signed zeros, the ends and
+    # random values across six decades, it must pick exactly what bucketize picks.
+    from minilora.nf4 import _code8_tables, _nearest_codes_8bit
+
+    code = dynamic_map(signed)
+    mids = (code[:-1] + code[1:]) / 2
+    g = torch.Generator().manual_seed(0)
+    probe = torch.cat([
+        mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)), code,
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 1.0000001, -1.0000001, 1e-30, -1e-30]),
+        (torch.rand(1 << 16, generator=g) * 2 - 1) * torch.logspace(-6, 0, 1 << 16),
+    ])
+    tables = _code8_tables(tuple(code.tolist()), torch.device("cpu"))
+    assert torch.equal(_nearest_codes_8bit(probe, tables), torch.bucketize(probe, mids).to(torch.uint8))
+
+
+def test_8bit_quantizer_rejects_an_unsorted_map():
+    from minilora.nf4 import quantize_blockwise_8bit
+
+    with pytest.raises(ValueError, match="code must be sorted in increasing order"):
+        quantize_blockwise_8bit(torch.randn(512), code=dynamic_map(True).flip(0))
