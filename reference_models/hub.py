@@ -257,6 +257,9 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        mask = os.umask(0)  # mkstemp made the file 0600; give it what open() would: 0666 & ~umask
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

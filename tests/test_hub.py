@@ -220,3 +220,13 @@ def test_from_hf_config_builds_trainable_random_model():
     logits, loss = model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_pretrained(GPT(GPTConfig(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)), tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
