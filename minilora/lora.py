@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoRAConfig", "LoRALinear", "LowRankAdd", "is_linear_like", "pattern_value"]
+__all__ = ["LoRAConfig", "LoRALinear", "LowRankAdd", "is_linear_like", "pattern_matches", "pattern_value"]
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 BIASES = ("none", "all", "lora_only")
@@ -79,10 +79,15 @@ class LoRAConfig:
         return pattern_value(self.alpha_pattern, name, self.alpha)
 
 
+def pattern_matches(key: str, name: str) -> bool:
+    """Whether rank_pattern / alpha_pattern key `key` selects module `name`: peft's `(.*\\.)?(key)$`."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def pattern_value(patterns: dict, name: str, default):
     """peft's get_pattern_key: the first key `k` with `(.*\\.)?(k)$` matching the module name wins."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if pattern_matches(key, name):
             return value
     return default
 
@@ -101,11 +106,40 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     return base.weight if isinstance(base, nn.Linear) else base.dequantize_weight()
 
 
+def snapshot_base(base: nn.Module):
+    """The stored weight of a linear-like base, exactly, so restore_base can put it back bit for bit:
+    a clone of nn.Linear's weight, the QuantState4bit of a base with quant_state / set_state such as
+    LinearNF4 (requantize_ replaces its tensors, it never writes into them). Any other linear-like base
+    only offers dequantize_weight / requantize_: its dense weight is kept and requantized on restore
+    (exact when requantize_ of a dequantized weight gives the same stored weight back)."""
+    if isinstance(base, nn.Linear):
+        return base.weight.detach().clone()
+    if hasattr(base, "quant_state") and hasattr(base, "set_state"):
+        return base.quant_state
+    return base.dequantize_weight().detach().clone()
+
+
+@torch.no_grad()
+def restore_base(base: nn.Module, snapshot) -> None:
+    if isinstance(base, nn.Linear):
+        base.weight.data.copy_(snapshot)
+    elif hasattr(base, "quant_state") and hasattr(base, "set_state"):
+        base.set_state(snapshot)
+    else:
+        base.requantize_(snapshot)
+
+
 def write_base_weight(base: nn.Module, weight: torch.Tensor) -> None:
     if isinstance(base, nn.Linear):
         base.weight.data.copy_(weight)
     else:
         base.requantize_(weight)
+
+
+def check_rank_fits(r, in_features: int, out_features: int, name: str = "", check_rank: bool = True) -> None:
+    limit = min(in_features, out_features) if check_rank else r
+    if not (isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= limit):
+        raise ValueError(f"rank must be in 1..{limit} for {name} ({in_features} -> {out_features}), got {r}")
 
 
 class LowRankAdd(torch.autograd.Function):
@@ -162,19 +196,23 @@ class LoRALinear(nn.Module):
         self.disabled = False
         self.sample_adapters: list[str] | None = None  # set by lora_model.adapter_names_per_sample
         self._dora_norm: dict[str, torch.Tensor] = {}  # ||W + dW|| rows at merge time, to undo it exactly
+        # a non-nn.Linear (4-bit) base's stored weight before the first merge: unmerge restores it exactly
+        # instead of requantizing deQ(Q(W + dW)) - dW (which moves W by up to a quantization step)
+        self._unmerged_base = None
 
     # ---------------------------------------------------------------- adapters
-    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                    use_rslora: bool = False, use_dora: bool = False, check_rank: bool = True) -> None:
-        limit = min(self.in_features, self.out_features) if check_rank else r
-        if not (isinstance(r, int) and 1 <= r <= limit):
-            raise ValueError(f"rank must be in 1..{limit} for {self.name} ({self.in_features} -> "
-                             f"{self.out_features}), got {r}")
+    def check_adapter(self, adapter: str, r: int, init: str = "kaiming", check_rank: bool = True) -> None:
+        """Raise if add_adapter(adapter, r, init=init) would; changes nothing."""
+        check_rank_fits(r, self.in_features, self.out_features, self.name, check_rank)
         if adapter in self.lora_A:
             raise ValueError(f"adapter {adapter!r} already exists in {self.name}")
         if self.merged_adapters and init in ("pissa", "olora"):
             raise ValueError(f"init={init!r} rewrites the base weight of {self.name}; unmerge "
                              f"{self.merged_adapters} first")
+
+    def add_adapter(self, adapter: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                    use_rslora: bool = False, use_dora: bool = False, check_rank: bool = True) -> None:
+        self.check_adapter(adapter, r, init, check_rank)
         dtype, device = self._adapter_dtype_device()
         self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
@@ -307,19 +345,33 @@ class LoRALinear(nn.Module):
                                  f"{self.merged_adapters} are merged already")
             W = base_weight(self.base_layer)
             new = W.float() + self.delta_weight(adapter)
+            norm = None
             if adapter in self.lora_magnitude_vector:
                 norm = new.norm(dim=1)
                 new = (self.lora_magnitude_vector[adapter].float() / norm)[:, None] * new
-                self._dora_norm[adapter] = norm
             new = new.to(W.dtype)  # the one rounding
             if safe and not torch.isfinite(new).all():
                 raise ValueError(f"merging adapter {adapter!r} into {self.name} gives non-finite weights "
                                  f"(max |dW| = {self.delta_weight(adapter).abs().max().item():.3g}); not merged")
+            if norm is not None:
+                self._dora_norm[adapter] = norm
+            if not self.merged_adapters and not isinstance(self.base_layer, nn.Linear):
+                self._unmerged_base = snapshot_base(self.base_layer)
             write_base_weight(self.base_layer, new)
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Take all merged adapters out (there is no partial unmerge). An nn.Linear base subtracts each
+        delta in fp32 (exact up to one rounding per step); any other (4-bit) base gets back the stored
+        weight it had before the first merge, bit for bit."""
+        if self._unmerged_base is not None and self.merged_adapters:
+            restore_base(self.base_layer, self._unmerged_base)
+            self._unmerged_base = None
+            self.merged_adapters.clear()
+            self._dora_norm.clear()
+            return
+        self._unmerged_base = None
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             W = base_weight(self.base_layer)

@@ -13,7 +13,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .lora import LoRAConfig, LoRALinear, base_weight, is_linear_like
+from .lora import (LoRAConfig, LoRALinear, base_weight, check_rank_fits, is_linear_like, pattern_matches,
+                   restore_base, snapshot_base)
 
 __all__ = [
     "inject", "set_adapter", "disable_adapters", "delete_adapter", "merge", "unmerge", "unload",
@@ -49,10 +50,22 @@ def _linear_like(m: nn.Module) -> bool:
     return isinstance(m, LoRALinear) or is_linear_like(m)
 
 
+def suffix_match(name: str, target: str) -> bool:
+    """peft's list rule: `target` is the full module name or a `.`-suffix of it."""
+    return name == target or name.endswith("." + target)
+
+
+def in_modules_to_save(name: str, modules_to_save) -> bool:
+    """Whether module or state-dict key `name` is a modules_to_save module or lies inside one: some
+    `.`-prefix of `name` (or `name` itself) suffix-matches an entry, as peft matches modules_to_save."""
+    parts = name.split(".")
+    return any(suffix_match(".".join(parts[:i]), m) for m in modules_to_save for i in range(len(parts), 0, -1))
+
+
 def _matches(spec, name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
+    return any(suffix_match(name, t) for t in spec)
 
 
 def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -72,7 +85,7 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     else:
         chosen = [n for n in modules if _matches(spec, n)]
         if not isinstance(spec, str):  # a typo in one list entry is an error, not a silent no-op (stricter than peft)
-            missing = [t for t in spec if not any(n == t or n.endswith("." + t) for n in modules)]
+            missing = [t for t in spec if not any(suffix_match(n, t) for n in modules)]
             if missing and chosen:
                 raise ValueError(f"target_modules entries {missing} match no module; linear modules here: "
                                  f"{_summary(linear)}")
@@ -80,7 +93,7 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     if excl:
         chosen = [n for n in chosen if not _matches(excl, n)]
     keep = config.modules_to_save
-    chosen = [n for n in chosen if not any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in keep)]
+    chosen = [n for n in chosen if not in_modules_to_save(n, keep)]
     if not chosen:
         raise ValueError(f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
                          f"matches no module; linear modules here: {_summary(linear)}")
@@ -89,7 +102,7 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
         raise TypeError(f"LoRA targets must be linear layers (nn.Linear or lora_compatible), got {', '.join(bad)}")
     for pattern, kind in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         for key in pattern:
-            if not any(re.match(rf"(.*\.)?({key})$", n) for n in chosen):
+            if not any(pattern_matches(key, n) for n in chosen):
                 raise ValueError(f"{kind} key {key!r} matches none of the targeted modules {_summary(chosen)}")
     return chosen
 
@@ -111,15 +124,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> dict[str, nn.Module]:
     """Add adapter `adapter_name` to every module `config` targets, in place, and make it the active,
     trainable adapter; everything else is frozen. Returns {name: original module} for the layers
-    that were wrapped now (layers already wrapped just gain another adapter)."""
+    that were wrapped now (layers already wrapped just gain another adapter). If anything fails, the
+    model is left exactly as it was (modules, weights, active adapters, requires_grad)."""
+    replaced, _ = _inject(model, config, adapter_name)
+    return replaced
+
+
+def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str):
+    """inject, plus a function that undoes it completely (for load_adapter's failures after inject)."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == "__base__":
         raise ValueError(f"adapter_name must be a non-empty string without '.', not '__base__', got {adapter_name!r}")
     configs = getattr(model, "lora_configs", {})
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {sorted(configs)}")
     names = target_names(model, config)
+    for name in names:  # everything that can be refused, before anything is modified
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            module.check_adapter(adapter_name, config.rank_for(name), config.init)
+        else:
+            check_rank_fits(config.rank_for(name), module.in_features, module.out_features, name)
     replaced = {}
-    added = []
+    undo = _undo_inject(model, names, config, adapter_name, replaced)
     try:
         for name in names:
             module = model.get_submodule(name)
@@ -129,16 +155,49 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
                 _set_submodule(model, name, module)
             module.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
                                config.init, config.use_rslora, config.use_dora)
-            added.append(module)
-    except Exception:  # leave the model as it was
-        for module in added:
-            module.delete_adapter(adapter_name)
+        model.lora_configs = {**configs, adapter_name: replace(config)}
+        set_adapter(model, adapter_name)
+    except Exception:
+        undo()
+        raise
+    return replaced, undo
+
+
+def _undo_inject(model: nn.Module, names: list[str], config: LoRAConfig, adapter_name: str,
+                 replaced: dict[str, nn.Module]):
+    """Snapshot what inject(model, config, adapter_name) changes; the returned function puts it all back
+    (`replaced` is filled in by inject as it wraps layers): the adapter goes, wrapped layers get their
+    original modules back, base weights rewritten by pissa/olora are restored bit for bit, and the
+    previously active adapters, requires_grad flags and lora_configs are as before."""
+    had_configs = hasattr(model, "lora_configs")
+    configs = dict(getattr(model, "lora_configs", {}))
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    active = {id(layer): (layer, list(layer.active_adapters)) for layer in lora_layers(model).values()}
+    bases = []
+    if config.init in ("pissa", "olora"):
+        for name in names:
+            module = model.get_submodule(name)
+            base = module.base_layer if isinstance(module, LoRALinear) else module
+            bases.append((base, snapshot_base(base)))
+
+    def undo() -> None:
+        for layer in lora_layers(model).values():
+            if adapter_name in layer.lora_A:
+                layer.delete_adapter(adapter_name)
         for name, original in replaced.items():
             _set_submodule(model, name, original)
-        raise
-    model.lora_configs = {**configs, adapter_name: replace(config)}
-    set_adapter(model, adapter_name)
-    return replaced
+        for base, snapshot in bases:
+            restore_base(base, snapshot)
+        for layer, adapters in active.values():
+            layer.active_adapters = adapters
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        if had_configs:
+            model.lora_configs = configs
+        elif hasattr(model, "lora_configs"):
+            del model.lora_configs
+
+    return undo
 
 
 def _check_names(model: nn.Module, names: list[str]) -> None:
@@ -174,7 +233,7 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
                 if n in layer.lora_A and getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(True)
         for mname, module in _candidates(model).items():
-            if any(re.match(rf"(^|.*\.){m}$", mname) for m in config.modules_to_save):
+            if in_modules_to_save(mname, config.modules_to_save):
                 module.requires_grad_(True)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ._io import save_safetensors_atomic, write_json_atomic
 from .lora import LoRAConfig
-from .lora_model import _set_submodule, delete_adapter, inject, lora_layers
+from .lora_model import _inject, in_modules_to_save, lora_layers, suffix_match
 
 __all__ = ["save_adapter", "load_adapter", "config_from_peft", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -48,7 +48,7 @@ def _targets_for_file(model: nn.Module, wrapped: list[str], config: LoRAConfig):
         return config.target_modules
     short = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
     names = [n for n, _ in model.named_modules()]
-    selected = {n for n in names if any(n == s or n.endswith("." + s) for s in short)}
+    selected = {n for n in names if any(suffix_match(n, s) for s in short)}
     inner = {n for n in selected if ".base_layer" in n or ".lora_" in n}
     return short if selected - inner == set(wrapped) else sorted(wrapped)
 
@@ -74,7 +74,7 @@ def save_adapter(model: nn.Module, folder, adapter_name: str = "default") -> Pat
         tensors.update({f"{PREFIX}{n}.base_layer.bias": m.base_layer.bias for n, m in layers.items()
                         if getattr(m.base_layer, "bias", None) is not None})
     for key, value in state.items():
-        if any(key.startswith(m + ".") or f".{m}." in key for m in config.modules_to_save):
+        if in_modules_to_save(key, config.modules_to_save):
             tensors[PREFIX + key] = value
     # Ranks / alphas are written per module where they differ from the most common value, with the
     # full module name as the pattern key (combined adapters can have a different rank per layer).
@@ -129,7 +129,9 @@ def config_from_peft(raw: dict) -> LoRAConfig:
 def load_adapter(model: nn.Module, folder, adapter_name: str = "default") -> dict:
     """Read an adapter saved by peft or by save_adapter into `model` as `adapter_name` (made active).
     Every tensor must land on a module of the right shape and every wrapped module must get its
-    tensors; otherwise a ValueError names them and the model is left without the adapter."""
+    tensors; tensors other than LoRA factors are accepted only for biases (when the config's bias is
+    not "none") and under modules_to_save. Otherwise a ValueError names them, nothing is copied, and
+    the model is left exactly as it was (same modules, weights, active adapters and requires_grad)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -139,19 +141,22 @@ def load_adapter(model: nn.Module, folder, adapter_name: str = "default") -> dic
                                     f"{WEIGHTS_NAME}; .bin adapters are not read: no unpickling)")
     config = config_from_peft(json.loads((folder / CONFIG_NAME).read_text()))
     tensors = load_file(str(folder / WEIGHTS_NAME))
-    replaced = inject(model, config, adapter_name)
+    _, undo = _inject(model, config, adapter_name)
     try:
-        _copy_tensors(model, tensors, adapter_name)
+        _copy_tensors(model, tensors, adapter_name, config)
     except Exception:  # leave the model as it was
-        delete_adapter(model, adapter_name)
-        for name, original in replaced.items():
-            _set_submodule(model, name, original)
+        undo()
         raise
     return {"config": config, "tensors": len(tensors)}
 
 
+def _is_bias_key(key: str) -> bool:
+    return key == "bias" or key.endswith(".bias")
+
+
 @torch.no_grad()
-def _copy_tensors(model: nn.Module, tensors: dict, adapter_name: str) -> None:
+def _copy_tensors(model: nn.Module, tensors: dict, adapter_name: str, config: LoRAConfig) -> None:
+    """Check every tensor first, then copy them all: a refused file copies nothing."""
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     state = model.state_dict(keep_vars=True)
     expected = {}
@@ -160,18 +165,24 @@ def _copy_tensors(model: nn.Module, tensors: dict, adapter_name: str) -> None:
         expected[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if adapter_name in layer.lora_magnitude_vector:
             expected[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
-    problems, seen = [], set()
+    problems, seen, plan = [], set(), []
     for key, value in tensors.items():
         short = key[len(PREFIX):] if key.startswith(PREFIX) else key
         target = expected.get(short)
-        if target is None and ".lora_" not in short:
-            target = state.get(short)  # biases (bias="all"/"lora_only") and modules_to_save weights
+        if target is None and ".lora_" not in short and short in state:
+            if (config.bias != "none" and _is_bias_key(short)) or in_modules_to_save(short, config.modules_to_save):
+                target = state[short]
+            else:
+                problems.append(f"{key}: not a LoRA tensor, and neither a bias (the config has bias="
+                                f"{config.bias!r}) nor under modules_to_save {config.modules_to_save}; "
+                                "an adapter file may not overwrite base weights")
+                continue
         if target is None:
             problems.append(f"{key}: no such LoRA tensor in the model")
         elif tuple(target.shape) != tuple(value.shape):
             problems.append(f"{key}: file has {tuple(value.shape)}, model has {tuple(target.shape)}")
         else:
-            target.copy_(value.to(target.dtype))
+            plan.append((target, value))
             seen.add(short)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -180,3 +191,5 @@ def _copy_tensors(model: nn.Module, tensors: dict, adapter_name: str) -> None:
     if problems:
         raise ValueError("adapter file does not fit the model: " + "; ".join(problems[:8])
                          + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
+    for target, value in plan:
+        target.copy_(value.to(target.dtype))
