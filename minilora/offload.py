@@ -33,6 +33,7 @@ dequantized states.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -108,6 +109,13 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
     Gradients never persist on the device: each one is moved to its host buffer by a
     post-accumulate-grad hook as soon as backward finishes it, so `p.grad` is always None; read the
     accumulated gradient with `host_grad(p)` and clip it with `clip_grad_norm_(max_norm)`.
+
+    The hooks stay on the parameters while the optimizer lives (they hold it only weakly, so a
+    dropped optimizer's hooks do nothing). Call `close()` when done with it (idempotent): it removes
+    them, after which backward leaves gradients in `p.grad` and this optimizer collects no more.
+
+    The trainable parameters are fixed at construction (and add_param_group): one that was frozen
+    then (requires_grad=False) has no pages, so step() raises a ValueError if it requires grad later.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
@@ -131,6 +139,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         self._params: list[_Param] = []
         self._pages: list[_Page] = []
         self._hooks = []
+        self._tracked: set[int] = set()   # id() of the parameters with pages and a hook
         self._device = None
         self._ready = False
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -180,6 +189,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
                               quantized=self.state_bits == 8 and p.numel() >= MIN_8BIT_SIZE,
                               master=self.master_weights == "fp32" and p.dtype != torch.float32))
         self._params.extend(new)
+        self._tracked.update(id(info.tensor) for info in new)
         for info in new:
             self._hooks.append(info.tensor.register_post_accumulate_grad_hook(_grad_hook(self, info)))
         if self._ready:   # a group added after construction gets pages of its own
@@ -327,8 +337,27 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             if info.master:
                 page.buffers["master"][seg.master_off:seg.master_off + seg.hi - seg.lo].copy_(flat[seg.lo:seg.hi])
 
+    def close(self) -> None:
+        """Remove the post-accumulate-grad hooks from the parameters (idempotent). Gradients already
+        collected stay (host_grad, step); later backwards leave theirs in `p.grad`."""
+        hooks, self._hooks = getattr(self, "_hooks", []), []
+        for handle in hooks:
+            handle.remove()
+
+    def _check_trainable(self) -> None:
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in self._tracked:
+                    raise ValueError(
+                        f"parameter {index} (shape {tuple(p.shape)}) requires grad but was frozen when it "
+                        "was given to CPUOffloadAdamW, which therefore has no state for it and would never "
+                        "update it; freeze it again, or build a new optimizer (or add_param_group) with it")
+                index += 1
+
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_trainable()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -432,8 +461,11 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
 
         The same ops as torch: one vector_norm per gradient (a straddling gradient is gathered
         first so the reduction order is torch's), the norm of the norms, then
-        grad *= clamp(max_norm / (total + 1e-6), max=1). Norms are ordered as torch groups them:
-        by the parameters' (device, dtype), then parameter order.
+        grad *= clamp(max_norm / (total + 1e-6), max=1). Only parameters holding a gradient take
+        part, and their norms are stacked in torch's order, not in plain parameter order: grouped by
+        (device, dtype), the groups in the order their first parameter appears in the optimizer's
+        parameter order (param groups in order, parameters in group order), and within each group in
+        that parameter order.
         """
         self._sync()
         held = [info for info in self._params if info.grad_status == _HELD]
@@ -455,12 +487,17 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        """torch AdamW's layout: {"state": {index: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups"}.
+        """torch AdamW's layout, {"state": {index: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups"},
+        plus one top-level key, "cpu_offload", that torch.optim.AdamW ignores (and does not return).
 
-        States are fp32 CPU tensors shaped like their parameter (8-bit states dequantized). Extra
-        keys, which torch.optim.AdamW ignores: "master" (fp32 master weights) and, for 8-bit
-        states, the raw "exp_avg_code"/"exp_avg_absmax"/"exp_avg_sq_code"/"exp_avg_sq_absmax", so
-        that our own resume is exact.
+        States are fp32 CPU tensors shaped like their parameter (8-bit states dequantized); each
+        per-parameter entry holds exactly torch's three keys. "cpu_offload" maps a parameter index
+        to what makes our own resume exact: "step" (the step it belongs to), "master" (fp32 master
+        weights, with master_weights="fp32") and, for 8-bit states, the raw flat
+        "exp_avg_code"/"exp_avg_absmax"/"exp_avg_sq_code"/"exp_avg_sq_absmax". load_state_dict uses
+        them only while their "step" equals the entry's; otherwise (a checkpoint that torch AdamW
+        loaded, stepped and saved) m and v come from "exp_avg"/"exp_avg_sq" (requantized when
+        8-bit) and the master copy from the parameter.
         """
         self._sync()
         groups, start = [], 0
@@ -469,21 +506,24 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             packed["params"] = list(range(start, start + len(group["params"])))
             start += len(group["params"])
             groups.append(packed)
-        state = {}
+        state, extras = {}, {}
         for info in self._params:
             if info.step is None:
                 continue
-            entry = {"step": info.step.clone(), "exp_avg": self._gather(info, "exp_avg").clone(),
-                     "exp_avg_sq": self._gather(info, "exp_avg_sq").clone()}
+            state[info.index] = {"step": info.step.clone(), "exp_avg": self._gather(info, "exp_avg").clone(),
+                                 "exp_avg_sq": self._gather(info, "exp_avg_sq").clone()}
+            if not (info.master or info.quantized):
+                continue
+            extra = {"step": info.step.clone()}
             if info.master:
-                entry["master"] = self._gather(info, "master").clone()
+                extra["master"] = self._gather(info, "master").clone()
             if info.quantized:
                 for name in ("exp_avg", "exp_avg_sq"):
                     for kind in ("code", "absmax"):
-                        entry[f"{name}_{kind}"] = torch.cat([
+                        extra[f"{name}_{kind}"] = torch.cat([
                             self._raw(page, seg, name, kind) for page, seg in info.segments]).clone()
-            state[info.index] = entry
-        return {"state": state, "param_groups": groups}
+            extras[info.index] = extra
+        return {"state": state, "param_groups": groups, "cpu_offload": extras}
 
     @staticmethod
     def _raw(page, seg, name, kind):
@@ -493,8 +533,12 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         return page.buffers[name + "_absmax"][seg.absmax_off:seg.absmax_off - (-n // BLOCK_SIZE)]
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict from this class or from torch.optim.AdamW (checked before anything changes)."""
+        """Load a state dict from this class or from torch.optim.AdamW.
+
+        Everything is checked first: a ValueError leaves the optimizer exactly as it was.
+        """
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        saved_extras = {int(i): e for i, e in (state_dict.get("cpu_offload") or {}).items()}
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
@@ -508,38 +552,62 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
                                  "which CPUOffloadAdamW does not support")
         by_index = {info.index: info for info in self._params}
         all_params = [p for g in self.param_groups for p in g["params"]]
+        plan = []   # (info, step, entry, extra or None): what the second pass writes
         for index, entry in saved_state.items():
             index = int(index)
             if not 0 <= index < len(all_params):
                 raise ValueError(f"state dict has state for parameter {index}, but there are {len(all_params)}")
             if index not in by_index:
                 raise ValueError(f"state dict has state for parameter {index}, which does not require grad")
-            shape = tuple(by_index[index].tensor.shape)
+            info = by_index[index]
+            if "step" not in entry:
+                raise ValueError(f"state for parameter {index} has no 'step'")
+            try:
+                step = float(entry["step"])
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"state for parameter {index}: 'step' must be a number, got {entry['step']!r}") from None
+            if not (math.isfinite(step) and step >= 0):
+                raise ValueError(f"state for parameter {index}: 'step' must be finite and >= 0, got {step}")
+            shape = tuple(info.tensor.shape)
             for name in ("exp_avg", "exp_avg_sq"):
                 got = tuple(entry[name].shape) if name in entry else None
                 if got != shape:
                     raise ValueError(f"state for parameter {index}: {name} has shape {got}, "
                                      f"but the parameter has shape {shape}")
+            extra = saved_extras.get(index)
+            if extra is not None and ("step" not in extra or float(extra["step"]) != step):
+                extra = None   # stale (e.g. stepped by torch AdamW since): rebuild from the entry
+            if extra is not None:
+                n, blocks = info.tensor.numel(), -(-info.tensor.numel() // BLOCK_SIZE)
+                if info.quantized and all(f"{a}_{k}" in extra for a in ("exp_avg", "exp_avg_sq")
+                                          for k in ("code", "absmax")):
+                    for name in ("exp_avg", "exp_avg_sq"):
+                        for kind, want in (("code", n), ("absmax", blocks)):
+                            got = extra[f"{name}_{kind}"].numel()
+                            if got != want:
+                                raise ValueError(f"state for parameter {index}: 8-bit {name}_{kind} has "
+                                                 f"{got} elements, expected {want}")
+                if info.master and extra.get("master") is not None and extra["master"].numel() != n:
+                    raise ValueError(f"state for parameter {index}: master has {extra['master'].numel()} "
+                                     f"elements, expected {n}")
+            plan.append((info, step, entry, extra))
+        # ---- checked: from here on nothing raises on the state dict's content
         self._sync()
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
         for info in self._params:
             info.step = None
             self.state.pop(info.tensor, None)
-        for index, entry in saved_state.items():
-            info = by_index[int(index)]
-            self._init_state(info)
-            info.step.fill_(float(entry["step"]))
-            raw = info.quantized and all(f"{n}_{k}" in entry for n in ("exp_avg", "exp_avg_sq")
-                                         for k in ("code", "absmax"))
-            if raw and entry["exp_avg_code"].numel() != info.tensor.numel():
-                raise ValueError(f"state for parameter {int(index)}: 8-bit codes have "
-                                 f"{entry['exp_avg_code'].numel()} elements, expected {info.tensor.numel()}")
-            master = entry.get("master")
+        for info, step, entry, extra in plan:
+            self._init_state(info)   # also: master <- the parameter
+            info.step.fill_(step)
+            raw = (extra is not None and info.quantized
+                   and all(f"{a}_{k}" in extra for a in ("exp_avg", "exp_avg_sq") for k in ("code", "absmax")))
             for name in ("exp_avg", "exp_avg_sq"):
                 flat = entry[name].detach().to("cpu", torch.float32).reshape(-1)
-                codes = entry[name + "_code"].reshape(-1) if raw else None
-                absmax = entry[name + "_absmax"].reshape(-1) if raw else None
+                if raw:
+                    codes = extra[name + "_code"].detach().to("cpu", torch.uint8).reshape(-1)
+                    absmax = extra[name + "_absmax"].detach().to("cpu", torch.float32).reshape(-1)
                 for page, seg in info.segments:
                     if raw:   # exact resume: the stored codes, not a requantization
                         blocks = seg.lo // BLOCK_SIZE, -(-seg.hi // BLOCK_SIZE)
@@ -547,6 +615,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
                         self._raw(page, seg, name, "absmax").copy_(absmax[blocks[0]:blocks[1]])
                     else:
                         self._write_state(page, seg, name, flat[seg.lo:seg.hi].clone())
+            master = extra.get("master") if extra is not None else None
             if info.master and master is not None:
                 flat = master.detach().to("cpu", torch.float32).reshape(-1)
                 for page, seg in info.segments:
@@ -561,5 +630,4 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         return {"cpu": cpu, "device": device}
 
     def __del__(self):
-        for handle in getattr(self, "_hooks", ()):
-            handle.remove()
+        self.close()

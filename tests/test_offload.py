@@ -142,7 +142,7 @@ def test_bf16_with_fp32_master_equals_fp32_adamw_then_rounded():
                 t.copy_(m)
                 assert torch.equal(p, m.to(torch.bfloat16)), f"step {step}"
     for i, m in enumerate(p for g in ref_opt.param_groups for p in g["params"]):
-        assert torch.equal(opt.state_dict()["state"][i]["master"], m)
+        assert torch.equal(opt.state_dict()["cpu_offload"][i]["master"], m)
 
 
 def test_bf16_without_master_trains_close_to_fp32():
@@ -174,16 +174,17 @@ def test_8bit_first_step_exact_and_states_are_the_quantized_fp32_states():
     loss_fn(ref, x, y).backward(), loss_fn(ours, x, y).backward()
     ref_opt.step(), opt.step()
     assert equal_params(ref, ours)   # the update uses the fp32 states; they are quantized after it
-    state = opt.state_dict()["state"]
+    state, extras = opt.state_dict()["state"], opt.state_dict()["cpu_offload"]
     for i, p in enumerate(ref.parameters()):
+        assert set(state[i]) == {"step", "exp_avg", "exp_avg_sq"}   # torch's keys only
         for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
             want = ref_opt.state[p][name]
             if p.numel() < 4096:
-                assert torch.equal(state[i][name], want) and f"{name}_code" not in state[i]
+                assert torch.equal(state[i][name], want) and f"{name}_code" not in extras.get(i, {})
             else:
                 codes, absmax = quantize_blockwise_8bit(want, dynamic_map(signed), 256)
-                assert torch.equal(state[i][f"{name}_code"], codes)
-                assert torch.equal(state[i][f"{name}_absmax"], absmax)
+                assert torch.equal(extras[i][f"{name}_code"], codes)
+                assert torch.equal(extras[i][f"{name}_absmax"], absmax)
                 assert torch.equal(state[i][name], dequantize_blockwise_8bit(
                     codes, absmax, dynamic_map(signed), 256, shape=p.shape))
 
@@ -294,18 +295,23 @@ def save_optimizer(state_dict, path):
     """Optimizer state dict -> safetensors (tensors) + JSON metadata (param groups): no pickle."""
     from minilora._io import save_safetensors_atomic
     tensors = {f"{i}.{k}": v for i, entry in state_dict["state"].items() for k, v in entry.items()}
+    tensors.update({f"cpu_offload.{i}.{k}": v for i, entry in state_dict.get("cpu_offload", {}).items()
+                    for k, v in entry.items()})
     save_safetensors_atomic(tensors, path, metadata={"param_groups": json.dumps(state_dict["param_groups"])})
 
 
 def load_optimizer(path):
     from safetensors import safe_open
-    state = {}
+    state, extras = {}, {}
     with safe_open(str(path), "pt") as f:
         groups_ = json.loads(f.metadata()["param_groups"])
         for key in f.keys():
-            i, name = key.split(".", 1)
-            state.setdefault(int(i), {})[name] = f.get_tensor(key)
-    return {"state": state, "param_groups": groups_}
+            where, short = state, key
+            if key.startswith("cpu_offload."):
+                where, short = extras, key[len("cpu_offload."):]
+            i, name = short.split(".", 1)
+            where.setdefault(int(i), {})[name] = f.get_tensor(key)
+    return {"state": state, "param_groups": groups_, "cpu_offload": extras}
 
 
 RESUME_CONFIGS = {   # name -> (model dtype, optimizer kwargs)
@@ -389,6 +395,107 @@ def test_checkpoint_interchange_with_torch_adamw_is_bit_identical(direction):
             loss_fn(model, x, y).backward()
             o.step(), o.zero_grad()
         assert equal_params(ref, a), f"step {step}"
+
+
+def test_checkpoint_round_trip_through_torch_adamw_does_not_resume_stale_extras():
+    """bf16 + 8-bit + fp32 master: 1 step ours, 20 torch steps, back into ours: torch's states win."""
+    from minilora.nf4 import dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit
+    model = mlp(dims=BIG, dtype=torch.bfloat16)
+    make_ours = lambda: CPUOffloadAdamW(model.parameters(), lr=1e-2, page_size=3 * BLOCK_SIZE,  # noqa: E731
+                                        state_bits=8, master_weights="fp32")
+    opt = make_ours()
+    loss_fn(model, *batch(0, 0, dims=BIG, dtype=torch.bfloat16)).backward()
+    opt.step(), opt.zero_grad()
+    ours = opt.state_dict()
+    assert any(p.numel() >= 4096 for p in model.parameters()) and ours["cpu_offload"]
+    opt.close()
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    torch_opt.load_state_dict(ours)
+    for p in model.parameters():   # no extra per-parameter tensors that torch would keep stale
+        assert set(torch_opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(torch_opt.state_dict()) == {"state", "param_groups"}
+    for step in range(1, 21):
+        loss_fn(model, *batch(step, 0, dims=BIG, dtype=torch.bfloat16)).backward()
+        torch_opt.step(), torch_opt.zero_grad()
+    back = make_ours()
+    back.load_state_dict(torch_opt.state_dict())
+    state, extras = back.state_dict()["state"], back.state_dict()["cpu_offload"]
+    for i, p in enumerate(model.parameters()):
+        assert float(state[i]["step"]) == 21.0
+        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            want = torch_opt.state[p][name].float()
+            if p.numel() >= 4096:   # requantized from torch's state
+                codes, absmax = quantize_blockwise_8bit(want, dynamic_map(signed), BLOCK_SIZE)
+                want = dequantize_blockwise_8bit(codes, absmax, dynamic_map(signed), BLOCK_SIZE, shape=p.shape)
+            assert torch.equal(state[i][name], want), (i, name)
+        assert torch.equal(extras[i]["master"], p.detach().float()), i
+
+
+def snapshot(opt):
+    sd = opt.state_dict()
+    flat = {("group", i, k): v for i, g in enumerate(sd["param_groups"]) for k, v in g.items()}
+    for part in ("state", "cpu_offload"):
+        flat.update({(part, i, k): v for i, e in sd[part].items() for k, v in e.items()})
+    return flat
+
+
+def same_snapshot(a, b):
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    ("codes", r"state for parameter 0: 8-bit exp_avg_code has 4607 elements, expected 4608"),
+    ("step", r"state for parameter 1 has no 'step'"),
+    ("master", r"state for parameter 2: master has 5 elements, expected 768"),
+])
+def test_a_failed_load_leaves_the_optimizer_unchanged(corrupt, match):
+    model = mlp(dims=BIG, dtype=torch.bfloat16)
+    opt = CPUOffloadAdamW(model.parameters(), lr=1e-2, page_size=3 * BLOCK_SIZE, state_bits=8,
+                          master_weights="fp32")
+    for step in range(2):
+        loss_fn(model, *batch(step, 0, dims=BIG, dtype=torch.bfloat16)).backward()
+        opt.step(), opt.zero_grad()
+    saved = opt.state_dict()
+    loss_fn(model, *batch(5, 0, dims=BIG, dtype=torch.bfloat16)).backward()
+    opt.step(), opt.zero_grad()   # now differs from `saved`
+    saved["param_groups"][0]["lr"] = 0.5
+    if corrupt == "codes":
+        saved["cpu_offload"][0]["exp_avg_code"] = saved["cpu_offload"][0]["exp_avg_code"][:-1]
+    elif corrupt == "step":
+        del saved["state"][1]["step"]
+    else:
+        saved["cpu_offload"][2]["master"] = torch.zeros(5)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    assert same_snapshot(snapshot(opt), before)
+
+
+def test_close_removes_the_hooks_and_is_idempotent():
+    model = mlp()
+    opt = CPUOffloadAdamW(model.parameters(), page_size=16)
+    x, y = batch(0, 0)
+    loss_fn(model, x, y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    opt.close()
+    opt.close()
+    loss_fn(model, x, y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(opt.host_grad(p) is not None for p in model.parameters())   # collected before close
+    del opt   # __del__ after close: nothing left to remove
+
+
+def test_step_refuses_a_parameter_frozen_at_construction_that_now_requires_grad():
+    model = mlp()
+    model[0].bias.requires_grad_(False)
+    opt = CPUOffloadAdamW(model.parameters(), page_size=16)
+    loss_fn(model, *batch(0, 0)).backward()
+    opt.step(), opt.zero_grad()   # frozen throughout: fine
+    model[0].bias.requires_grad_(True)
+    loss_fn(model, *batch(1, 0)).backward()
+    with pytest.raises(ValueError, match=r"parameter 1 \(shape \(29,\)\) requires grad but was frozen"):
+        opt.step()
 
 
 # ------------------------------------------------------------------------- memory
