@@ -26,13 +26,20 @@ import re
 import torch
 from torch import nn
 
-from .nf4 import QuantState4bit, _tables, dequantize_4bit, dynamic_map, quantize_4bit
+from .nf4 import QuantState4bit, _dynamic_on, _tables, dequantize_4bit, quantize_4bit
 
 __all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training", "load_bnb_4bit_state",
            "bnb_4bit_state_dict", "quant_state_to_dict", "quant_state_from_dict"]
 
 _QS_KEY = re.compile(r"^(?P<prefix>.+)\.weight\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORABLE = ("nf4", "fp4")  # what bitsandbytes' state-dict format holds; "int4" lives only in minilora.nf4
+
+
+def _check_storable(quant_type: str) -> None:
+    if quant_type not in _STORABLE:
+        raise ValueError(f"LinearNF4 supports quant_type nf4 or fp4 (bitsandbytes' state-dict format stores only "
+                         f"those), got {quant_type!r}; int4 is available in minilora.nf4.quantize_4bit for comparison")
 
 
 class _DequantizeLinear(torch.autograd.Function):
@@ -60,6 +67,13 @@ class LinearNF4(nn.Module):
 
     Buffers: `weight` (packed uint8), `absmax`, and with double quantization `absmax2`, `offset`.
     `weight_dtype` is the dtype the weight had before quantization (what dequantize returns).
+
+    Dtype casts (`.to(dtype)`, `.half()`, `.bfloat16()`, `model.to(dtype)`) change the bias only:
+    the quantization state (`absmax` without double quant, `absmax2`, `offset`) stays fp32 and
+    only ever changes device, so the dequantized weight and the state dict are unchanged.
+    `compute_dtype` is kept too, as bitsandbytes' Linear4bit keeps its `compute_dtype` under
+    `.to(dtype)`; set `layer.compute_dtype` (or pass compute_dtype to quantize_model /
+    from_linear) to compute in another dtype. The output is always cast back to the input's dtype.
     """
 
     lora_compatible = True
@@ -69,6 +83,7 @@ class LinearNF4(nn.Module):
                  quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
                  weight_dtype=torch.float32):
         super().__init__()
+        _check_storable(quant_type)
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         self.quant_type, self.block_size, self.double_quant = quant_type, block_size, double_quant
@@ -106,12 +121,40 @@ class LinearNF4(nn.Module):
         return layer
 
     def set_state(self, state: QuantState4bit) -> None:
+        _check_storable(state.quant_type)
         if tuple(state.shape) != (self.out_features, self.in_features):
             raise ValueError(f"quantized weight has shape {tuple(state.shape)}, the layer is "
                              f"({self.out_features}, {self.in_features})")
         self.weight, self.absmax, self.absmax2, self.offset = state.packed, state.absmax, state.absmax2, state.offset
         self.quant_type, self.block_size, self.double_quant = state.quant_type, state.block_size, state.double_quant
         self.weight_dtype, self.dq_block_size = state.dtype, state.dq_block_size
+
+    _FP32_STATE = ("absmax", "absmax2", "offset")
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to/half/bfloat16/cuda/... all go through _apply(fn): let fn move the fp32
+        # quantization buffers but not cast them (a cast changes the dequantized weight and makes
+        # the state dict unloadable). Integer buffers (codes, 8-bit absmax) are never cast anyway.
+        held = {n: self._buffers[n] for n in self._FP32_STATE
+                if self._buffers.get(n) is not None and self._buffers[n].is_floating_point()}
+        for n in held:
+            self._buffers[n] = None
+        try:
+            super()._apply(fn, recurse)
+            moved = {}
+            for n, t in held.items():
+                new = fn(t)
+                moved[n] = new if new.dtype == t.dtype else t.to(new.device)
+            held = moved
+        finally:
+            self._buffers.update(held)
+        return self
+
+    def _device(self) -> torch.device | None:
+        for t in (self.weight, self.bias):
+            if t is not None:
+                return t.device
+        return None
 
     @property
     def quant_state(self) -> QuantState4bit:
@@ -159,12 +202,25 @@ class LinearNF4(nn.Module):
             missing_keys.append(prefix + "weight")
         else:
             try:
-                self.set_state(quant_state_from_dict(mine, prefix))
+                state = quant_state_from_dict(mine, prefix)
+                if tuple(state.shape) != (self.out_features, self.in_features):
+                    raise ValueError(f"{prefix}weight has shape {tuple(state.shape)}, the layer is "
+                                     f"({self.out_features}, {self.in_features})")
+                # copied onto this module's device, as torch's load_state_dict copies into parameters
+                device = self._device() or state.packed.device
+                copy = lambda t: None if t is None else t.detach().to(device, copy=True)  # noqa: E731
+                self.set_state(QuantState4bit(copy(state.packed), copy(state.absmax), state.shape, state.dtype,
+                                              state.block_size, state.quant_type, copy(state.absmax2),
+                                              copy(state.offset), state.dq_block_size))
             except ValueError as exc:
                 error_msgs.append(str(exc))
         if self.bias is not None:
             if prefix + "bias" in state_dict:
-                self.bias.data = state_dict[prefix + "bias"].detach().to(self.compute_dtype).clone()
+                bias = state_dict[prefix + "bias"].detach()
+                if tuple(bias.shape) != tuple(self.bias.shape):
+                    error_msgs.append(f"{prefix}bias has shape {tuple(bias.shape)}, expected {tuple(self.bias.shape)}")
+                else:
+                    self.bias.data = bias.to(self.bias.device, self.bias.dtype, copy=True)
             else:
                 missing_keys.append(prefix + "bias")
 
@@ -173,14 +229,14 @@ class LinearNF4(nn.Module):
 
 def quant_state_to_dict(state: QuantState4bit) -> dict[str, torch.Tensor]:
     """bitsandbytes QuantState.as_dict(packed=True) under `weight.*`, plus `weight` itself."""
-    if state.quant_type not in ("nf4", "fp4"):
+    if state.quant_type not in _STORABLE:
         raise ValueError(f"bitsandbytes' format stores nf4 or fp4, got quant_type {state.quant_type!r}")
     out = {"weight": state.packed, "weight.absmax": state.absmax, "weight.quant_map": state.codebook}
     meta = {"quant_type": state.quant_type, "blocksize": state.block_size,
             "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
     if state.double_quant:
         out["weight.nested_absmax"] = state.absmax2
-        out["weight.nested_quant_map"] = dynamic_map(True).to(state.absmax.device)
+        out["weight.nested_quant_map"] = _dynamic_on(state.absmax.device).clone()  # the cache is shared
         meta.update(nested_blocksize=state.dq_block_size, nested_dtype="float32", nested_offset=state.offset.item())
     # bitsandbytes' pack_dict_to_tensor: json.dumps with default separators, as uint8 bytes
     out[f"weight.quant_state.bitsandbytes__{state.quant_type}"] = torch.tensor(
@@ -217,7 +273,7 @@ def quant_state_from_dict(tensors: dict[str, torch.Tensor], prefix: str = "") ->
         for key in ("weight.nested_absmax", "weight.nested_quant_map"):
             if key not in tensors:
                 raise ValueError(f"{where}{key} is missing but the quant state is double quantized")
-        if not torch.equal(tensors["weight.nested_quant_map"].cpu().float(), dynamic_map(True)):
+        if not torch.equal(tensors["weight.nested_quant_map"].cpu().float(), _dynamic_on(torch.device("cpu"))):
             raise ValueError(f"{where}weight.nested_quant_map is not bitsandbytes' signed dynamic map")
     shape = torch.Size(meta["shape"])
     n, block_size = shape.numel(), meta["blocksize"]
@@ -253,6 +309,13 @@ def quantize_model(model: nn.Module, skip=("lm_head",), quant_type: str = "nf4",
     LinearNF4, in place. Embeddings, norms and skipped layers are cast to `compute_dtype` if given."""
     if isinstance(skip, str):
         skip = (skip,)
+    _check_storable(quant_type)
+    from .lora import LoRALinear
+
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if adapted:
+        raise ValueError(f"quantize_model got a model that already has LoRA adapters ({adapted[:3]}...): its "
+                         f"nn.Linear adapters would be quantized and frozen; quantize first, then inject")
     targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
     if not targets:
         raise ValueError(f"quantize_model found no nn.Linear to quantize in {type(model).__name__} (skip={skip})")

@@ -243,3 +243,85 @@ def test_bnb_4bit_state_dict_refuses_mixed_layers_and_plain_models():
         bnb_4bit_state_dict(model)
     with pytest.raises(ValueError, match="has no LinearNF4 layers"):
         bnb_4bit_state_dict(tiny_gpt())
+
+
+# ------------------------------------------------------------------ dtype / device / misuse
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "float", "model_to_bf16"])
+def test_dtype_casts_keep_the_quantization_state_fp32_and_bit_identical(double_quant, cast):
+    torch.manual_seed(0)
+    layer = LinearNF4.from_linear(nn.Linear(96, 40), double_quant=double_quant)
+    before = layer.dequantize_weight()
+    buffers = {n: b.clone() for n, b in layer.named_buffers()}
+    if cast == "model_to_bf16":
+        model = nn.Sequential(layer).to(torch.bfloat16)
+        layer = model[0]
+    else:
+        layer = {"to_bf16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(),
+                 "float": lambda m: m.float()}[cast](layer)
+    bias_dtype = {"half": torch.float16, "float": torch.float32}.get(cast, torch.bfloat16)
+    # the quantization state only ever changes device; the bias follows the dtype ...
+    for n, b in layer.named_buffers():
+        assert b.dtype == buffers[n].dtype and torch.equal(b, buffers[n]), n
+    assert layer.absmax2 is None or layer.absmax2.dtype == torch.float32
+    assert layer.bias.dtype == bias_dtype
+    assert torch.equal(layer.dequantize_weight(), before)
+    # ... compute_dtype is kept, as bitsandbytes' Linear4bit keeps its compute_dtype under .to(dtype)
+    assert layer.compute_dtype == torch.float32
+    x = torch.randn(2, 96)
+    assert layer(x).dtype == torch.float32 and layer(x.to(bias_dtype)).dtype == bias_dtype
+    # and the state dict still loads (it failed on "weight.absmax is torch.float16")
+    fresh = LinearNF4(96, 40, double_quant=double_quant).to(bias_dtype)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.dequantize_weight(), before) and torch.equal(fresh.bias, layer.bias)
+
+
+def test_load_state_dict_copies_into_the_module_device_and_dtype():
+    src = LinearNF4.from_linear(nn.Linear(64, 32), double_quant=True)
+    sd = src.state_dict()
+    dst = LinearNF4.from_linear(nn.Linear(64, 32), double_quant=True).to(torch.bfloat16)
+    dst.load_state_dict(sd)
+    loaded = dict(dst.named_buffers())
+    assert loaded["weight"] is not sd["weight"] and loaded["absmax"] is not sd["weight.absmax"]
+    assert loaded["absmax2"] is not sd["weight.nested_absmax"]
+    assert loaded["weight"].data_ptr() != sd["weight"].data_ptr()
+    assert loaded["absmax"].data_ptr() != sd["weight.absmax"].data_ptr()
+    device = src.weight.device
+    assert all(b.device == device for b in loaded.values())
+    assert dst.bias.dtype == torch.bfloat16 and dst.bias.device == device
+    assert dst.bias.data_ptr() != sd["bias"].data_ptr()
+    assert torch.equal(dst.bias, sd["bias"].to(torch.bfloat16))
+    assert torch.equal(dst.dequantize_weight(), src.dequantize_weight())
+    # mutating the state dict afterwards does not reach the module
+    expected = dst.dequantize_weight()
+    sd["weight"].zero_()
+    assert torch.equal(dst.dequantize_weight(), expected)
+
+
+def test_quantize_model_refuses_a_model_with_lora_adapters():
+    from minilora.lora import LoRAConfig
+    from minilora.lora_model import inject
+
+    model = tiny_gpt()
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="quantize first, then inject"):
+        quantize_model(model)
+    assert not any(isinstance(m, LinearNF4) for m in model.modules())  # nothing was swapped
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_linear_nf4_refuses_int4_which_the_state_dict_format_cannot_store():
+    linear = nn.Linear(64, 16)
+    with pytest.raises(ValueError, match="nf4 or fp4"):
+        LinearNF4(64, 16, quant_type="int4")
+    with pytest.raises(ValueError, match="nf4 or fp4"):
+        LinearNF4.from_linear(linear, quant_type="int4")
+    with pytest.raises(ValueError, match="nf4 or fp4"):
+        quantize_model(tiny_gpt(), quant_type="int4")
+    layer = LinearNF4.from_linear(linear)
+    with pytest.raises(ValueError, match="nf4 or fp4"):
+        layer.set_state(quantize_4bit(linear.weight, "int4"))
+    with pytest.raises(ValueError, match="nf4 or fp4"):
+        LinearNF4.from_state(quantize_4bit(linear.weight, "int4"))
+    layer.state_dict()  # the layer is unchanged and still saves
