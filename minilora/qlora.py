@@ -207,7 +207,9 @@ class LinearNF4(nn.Module):
                     raise ValueError(f"{prefix}weight has shape {tuple(state.shape)}, the layer is "
                                      f"({self.out_features}, {self.in_features})")
                 # copied onto this module's device, as torch's load_state_dict copies into parameters
-                device = self._device() or state.packed.device
+                device = self._device()
+                if device is None or device.type == "meta":  # nothing to copy into: keep the source's device
+                    device = state.packed.device
                 copy = lambda t: None if t is None else t.detach().to(device, copy=True)  # noqa: E731
                 self.set_state(QuantState4bit(copy(state.packed), copy(state.absmax), state.shape, state.dtype,
                                               state.block_size, state.quant_type, copy(state.absmax2),
@@ -219,6 +221,8 @@ class LinearNF4(nn.Module):
                 bias = state_dict[prefix + "bias"].detach()
                 if tuple(bias.shape) != tuple(self.bias.shape):
                     error_msgs.append(f"{prefix}bias has shape {tuple(bias.shape)}, expected {tuple(self.bias.shape)}")
+                elif self.bias.is_meta:
+                    self.bias = nn.Parameter(bias.to(dtype=self.bias.dtype, copy=True), self.bias.requires_grad)
                 else:
                     self.bias.data = bias.to(self.bias.device, self.bias.dtype, copy=True)
             else:

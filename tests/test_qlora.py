@@ -325,3 +325,22 @@ def test_linear_nf4_refuses_int4_which_the_state_dict_format_cannot_store():
     with pytest.raises(ValueError, match="nf4 or fp4"):
         LinearNF4.from_state(quantize_4bit(linear.weight, "int4"))
     layer.state_dict()  # the layer is unchanged and still saves
+
+
+def test_load_state_dict_into_a_meta_module_takes_the_state_dicts_device():
+    src = LinearNF4.from_linear(nn.Linear(64, 32), double_quant=True)
+    with torch.device("meta"):
+        dst = LinearNF4(64, 32)
+    dst.load_state_dict(src.state_dict())
+    assert not any(t.is_meta for t in (*dst.buffers(), *dst.parameters()))
+    assert torch.equal(dst.dequantize_weight(), src.dequantize_weight()) and torch.equal(dst.bias, src.bias)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_module_stays_on_cuda_when_loading_a_cpu_state_dict():
+    src = LinearNF4.from_linear(nn.Linear(64, 32), double_quant=True)
+    dst = LinearNF4.from_linear(nn.Linear(64, 32), double_quant=True).cuda().to(torch.bfloat16)
+    assert dst.absmax2.dtype == torch.float32 and dst.absmax2.is_cuda
+    dst.load_state_dict(src.state_dict())
+    assert all(b.is_cuda for b in dst.buffers()) and dst.bias.is_cuda and dst.bias.dtype == torch.bfloat16
+    assert torch.equal(dst.dequantize_weight().cpu(), src.dequantize_weight())
