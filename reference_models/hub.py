@@ -55,8 +55,20 @@ def _rope_theta(d: dict) -> float:
     return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
 
 
+# What transformers' config classes assume for a key that config.json leaves out, where it differs
+# from LlamaConfig's defaults (LlamaConfig follows transformers' LlamaConfig). Mistral and Qwen2
+# are the same architecture with other defaults; reading them with Llama's would build another model.
+_FAMILY_DEFAULTS = {
+    "llama": {},
+    "mistral": {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32},
+    "qwen2": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+              "max_position_embeddings": 32768, "max_window_layers": 28},
+}
+
+
 def _llama_config(d: dict) -> LlamaConfig:
     mt = d["model_type"]
+    d = {**_FAMILY_DEFAULTS[mt], **d}
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
             "attention_dropout", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -70,7 +82,7 @@ def _llama_config(d: dict) -> LlamaConfig:
         kw.update(attention_bias=True, o_proj_bias=False)
         layer_types = d.get("layer_types") or []
         sliding = [t == "sliding_attention" for t in layer_types] if layer_types else \
-            [bool(d.get("use_sliding_window")) and i >= d.get("max_window_layers", 0)
+            [bool(d.get("use_sliding_window")) and i >= d["max_window_layers"]
              for i in range(d.get("num_hidden_layers", 32))]
         if any(sliding) and not all(sliding):
             raise ValueError("Qwen2 with sliding-window attention on only some layers is not supported "

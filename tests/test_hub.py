@@ -230,3 +230,25 @@ def test_saved_files_follow_the_umask(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mistral", {"num_attention_heads": 16}),                          # kv heads default to 8, not 16
+    ("qwen2", {"num_attention_heads": 64, "hidden_size": 128}),        # kv heads default to 32, not 64
+    ("qwen2", {"num_attention_heads": 32, "use_sliding_window": True,  # max_window_layers defaults to 28:
+               "sliding_window": 4}),                                  # both layers keep full attention
+])
+def test_keys_missing_from_config_json_take_the_family_defaults_transformers_uses(family, overrides):
+    import transformers as tf
+
+    cls = {"mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+    small = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                 max_position_embeddings=32)
+    small.update(overrides)
+    written = {"model_type": family, **small}  # what a sparse config.json holds: no kv heads, no windows
+    theirs = cls(**small)
+    ours = from_hf_config(written).config
+    assert ours.num_key_value_heads == theirs.num_key_value_heads
+    if family == "qwen2":
+        sliding = [t == "sliding_attention" for t in theirs.layer_types]
+        assert (ours.sliding_window is not None) == any(sliding)
