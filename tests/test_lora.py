@@ -308,3 +308,43 @@ def test_merge_unmerge_drift_over_100_cycles_stays_within_a_few_ulps(dtype, dora
         assert drift[-1] <= 100
     else:  # computed in fp32, rounded to 16 bits: rounding mostly snaps the walk back
         assert drift[-1] <= 4
+
+
+def _nf4_layer(seed=0, size=256):
+    from minilora.qlora import LinearNF4
+
+    torch.manual_seed(seed)
+    dense = nn.Linear(size, size)
+    return LoRALinear(LinearNF4.from_linear(dense), name="q")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_unmerge_on_a_4bit_base_restores_the_stored_weight_bit_for_bit(dora):
+    layer = _nf4_layer()
+    layer.add_adapter("a", 8, 16, use_dora=dora)
+    layer.add_adapter("b", 4, 8)
+    layer.active_adapters = ["a"]
+    randomize_(layer, "a", std=0.3)
+    randomize_(layer, "b", std=0.3)
+    w0 = layer.base_layer.dequantize_weight().clone()
+    state0 = {k: v.clone() for k, v in layer.base_layer.state_dict().items()}
+    for adapters in (["a"], ["b"]) if dora else (["a"], ["a", "b"], ["b"]):
+        layer.merge(adapters)
+        assert not torch.equal(layer.base_layer.dequantize_weight(), w0)
+        layer.unmerge()
+        assert torch.equal(layer.base_layer.dequantize_weight(), w0)
+        assert layer.merged_adapters == [] and layer._dora_norm == {}
+    state1 = layer.base_layer.state_dict()
+    assert state1.keys() == state0.keys() and all(torch.equal(state1[k], state0[k]) for k in state0)
+
+
+def test_refused_merge_leaves_no_dora_norm_behind():
+    layer = LoRALinear(nn.Linear(6, 5), name="q")
+    layer.add_adapter("a", 2, 4, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B["a"].weight.fill_(float("inf"))
+    w = layer.base_layer.weight.clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge(["a"])
+    assert layer._dora_norm == {} and layer.merged_adapters == []
+    assert torch.equal(layer.base_layer.weight, w)

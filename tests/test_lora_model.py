@@ -302,3 +302,88 @@ def test_quantized_base_counts_logically_and_unloads_to_linear_or_stays_quantize
             half_gap = (1.0 - 0.7229568362236023) / 2  # the largest half-gap of the NF4 codebook
             err = (model[0].dequantize_weight() - merged).abs()
             assert 0 < err.max() <= merged.abs().max() * half_gap
+
+
+def test_disable_adapters_on_a_merged_4bit_model_is_idempotent():
+    from minilora.qlora import LinearNF4
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+    model[0] = LinearNF4.from_linear(model[0])
+    model[2] = LinearNF4.from_linear(model[2])
+    inject(model, LoRAConfig(r=8, target_modules=["0", "2"]))
+    randomize_(model)
+    w0 = {n: m.base_layer.dequantize_weight().clone() for n, m in lora_layers(model).items()}
+    x = torch.randn(3, 256)
+    with disable_adapters(model):
+        y_base = model(x)
+    merge(model)
+    w_merged = {n: m.base_layer.dequantize_weight().clone() for n, m in lora_layers(model).items()}
+    y_merged = model(x)
+    for _ in range(3):
+        with disable_adapters(model):
+            assert torch.equal(model(x), y_base)
+        assert torch.equal(model(x), y_merged)
+        for n, m in lora_layers(model).items():
+            assert torch.equal(m.base_layer.dequantize_weight(), w_merged[n])
+    unmerge(model)
+    for n, m in lora_layers(model).items():
+        assert torch.equal(m.base_layer.dequantize_weight(), w0[n])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_failed_inject_leaves_the_model_bit_identical(init, quantized):
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.a, model.b = nn.Linear(16, 16), nn.Linear(16, 4)
+    if quantized:
+        from minilora.qlora import LinearNF4
+
+        model.a = LinearNF4.from_linear(model.a, block_size=32)
+    inject(model, LoRAConfig(r=2, target_modules=["a"]), "first")
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"rank must be in 1\.\.4 for b"):
+        inject(model, LoRAConfig(r=8, init=init, target_modules=["a", "b"]), "second")
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert list(model.lora_configs) == ["first"] and model.a.active_adapters == ["first"]
+
+
+def test_failed_inject_after_modifying_restores_pissa_base_weights(monkeypatch):
+    """Even a failure inside add_adapter (after PiSSA rewrote earlier layers) restores every base weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.a, model.b = nn.Linear(16, 16), nn.Linear(16, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    original = LoRALinear.add_adapter
+
+    def flaky(self, *args, **kw):
+        calls.append(self.name)
+        if self.name == "b":
+            raise RuntimeError("boom")
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(LoRALinear, "add_adapter", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        inject(model, LoRAConfig(r=4, init="pissa", target_modules=["a", "b"]))
+    assert calls == ["a", "b"]
+    assert type(model.a) is nn.Linear and type(model.b) is nn.Linear and not hasattr(model, "lora_configs")
+    after = model.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_matching_helpers_follow_peft():
+    from minilora.lora import pattern_matches
+    from minilora.lora_model import in_modules_to_save, suffix_match
+
+    assert suffix_match("model.q_proj", "q_proj") and suffix_match("q_proj", "q_proj")
+    assert not suffix_match("model.xq_proj", "q_proj")
+    assert in_modules_to_save("lm_head", ["lm_head"]) and in_modules_to_save("model.lm_head.weight", ["lm_head"])
+    assert in_modules_to_save("transformer.wte.weight", ["wte"]) and not in_modules_to_save("my_lm_head.weight", ["lm_head"])
+    assert pattern_matches("q_proj", "model.layers.0.q_proj") and not pattern_matches("q_proj", "model.xq_proj")

@@ -221,3 +221,94 @@ def test_missing_adapter_files_are_named(tmp_path, checkpoints):
     ours, _ = twins(checkpoints, "gpt2")
     with pytest.raises(FileNotFoundError, match=r"adapter_config.json not found"):
         load_adapter(ours, tmp_path)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+
+def _tiny_folder(tmp_path, **kw):
+    donor = _Tiny()
+    inject(donor, LoRAConfig(r=2, target_modules=["a", "b"], **kw))
+    with torch.no_grad():
+        for p in donor.parameters():
+            if p.requires_grad:
+                p.add_(1.0)  # trained values that differ from the target model's
+    return save_adapter(donor, tmp_path / "adapter")
+
+
+def _break(folder, key, value=None):
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    if value is None:
+        del tensors[key]
+    else:
+        tensors[key] = value
+    save_file(tensors, path)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: list(m.active_adapters) for n, m in lora_layers(model).items()})
+
+
+def _assert_same(model, snap):
+    state, grads, active = snap
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert {n: list(m.active_adapters) for n, m in lora_layers(model).items()} == active
+
+
+def test_failed_load_keeps_the_active_adapter_and_its_trainable_params(tmp_path):
+    folder = _tiny_folder(tmp_path)
+    _break(folder, "base_model.model.b.lora_A.weight")
+    model = _Tiny()
+    inject(model, LoRAConfig(r=2, target_modules=["a"]), "mine")
+    snap = _snapshot(model)
+    assert snap[1]["a.lora_A.mine.weight"]
+    with pytest.raises(ValueError, match=r"lacks 1 tensor"):
+        load_adapter(model, folder, "theirs")
+    _assert_same(model, snap)
+    assert list(model.lora_configs) == ["mine"]
+
+
+@pytest.mark.parametrize("kw", [dict(bias="all"), dict(modules_to_save=["head"])])
+def test_failed_load_copies_no_bias_or_modules_to_save_tensor(tmp_path, kw):
+    folder = _tiny_folder(tmp_path, **kw)
+    assert any(k.endswith(".bias") for k in load_file(folder / "adapter_model.safetensors"))
+    _break(folder, "base_model.model.b.lora_B.weight", torch.zeros(7, 2))
+    model = _Tiny()
+    inject(model, LoRAConfig(r=2, target_modules=["a"]), "mine")
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"b\.lora_B\.weight: file has \(7, 2\), model has \(8, 2\)"):
+        load_adapter(model, folder, "theirs")
+    _assert_same(model, snap)
+
+
+@pytest.mark.parametrize("key", ["base_model.model.a.base_layer.weight", "base_model.model.head.weight",
+                                 "base_model.model.a.base_layer.bias"])
+def test_adapter_file_cannot_overwrite_base_weights(tmp_path, key):
+    folder = _tiny_folder(tmp_path)  # bias="none", no modules_to_save
+    shape = (8, 8) if key.endswith("a.base_layer.weight") else (3, 8) if "head" in key else (8,)
+    _break(folder, key, torch.full(shape, 7.0))
+    model = _Tiny()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"{key.replace('.', chr(92) + '.')}: not a LoRA tensor.*bias='none'"):
+        load_adapter(model, folder)
+    _assert_same(model, snap)
+    assert not lora_layers(model) and not getattr(model, "lora_configs", {})
+
+
+def test_bias_and_modules_to_save_tensors_still_load(tmp_path):
+    folder = _tiny_folder(tmp_path, bias="all", modules_to_save=["head"])
+    model = _Tiny()
+    load_adapter(model, folder)
+    donor = load_file(folder / "adapter_model.safetensors")
+    state = model.state_dict()
+    for key in ("a.base_layer.bias", "head.weight", "head.bias"):
+        assert torch.equal(state[key], donor["base_model.model." + key])
