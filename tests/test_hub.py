@@ -124,11 +124,13 @@ def test_unsupported_rope_scaling_and_gpt2_variants():
 def test_old_style_rope_theta_and_qwen2_layout():
     cfg = config_from_hf(dict(model_type="llama", hidden_size=32, num_attention_heads=4, rope_theta=5e5))
     assert cfg.rope_theta == 5e5
-    cfg = config_from_hf(dict(model_type="qwen2", hidden_size=32, num_attention_heads=4, num_hidden_layers=2))
+    # (Qwen2's kv heads default to 32, as in transformers: a 4-head config must say how many it has)
+    cfg = config_from_hf(dict(model_type="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                              num_hidden_layers=2))
     assert (cfg.attention_bias, cfg.o_proj_bias, cfg.sliding_window) == (True, False, None)
     with pytest.raises(ValueError, match=r"sliding-window attention on only some layers is not supported"):
-        config_from_hf(dict(model_type="qwen2", hidden_size=32, num_attention_heads=4, num_hidden_layers=4,
-                            use_sliding_window=True, max_window_layers=2, sliding_window=8))
+        config_from_hf(dict(model_type="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, sliding_window=8))
 
 
 def test_old_gpt2_checkpoint_without_prefix_with_mask_buffers_and_tied_head(tmp_path):
