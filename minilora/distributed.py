@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    "STRATEGIES", "DistEnv", "init_distributed", "shutdown", "free_port", "transformer_blocks",
+    "STRATEGIES", "DistEnv", "check_strategy", "init_distributed", "shutdown", "free_port", "transformer_blocks",
     "wrap_model", "unwrap", "no_sync", "gather_full_state", "save_adapter_sharded",
     "load_adapter_sharded", "save_checkpoint", "load_checkpoint", "model_state_bytes", "train_distributed",
 ]
@@ -142,6 +142,18 @@ def _check_trainable_dtypes(unit: nn.Module, name: str, exclude: set[int]) -> No
                          f"mixes {found}; cast the trainable parameters to one dtype first")
 
 
+def check_strategy(strategy: str, world_size: int) -> str:
+    """The canonical strategy name; ValueError for an unknown one, or for "none" on several ranks
+    (nothing would average the gradients: each rank would train its own, diverging model)."""
+    strategy = _ALIASES.get(strategy, strategy)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy == "none" and world_size > 1:
+        raise ValueError(f"strategy 'none' on {world_size} ranks would train {world_size} unsynchronised models; "
+                         "use ddp, full_shard or shard_grad_op (or run one process)")
+    return strategy
+
+
 def wrap_model(model: nn.Module, strategy: str, env: DistEnv | None = None, *,
                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None) -> nn.Module:
     """Move `model` to this rank's device and wrap it for `strategy` (one of STRATEGIES).
@@ -150,9 +162,10 @@ def wrap_model(model: nn.Module, strategy: str, env: DistEnv | None = None, *,
     transformer block, then the root for the remaining embeddings / norm / head) and return it.
     param_dtype / reduce_dtype: FSDP2 mixed precision (ignored by ddp and none).
     """
-    strategy = _ALIASES.get(strategy, strategy)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    world = env.world_size if env is not None else 1
+    if env is None and _ALIASES.get(strategy, strategy) == "none" and dist.is_initialized():
+        world = dist.get_world_size()
+    strategy = check_strategy(strategy, world)
     device = env.device if env is not None else torch.device("cpu")
     if strategy != "none" and not dist.is_initialized():
         raise ValueError(f"strategy {strategy!r} needs a process group: call init_distributed() first")
@@ -178,7 +191,10 @@ def wrap_model(model: nn.Module, strategy: str, env: DistEnv | None = None, *,
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # No buffer broadcast before each forward: the buffers here (rotary tables, and QLoRA's
+        # LinearNF4 codes and scales, i.e. the whole 4-bit base) are frozen and built identically on
+        # every rank (same seed, same weights), so re-sending them every step would only cost bandwidth.
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     return model
 
 
@@ -331,7 +347,9 @@ def load_adapter_sharded(model: nn.Module, folder: str | os.PathLike, adapter_na
     stand_ins = {n: torch.zeros(p.shape, dtype=p.dtype, device="cpu") for n, p in params.items()}
     with _plain_parameters(model, stand_ins):
         # peft_io's own key mapping and shape checks; it copies into the stand-ins in place
-        peft_io._copy_tensors(unwrap(model), load_file(str(folder / peft_io.WEIGHTS_NAME)), adapter_name)
+        # the model's own adapter config says which non-LoRA tensors (biases, modules_to_save) it owns
+        peft_io._copy_tensors(unwrap(model), load_file(str(folder / peft_io.WEIGHTS_NAME)), adapter_name,
+                              unwrap(model).lora_configs[adapter_name])
     for name, p in params.items():
         _copy_full(p, stand_ins[name])
 
@@ -484,11 +502,7 @@ def _check_resume(state: dict, cfg, global_batch: int) -> None:
     change with the world size as long as the global batch (batch_size x world_size) does not."""
     from minilora import train as T
 
-    saved = state.get("config", {})
-    for key in T._RESUME_KEYS:
-        if key != "batch_size" and saved.get(key) != getattr(cfg, key):
-            raise ValueError(f"--resume: checkpoint was trained with {key}={saved.get(key)!r}, "
-                             f"this run has {getattr(cfg, key)!r}")
+    T.check_resume_settings(state.get("config", {}), cfg, skip=("batch_size",))
     if state.get("global_batch") != global_batch:
         raise ValueError(f"--resume: checkpoint was trained with a global batch of {state.get('global_batch')} "
                          f"sequences (batch_size x world_size), this run has {global_batch}; "
@@ -511,11 +525,13 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
     from minilora.data import BatchSampler, collate, load_dataset
 
     cfg.validate()
+    T.check_fresh_out(cfg)
     if cfg.optimizer != "adamw":
         raise ValueError(f"optimizer must be 'adamw' under train_distributed, got {cfg.optimizer!r} "
                          "(CPUOffloadAdamW copies and frees each gradient in its accumulate hook, which may run "
                          "before DDP/FSDP2 have reduced it; FSDP2's own CPUOffloadPolicy is the sharded alternative)")
     env = env or init_distributed()
+    strategy = check_strategy(strategy, env.world_size)  # before the model is built
     say = print if env.is_main and not cfg.quiet else (lambda *a, **k: None)
     # Same seed on every rank: FSDP2 shards each rank's own copy, so all copies must be equal.
     torch.manual_seed(cfg.seed)
@@ -534,10 +550,7 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
     checkpoints, autocast = Path(cfg.out) / "checkpoints", T._autocast(cfg, env.device)
     start, history = 0, []
     if cfg.resume:
-        pointer = checkpoints / "latest.json"
-        if not pointer.is_file():
-            raise ValueError(f"--resume: no checkpoint in {checkpoints} (latest.json is missing)")
-        folder = checkpoints / json.loads(pointer.read_text())["path"]
+        folder = T.latest_checkpoint(checkpoints)
         _check_resume(json.loads((folder / "trainer_state.json").read_text()), cfg, sampler.batch_size)
         state = load_checkpoint(wrapped, optimizer, folder, adapter)
         start, history = state["step"], state["history"]
@@ -585,7 +598,7 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
                                    "config": asdict(cfg), "global_batch": sampler.batch_size})
             if env.is_main:  # the pointer goes last, as in minilora.train
                 write_json_atomic(checkpoints / "latest.json", {"step": done, "path": name})
-                T._prune_checkpoints(checkpoints, cfg.keep_checkpoints)
+                T._prune_checkpoints(checkpoints, cfg.keep_checkpoints, done)
             _barrier()
     summary = {"method": cfg.method, "strategy": strategy, "world_size": env.world_size, "steps": cfg.steps,
                "final_loss": history[-1]["loss"] if history else None}

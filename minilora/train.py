@@ -39,8 +39,12 @@ __all__ = ["TrainConfig", "TrainResult", "train", "build_model", "evaluate", "lr
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "offload")
 PRECISIONS = ("auto", "fp32", "bf16")
-# Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change).
-_RESUME_KEYS = ("model", "data", "method", "tasks", "max_seq_len", "batch_size", "grad_accum", "steps", "lr",
+# Settings a checkpoint must share with the run that resumes it (others, e.g. logging, may change):
+# everything that shapes the token stream (data, tasks, tokenizer, max_seq_len, eval_fraction, seed)
+# or the update (lr schedule, clip, ...). check_resume_settings also refuses adding or dropping
+# --eval-data when eval_fraction > 0 (without it, the eval split is carved out of --data).
+_RESUME_KEYS = ("model", "data", "tokenizer", "method", "tasks", "max_seq_len", "batch_size",
+                "grad_accum", "steps", "lr", "clip",
                 "min_lr_ratio", "warmup_steps", "weight_decay", "optimizer", "offload_state_bits", "lora_r",
                 "lora_alpha", "lora_dropout", "lora_targets", "quant_type", "quant_block_size",
                 "double_quant", "seed", "eval_fraction")
@@ -108,6 +112,8 @@ class TrainConfig:
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.clip >= 0, f"clip must be >= 0 (0 disables clipping), got {self.clip}")
         need(self.offload_state_bits in (8, 32), f"offload_state_bits must be 8 or 32, got {self.offload_state_bits}")
+        need(self.eval_batches is None or (isinstance(self.eval_batches, int) and self.eval_batches >= 1),
+             f"eval_batches must be an integer >= 1 (or unset for the whole eval set), got {self.eval_batches!r}")
         need(self.quant_type in ("nf4", "fp4"), f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
         need(bool(self.data), "data is required (a .jsonl Alpaca file or a .txt corpus)")
 
@@ -130,12 +136,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _device(cfg: TrainConfig) -> torch.device:
+    """auto, cpu, cuda or cuda:N only; a CUDA device must exist here (ValueError otherwise)."""
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(cfg.device)
-    except RuntimeError as exc:
+        device = torch.device(cfg.device)
+    except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from exc
+    if device.type == "cpu" and device.index is None:
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} asked for, but CUDA is not available on this machine")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {cfg.device!r} asked for, but this machine has {count} CUDA device(s) "
+                         f"(cuda:0 to cuda:{count - 1})")
+    return device
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -289,21 +307,14 @@ def save_checkpoint(folder: Path, model, optimizer, sampler: BatchSampler, cfg: 
 def load_checkpoint(checkpoints: Path, model, optimizer, sampler: BatchSampler, cfg: TrainConfig) -> dict:
     from safetensors.torch import load_file
 
-    pointer = checkpoints / "latest.json"
-    if not pointer.is_file():
-        raise ValueError(f"--resume: no checkpoint in {checkpoints} (latest.json is missing)")
+    folder = latest_checkpoint(checkpoints)
     try:
-        folder = checkpoints / json.loads(pointer.read_text())["path"]
         state = json.loads((folder / "state.json").read_text())
         weights = load_file(str(folder / "trainable.safetensors"))
         tensors = load_file(str(folder / "state.safetensors"))
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(f"--resume: checkpoint in {checkpoints} is unreadable: {exc}") from exc
-    saved = state["config"]
-    for key in _RESUME_KEYS:
-        if saved.get(key) != getattr(cfg, key):
-            raise ValueError(f"--resume: checkpoint was trained with {key}={saved.get(key)!r}, "
-                             f"this run has {getattr(cfg, key)!r}")
+    check_resume_settings(state["config"], cfg)
     params = _trainable(model)
     if set(weights) != set(params):
         raise ValueError(f"--resume: checkpoint tensors {sorted(set(weights) ^ set(params))[:4]} do not match "
@@ -318,11 +329,66 @@ def load_checkpoint(checkpoints: Path, model, optimizer, sampler: BatchSampler, 
     return state
 
 
-def _prune_checkpoints(checkpoints: Path, keep: int) -> None:
+def latest_checkpoint(checkpoints: Path) -> Path:
+    """The checkpoint folder checkpoints/latest.json names (ValueError if there is none)."""
+    pointer = checkpoints / "latest.json"
+    if not pointer.is_file():
+        raise ValueError(f"--resume: no checkpoint in {checkpoints} (latest.json is missing)")
+    try:
+        name = json.loads(pointer.read_text())["path"]
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"--resume: {pointer} is unreadable: {exc}") from exc
+    return checkpoints / name
+
+
+def check_resume_settings(saved: dict, cfg: TrainConfig, skip: tuple = ()) -> None:
+    """Refuse to resume with any _RESUME_KEYS setting (but those in `skip`) changed from `saved`."""
+    for key in _RESUME_KEYS:
+        if key not in skip and saved.get(key) != getattr(cfg, key):
+            raise ValueError(f"--resume: checkpoint was trained with {key}={saved.get(key)!r}, "
+                             f"this run has {getattr(cfg, key)!r}")
+    if bool(saved.get("eval_data")) != bool(cfg.eval_data) and cfg.eval_fraction > 0:
+        raise ValueError(f"--resume: checkpoint was trained with eval_data={saved.get('eval_data')!r}, this run has "
+                         f"{cfg.eval_data!r}: with eval_fraction={cfg.eval_fraction} that changes the training "
+                         "examples (the eval split comes out of --data only without --eval-data)")
+
+
+def check_fresh_out(cfg: TrainConfig) -> None:
+    """A run without --resume that writes checkpoints refuses an OUT whose checkpoints/ already holds
+    some (an earlier run's): it would mix, then prune, them. Resume, or pick a new or emptied --out."""
+    checkpoints = Path(cfg.out) / "checkpoints"
+    if cfg.resume or not cfg.save_every or not checkpoints.is_dir():
+        return
+    if (checkpoints / "latest.json").exists() or any(checkpoints.glob("step-*")):
+        raise ValueError(f"{checkpoints} already holds checkpoints of an earlier run: continue it with "
+                         "--resume, or use another --out (or delete that folder)")
+
+
+def _step_number(folder: Path) -> int | None:
+    try:
+        return int(folder.name[len("step-"):])
+    except ValueError:
+        return None
+
+
+def _prune_checkpoints(checkpoints: Path, keep: int, current: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints up to step `current` (0 keeps all).
+
+    Only folders of lower step numbers are deleted, never the one latest.json names, and never
+    later steps (a run resumed from an earlier checkpoint overwrites those as it reaches them)."""
     if keep <= 0:
         return
-    for old in sorted(checkpoints.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        protected = latest_checkpoint(checkpoints).name
+    except ValueError:
+        protected = None
+    steps = sorted((n, f) for f in checkpoints.glob("step-*") if f.is_dir() and (n := _step_number(f)) is not None)
+    if current is None:
+        current = steps[-1][0] if steps else 0
+    older = [(n, f) for n, f in steps if n <= current]
+    for n, old in older[:-keep]:
+        if n < current and old.name != protected:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -349,6 +415,7 @@ def train(cfg: TrainConfig, model=None, on_step=None) -> TrainResult:
     `on_step(record)`: called after each step's logging, eval and checkpoint, with the step's record.
     """
     cfg.validate()
+    check_fresh_out(cfg)
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -431,7 +498,7 @@ def train(cfg: TrainConfig, model=None, on_step=None) -> TrainResult:
             meta = {"step": done, "history": history, "tokens_seen": tokens_seen + run_tokens,
                     "elapsed": elapsed_before + time.perf_counter() - t0}
             save_checkpoint(checkpoints / f"step-{done:06d}", model, optimizer, sampler, cfg, meta)
-            _prune_checkpoints(checkpoints, cfg.keep_checkpoints)
+            _prune_checkpoints(checkpoints, cfg.keep_checkpoints, done)
         if on_step is not None:
             on_step(record)
     wall = time.perf_counter() - t0
@@ -521,13 +588,15 @@ _HELP = {
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~30%% more time)",
     "eval_every": "evaluate every N steps and at the end (0 disables eval)",
     "eval_batches": "limit each eval to N batches (default: the whole eval set)",
-    "save_every": "write a checkpoint every N steps and at the end (0: no checkpoints)",
-    "keep_checkpoints": "keep the newest N checkpoints (0 keeps all)",
+    "save_every": "write a checkpoint every N steps and at the end (0: no checkpoints); without --resume, "
+                  "a run refuses an OUT whose checkpoints/ already holds an earlier run's checkpoints",
+    "keep_checkpoints": "keep the newest N checkpoints of this run (0 keeps all); the one latest.json "
+                        "names is never deleted",
     "resume": "continue from OUT/checkpoints/latest.json (same settings required); bit-exact",
     "save_final": "save the adapter (lora, qlora) or model (full) at the end",
     "log_every": "print a progress line every N steps",
     "seed": "seed for initialisation, data order and dropout",
-    "device": "auto (cuda if available), cpu, cuda or cuda:N",
+    "device": "auto (cuda if available), cpu, cuda or cuda:N (the CUDA device must exist)",
     "quiet": "print nothing but errors",
 }
 

@@ -114,6 +114,35 @@ def test_fsdp2_rejects_mixed_trainable_dtypes_in_one_unit(monkeypatch):
         D.wrap_model(model, "full_shard")
 
 
+def test_strategy_none_is_refused_on_several_ranks():
+    # nothing would average the gradients: each rank would train its own model
+    assert D.check_strategy("none", 1) == "none" and D.check_strategy("fsdp-full", 4) == "full_shard"
+    with pytest.raises(ValueError, match=r"strategy 'none' on 2 ranks would train 2 unsynchronised models"):
+        D.check_strategy("none", 2)
+    two_ranks = D.DistEnv(0, 2, 0, torch.device("cpu"), "gloo")
+    with pytest.raises(ValueError, match=r"strategy 'none' on 2 ranks"):
+        D.wrap_model(nn.Linear(2, 2), "none", two_ranks)
+    from minilora.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"strategy 'none' on 2 ranks"):  # before any model is built
+        D.train_distributed(TrainConfig(data="unused.txt", model="nowhere"), "none", env=two_ranks)
+
+
+def test_ddp_does_not_broadcast_buffers_every_forward():
+    # the buffers (QLoRA's 4-bit codes and scales, rotary tables) are frozen and equal on every rank
+    env = D.init_distributed("gloo")  # a group of one, in this process
+    try:
+        model = qlora_llama()
+        assert any(b.dtype == torch.uint8 for b in model.buffers())
+        ddp = D.wrap_model(model, "ddp", env)
+        assert ddp.broadcast_buffers is False
+        ids = batch(rows=2, seq=8)
+        _, loss = ddp(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+    finally:
+        D.shutdown()
+
+
 def test_init_distributed_rejects_unknown_backend():
     with pytest.raises(ValueError, match=r"backend must be 'gloo' or 'nccl', got 'mpi'"):
         D.init_distributed("mpi")

@@ -110,6 +110,68 @@ def test_resume_refuses_a_changed_setting(llama_dir, corpus, tmp_path):
         train(_cfg(llama_dir, corpus, tmp_path, steps=2, save_every=2, lora_r=4, resume=True))
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(tokenizer="byte"), "trained with tokenizer=None, this run has 'byte'"),
+    (dict(eval_data="corpus"), "trained with eval_data=None, this run has '"),
+    (dict(clip=0.5), "trained with clip=1.0, this run has 0.5"),
+])
+def test_resume_refuses_a_changed_token_stream_or_update(change, message, llama_dir, corpus, tmp_path):
+    # a tokenizer change re-tokenizes the data; eval_data=None carves the eval split out of --data
+    import re
+
+    change = {k: str(corpus) if v == "corpus" else v for k, v in change.items()}
+    train(_cfg(llama_dir, corpus, tmp_path, steps=2, save_every=2))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(_cfg(llama_dir, corpus, tmp_path, steps=2, save_every=2, resume=True, **change))
+
+
+def test_fresh_run_refuses_an_out_with_an_earlier_runs_checkpoints(llama_dir, corpus, tmp_path, capsys):
+    # an earlier, longer run left step-2 and step-4; a fresh 2-step run would have written step-2,
+    # pointed latest.json at it, then pruned it as "older" than step-4 (--keep-checkpoints 1)
+    common = ["--model", str(llama_dir), "--data", str(corpus), "--out", str(tmp_path), "--max-seq-len", "32",
+              "--batch-size", "2", "--save-every", "2", "--keep-checkpoints", "0", "--no-save-final", "--quiet"]
+    assert main(common + ["--steps", "4"]) == 0
+    checkpoints = tmp_path / "checkpoints"
+    before = sorted(p.name for p in checkpoints.glob("step-*"))
+    assert before == ["step-000002", "step-000004"]
+    capsys.readouterr()
+    assert main(common[:-4] + ["--keep-checkpoints", "1", "--no-save-final", "--quiet", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds checkpoints of an earlier run" in err and "--resume" in err, err
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == before
+    assert json.loads((checkpoints / "latest.json").read_text())["path"] == "step-000004"
+    # --resume is the way to go on with that folder: it finishes at once (4 of 4 steps done)
+    assert main(common + ["--steps", "4", "--resume"]) == 0
+
+
+def test_prune_never_deletes_the_checkpoint_latest_points_to_nor_later_steps(tmp_path):
+    from minilora.train import _prune_checkpoints
+
+    for step in (1, 2, 3, 6, 8):
+        (tmp_path / f"step-{step:06d}").mkdir()
+    (tmp_path / "latest.json").write_text(json.dumps({"step": 2, "path": "step-000002"}))
+    _prune_checkpoints(tmp_path, keep=1, current=3)  # step 3 saved, latest.json not yet moved to it
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [
+        "step-000002", "step-000003", "step-000006", "step-000008"]
+    (tmp_path / "latest.json").write_text(json.dumps({"step": 3, "path": "step-000003"}))
+    _prune_checkpoints(tmp_path, keep=1, current=3)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003", "step-000006", "step-000008"]
+    _prune_checkpoints(tmp_path, keep=0, current=8)  # 0 keeps all
+    assert len(list(tmp_path.glob("step-*"))) == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_cuda_exits_2_with_one_line(llama_dir, corpus, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "minilora.train", "--model", str(llama_dir), "--data", str(corpus),
+                           "--out", str(tmp_path), "--device", "cuda", "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "CUDA is not available" in proc.stderr, proc.stderr
+
+
 def test_grad_accumulation_is_token_weighted(llama_dir, tmp_path):
     # Records with very different response lengths: a mean of per-micro-batch means would differ.
     data = tmp_path / "a.jsonl"
@@ -167,6 +229,10 @@ def test_cli_help_documents_every_flag(capsys):
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["--eval-batches", "0"], "eval_batches must be an integer >= 1 (or unset for the whole eval set), got 0"),
+    (["--device", "meta"], "device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+    (["--device", "cpu:1"], "device must be auto, cpu, cuda or cuda:N, got 'cpu:1'"),
+    (["--device", "cuda:99"], "device 'cuda:99' asked for, but "),
 ])
 def test_cli_bad_flags_exit_2_with_one_line(argv_tail, message, llama_dir, corpus, tmp_path, capsys):
     argv = ["--model", str(llama_dir), "--data", str(corpus), "--out", str(tmp_path)] + argv_tail
