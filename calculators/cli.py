@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 
@@ -36,10 +37,22 @@ def _positive(kind=int):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
         return value
     return parse
+
+
+def _finite(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _common(p):
@@ -47,10 +60,10 @@ def _common(p):
                    help=f"preset ({', '.join(PRESETS)}), a config.json or a folder holding one")
     p.add_argument("--method", default="lora", help="full | lora | qlora")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
+    p.add_argument("--alpha", type=_finite, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     p.add_argument("--targets", default=None,
                    help="q_proj,v_proj | all-linear | a regex (default: peft's default for the family)")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    p.add_argument("--dropout", type=_finite, default=0.0, help="LoRA dropout")
     p.add_argument("--batch", type=_positive(), default=1, help="micro-batch per GPU")
     p.add_argument("--seq", type=_positive(), default=512, help="sequence length")
     p.add_argument("--grad-accum", type=_positive(), default=1)
@@ -83,8 +96,11 @@ def build_parser():
     c.add_argument("--tokens", type=_positive(), default=10_000_000, help="tokens per epoch")
     c.add_argument("--epochs", type=_positive(float), default=1.0)
     c.add_argument("--mfu", type=_positive(float), default=0.4, help="model FLOPs utilisation")
-    c.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the GPU preset's)")
+    c.add_argument("--price", type=_finite, default=None, help="USD per GPU-hour (default: the GPU preset's)")
     return parser
+
+
+_DEFAULTS = {k: v for k, v in vars(build_parser().parse_args(["vram"])).items()}
 
 
 def _choice(name, value, allowed):
@@ -115,6 +131,22 @@ def _setup(args, spec):
                          gpus=args.gpus, zero=args.zero)
 
 
+# settings that only training reads: `vram --inference` refuses them rather than print them unused
+_TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights")
+
+
+def _inference(args) -> bool:
+    return getattr(args, "inference", False)
+
+
+def _check_inference_flags(args, parser_defaults):
+    changed = [k for k in _TRAINING_ONLY if getattr(args, k) != parser_defaults[k]]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise ValueError(f"{flags} apply to training only, not to --inference (generation on one GPU): drop "
+                         f"{'it' if len(changed) == 1 else 'them'}")
+
+
 def _settings(args, spec):
     targets = args.targets or ",".join(DEFAULT_TARGETS[spec.family]) + " (peft default)"
     rows = [("model", f"{args.model} ({spec.family}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
@@ -122,6 +154,8 @@ def _settings(args, spec):
     keys = ["method", "rank", "alpha", "dropout", "batch", "seq", "grad_accum", "grad_ckpt", "attn", "dtype",
             "optimizer", "master_weights", "no_double_quant", "gpus", "zero", "gpu"]
     rows.append(("targets", targets))
+    if _inference(args):
+        keys = [k for k in keys if k not in _TRAINING_ONLY]
     rows += [(k.replace("_", "-"), getattr(args, k)) for k in keys]
     for extra in ("inference", "new_tokens", "search", "tokens", "epochs", "mfu", "price"):
         if hasattr(args, extra):
@@ -154,6 +188,7 @@ def run(args) -> dict:
         return out
     if args.command == "vram":
         if args.inference:
+            _check_inference_flags(args, _DEFAULTS)
             b = inference_memory(spec, batch=args.batch, prompt=args.seq, new_tokens=args.new_tokens,
                                  dtype=args.dtype, quant="nf4" if args.method == "qlora" else "none",
                                  attn=args.attn, double_quant=not args.no_double_quant)
@@ -183,7 +218,10 @@ def run(args) -> dict:
     if price < 0:
         raise ValueError(f"--price must be >= 0, got {price}")
     est = training_cost(total, trainable, args.tokens, args.epochs, args.method, spec.num_layers, args.seq,
-                        spec.hidden_size, args.grad_ckpt, args.gpus, gpu.bf16_tflops, args.mfu, price)
+                        spec.hidden_size, args.grad_ckpt, args.gpus, gpu.tflops(args.dtype), args.mfu, price)
+    est.assumptions["peak TFLOPS per GPU"] = gpu.tflops(args.dtype)
+    est.assumptions["dtype"] = (f"{args.dtype}: plain FP32 peak (torch's default, TF32 off)"
+                                if DTYPE_BYTES[args.dtype] == 4 else f"{args.dtype}: tensor-core peak")
     out["cost"] = est.__dict__
     return out
 

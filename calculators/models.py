@@ -21,6 +21,7 @@ Families and what is special about each (transformers 5 layouts):
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -76,10 +77,7 @@ class Tensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ def load_config(model: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ConfigError(f"cannot read {path} as JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(config).__name__}")
@@ -172,7 +170,13 @@ def model_spec(config: dict | str, name: str | None = None) -> ModelSpec:
                      o_bias=family in ("llama", "gemma", "gemma2") and attention_bias,
                      mlp_bias=family == "llama" and bool(get("mlp_bias", False)))
         if family == "mixtral":
-            sizes.update(num_experts=get("num_local_experts", 8), experts_per_token=get("num_experts_per_tok", 2))
+            experts = {"num_local_experts": 8, "num_experts_per_tok": 2}
+            for key, default in experts.items():
+                experts[key] = _positive_int({key: get(key, default)}, key, name)
+            if experts["num_experts_per_tok"] > experts["num_local_experts"]:
+                raise ConfigError(f"{name}: num_experts_per_tok ({experts['num_experts_per_tok']}) must be at most "
+                                  f"num_local_experts ({experts['num_local_experts']})")
+            sizes.update(num_experts=experts["num_local_experts"], experts_per_token=experts["num_experts_per_tok"])
     for key in ("num_kv_heads", "head_dim", "intermediate_size", "max_positions"):
         if isinstance(sizes[key], bool) or not isinstance(sizes[key], int) or sizes[key] <= 0:
             raise ConfigError(f"{name}: {key} must be a positive integer, got {sizes[key]!r}")

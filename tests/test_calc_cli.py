@@ -98,3 +98,70 @@ def test_cost_and_inference(capsys):
     assert main(["vram", "--model", "llama-3-8b", "--inference", "--seq", "1024", "--json"]) == 0
     terms = {t["name"]: t["gpu"] for t in json.loads(capsys.readouterr().out)["terms"]}
     assert terms["KV cache"] == 2 * 32 * 8 * (1024 + 256) * 128 * 2
+
+
+@pytest.mark.parametrize("key,value", [("num_local_experts", -1), ("num_local_experts", "8"),
+                                       ("num_experts_per_tok", 2.0)])
+def test_bad_mixtral_expert_counts_exit_2_with_one_line(tmp_path, key, value):
+    from calculators import PRESETS
+    (tmp_path / "config.json").write_text(json.dumps({**PRESETS["mixtral-8x7b"], key: value}))
+    code, out, err = run_cli("params", "--model", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1, (out, err)
+    assert f"{key} must be a positive integer, got {value!r}" in err, err
+
+
+def test_deeply_nested_config_exits_2_with_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = run_cli("params", "--model", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot read" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--mfu", "--tokens"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "infinity"])
+def test_cost_rejects_non_finite_numbers(flag, value, capsys):
+    assert main(["cost", "--model", "gpt2", flag, value, "--json"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and flag in err, err
+
+
+def test_cost_json_is_strict_json(capsys):
+    assert main(["cost", "--model", "gpt2", "--json"]) == 0
+    json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+
+
+def test_cost_uses_the_peak_of_the_chosen_dtype(capsys):
+    from calculators.gpus import GPUS
+    results = {}
+    for dtype in ("bf16", "fp32"):
+        assert main(["cost", "--model", "gpt2", "--gpu", "a100-80gb", "--dtype", dtype, "--json"]) == 0
+        results[dtype] = json.loads(capsys.readouterr().out)["cost"]
+    assert results["bf16"]["assumptions"]["peak TFLOPS per GPU"] == GPUS["a100-80gb"].bf16_tflops
+    assert results["fp32"]["assumptions"]["peak TFLOPS per GPU"] == GPUS["a100-80gb"].fp32_tflops
+    assert GPUS["a100-80gb"].fp32_tflops < GPUS["a100-80gb"].bf16_tflops
+    assert results["fp32"]["hours"] > results["bf16"]["hours"]
+    assert "fp32" in str(results["fp32"]["assumptions"])
+    assert main(["cost", "--model", "gpt2", "--dtype", "fp64"]) == 2
+
+
+@pytest.mark.parametrize("extra", [["--gpus", "2"], ["--zero", "3"], ["--optimizer", "sgd"],
+                                   ["--grad-ckpt", "full"], ["--grad-accum", "4"]])
+def test_inference_refuses_training_only_flags(extra, capsys):
+    assert main(["vram", "--model", "gpt2", "--inference", *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and extra[0] in err and "--inference" in err, err
+
+
+def test_inference_settings_do_not_list_training_only_flags(capsys):
+    assert main(["vram", "--model", "gpt2", "--inference", "--json"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    for key in ("gpus", "zero", "optimizer", "grad-ckpt", "grad-accum", "master-weights"):
+        assert key not in settings, settings
+    assert settings["inference"] is True
+
+
+@pytest.mark.parametrize("flag", ["--price", "--alpha", "--dropout"])
+def test_float_flags_reject_non_finite_values(flag, capsys):
+    assert main(["cost", "--model", "gpt2", flag, "nan", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and flag in err and "finite" in err, err

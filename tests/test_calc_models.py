@@ -166,3 +166,23 @@ def test_config_folder_and_file_agree(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["mistral-7b"]))
     assert count_parameters(model_spec(str(tmp_path))) == count_parameters(model_spec("mistral-7b"))
     assert count_parameters(model_spec(str(tmp_path / "config.json"))) == 7_241_732_096
+
+
+@pytest.mark.parametrize("key,value", [("num_local_experts", -1), ("num_local_experts", 0), ("num_local_experts", "8"),
+                                       ("num_experts_per_tok", 2.0), ("num_experts_per_tok", True)])
+def test_mixtral_expert_counts_must_be_positive_integers(key, value):
+    import re
+    config = {**PRESETS["mixtral-8x7b"], key: value}
+    with pytest.raises(ConfigError, match=f"{key} must be a positive integer, got {re.escape(repr(value))}"):
+        model_spec(config)
+
+
+def test_deeply_nested_config_is_a_config_error(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="cannot read .* as JSON"):
+        model_spec(str(tmp_path))
+
+
+def test_mixtral_cannot_route_to_more_experts_than_it_has():
+    with pytest.raises(ConfigError, match=r"num_experts_per_tok \(9\) must be at most num_local_experts \(8\)"):
+        model_spec({**PRESETS["mixtral-8x7b"], "num_experts_per_tok": 9})
