@@ -13,6 +13,10 @@ What each strategy divides by N (ZeRO paper, Rajbhandari et al. 2020; torch FSDP
   fsdp-grad-op    1/N       1/N         1/N                          all gathered weights from forward to
                                                                      backward (reshard_after_forward=False)
 
+"Gathered" means the sharded parameters only: QLoRA's NF4 codes and scales are module buffers,
+which FSDP2 does not shard (every rank holds them whole, counted in the weights term), so under
+FSDP a QLoRA model gathers only its 16-bit tensors (embeddings, norms, lm_head, adapters).
+
 ZeRO partitions one flat buffer (ceil(total / N) per GPU). FSDP2 shards every tensor on dim 0 with
 torch.chunk semantics, so rank 0 holds ceil(rows / N) rows of each tensor: we report rank 0 (the
 largest shard).
@@ -22,16 +26,19 @@ differ from our terms in stated ways:
   - estimate_zero2_model_states_mem_needs (no offload): 4P + 16P/N. Ours for ZeRO-2 with bf16
     weights and fp32 master/m/v: 2P + 2P/N + 12P/N. DeepSpeed also counts a full 16-bit gradient
     buffer (+2P: gradients exist at full size before the reduce-scatter) and the fp32 gradient
-    partition its optimizer steps on (+4P/N - 2P/N). With deepspeed_buffers=True our terms add these
-    and equal DeepSpeed's number exactly (tested).
+    partition its optimizer steps on (+4P/N - 2P/N). Adding these two terms to ours gives DeepSpeed's
+    number exactly (test_zero_model_states_agree_with_deepspeed_estimates in tests/test_calc_memory.py;
+    the calculator itself does not add them).
   - estimate_zero3_model_states_mem_needs (no offload): 4*largest_layer + 18P/N. Ours: 16P/N plus
     two gathered blocks in 16-bit. DeepSpeed adds the fp32 gradient partition (+2P/N) and sizes the
     gathered working set as 4 bytes x the largest single module's parameters (often the
-    embedding); with deepspeed_buffers=True and largest_layer given we equal it exactly.
+    embedding); adding those two terms (computed in the same test) to ours equals it exactly.
   - with CPU offload of optimizer states DeepSpeed's ZeRO-2 keeps 2P on the GPU (weights only,
     gradients streamed); our offload optimizer (CPUOffloadAdamW) keeps weights plus staging pages.
 """
 from __future__ import annotations
+
+import math
 
 __all__ = ["STRATEGIES", "parse_strategy", "shard", "fsdp_rank0_elements",
            "deepspeed_zero2_estimate", "deepspeed_zero3_estimate"]
@@ -66,18 +73,13 @@ def parse_strategy(text: str, gpus: int) -> str:
 
 def fsdp_rank0_elements(shapes, gpus: int) -> int:
     """Elements rank 0 holds when each tensor is chunked on dim 0 into `gpus` pieces (torch.chunk)."""
-    total = 0
-    for shape in shapes:
-        rows = shape[0] if shape else 1
-        rest = 1
-        for dim in shape[1:]:
-            rest *= dim
-        total += -(-rows // gpus) * rest
-    return total
+    return sum(-(-(shape[0] if shape else 1) // gpus) * math.prod(shape[1:]) for shape in shapes)
 
 
 def shard(category: str, nbytes: int, strategy: str, gpus: int, shapes=None, bytes_per_el=None) -> int:
-    """Per-GPU bytes of one category (weights | gradients | optimizer) under `strategy`."""
+    """Per-GPU bytes of one category (weights | gradients | optimizer) under `strategy`: ZeRO's
+    flat split ceil(nbytes / N), or under FSDP with the tensors' `shapes` (and `bytes_per_el`)
+    rank 0's torch.chunk piece of every tensor."""
     if category not in _SHARDED[strategy] or gpus == 1:
         return nbytes
     if strategy.startswith("fsdp") and shapes is not None and bytes_per_el:

@@ -19,6 +19,8 @@ fuses w1 and w3: so the count is NOT the per-expert transformers-4 count. We cou
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 
@@ -152,10 +154,4 @@ def _moe_tensors(spec: ModelSpec, lin: Linear, lora: LoRASpec, names: set) -> li
 def lora_trainable_parameters(spec: ModelSpec, rank: int = 8, targets=None, use_dora: bool = False) -> int:
     """peft's trainable count (get_nb_trainable_parameters()[0]) for LoRA on `spec`."""
     lora = LoRASpec(rank=rank, targets=targets, use_dora=use_dora)
-    total = 0
-    for _, shape in lora_tensors(spec, lora):
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total
+    return sum(math.prod(shape) for _, shape in lora_tensors(spec, lora))

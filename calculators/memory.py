@@ -14,10 +14,11 @@ grad_accum = 1, and all of them with grad_accum > 1 (they persist between micro-
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .activations import ActivationSetup, activation_bytes, block_targets
-from .distributed import fsdp_rank0_elements, parse_strategy, shard
+from .distributed import parse_strategy, shard
 from .gpus import MiB
 from .lora import LoRASpec, lora_layers, lora_tensors
 from .models import ModelSpec, parameter_tensors
@@ -104,15 +105,28 @@ def nf4_bytes(numel: int, block_size: int = 64, double_quant: bool = True) -> in
     return packed + blocks + 4 * -(-blocks // 256) + 4
 
 
+def _adam8bit_bytes(n: int) -> int:
+    """bitsandbytes 8-bit m and v of one tensor: uint8 + an fp32 absmax per 256 elements; tensors
+    under 4096 elements keep fp32 states."""
+    return 2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT else 2 * 4 * n
+
+
+def _widest_intermediate(spec: ModelSpec) -> int:
+    """Width of a block's widest activation: the (gated) MLP input or the fused q/k/v output."""
+    return max(spec.intermediate_size * (2 if spec.gated_mlp else 1), spec.q_size + 2 * spec.kv_size)
+
+
+def _in_first_block(name: str) -> bool:
+    return ".layers.0." in name or ".h.0." in name
+
+
 def _optimizer_state_bytes(shapes_numel, optimizer, state_bytes):
     """Optimizer states on the device for the given trainable tensors (list of numel)."""
     if optimizer == "adamw":  # m and v, plus torch's per-tensor fp32 `step`
         return sum(2 * n * state_bytes + 4 for n in shapes_numel)
     if optimizer == "adamw8bit":  # bitsandbytes: uint8 m, v + fp32 absmax per 256; small tensors fp32
         total = 2 * 256 * 4  # the signed and unsigned dynamic maps, shared by all tensors
-        for n in shapes_numel:
-            total += 2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT else 2 * 4 * n
-        return total
+        return total + sum(_adam8bit_bytes(n) for n in shapes_numel)
     if optimizer == "sgd-momentum":
         return sum(n * state_bytes for n in shapes_numel)
     return 0  # sgd, offload (states live on the host)
@@ -122,10 +136,7 @@ def _offload_host_bytes(numels, master_fp32, eight_bit):
     """CPUOffloadAdamW host memory (interfaces.md): m, v, fp32 grad buffer, fp32 master."""
     total = 0
     for n in numels:
-        if eight_bit and n >= BNB_MIN_8BIT:
-            total += 2 * (n + 4 * -(-n // BNB_BLOCK))
-        else:
-            total += 8 * n
+        total += _adam8bit_bytes(n) if eight_bit else 8 * n
         total += 4 * n + (4 * n if master_fp32 else 0)
     return total
 
@@ -137,25 +148,33 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> dict:
     d = DTYPE_BYTES[setup.dtype]
     tensors = parameter_tensors(spec)
     quantized_bytes, dense_shapes = 0, []  # NF4 bytes (LinearNF4 buffers) and the 16-bit frozen tensors
+    block = {"quantized": 0, "dense": 0}  # the first transformer block's weight bytes (incl. its adapters)
     if setup.method == "full":
         trainable_shapes = [t.shape for t in tensors]
         frozen_bytes = 0
+        block["dense"] = sum(t.numel for t in tensors if _in_first_block(t.name)) * d
     else:
-        lora = [shape for _, shape in lora_tensors(spec, setup.lora)]
-        trainable_shapes = lora
+        lora = lora_tensors(spec, setup.lora)
+        trainable_shapes = [shape for _, shape in lora]
+        block["dense"] = sum(math.prod(shape) for name, shape in lora if _in_first_block(name)) * d
         quantized = {f"{lin.name}.weight" for lin in _quantized_linears(spec)} if setup.method == "qlora" else set()
         frozen_bytes = 0
         for t in tensors:
             if t.name in quantized:
-                quantized_bytes += nf4_bytes(t.numel, setup.block_size, setup.double_quant)
+                nbytes, kind = nf4_bytes(t.numel, setup.block_size, setup.double_quant), "quantized"
             elif setup.method == "qlora" and t.kind == "experts":
                 per = t.numel // t.shape[0]  # each expert quantized as its own (out, in) matrix
-                quantized_bytes += t.shape[0] * nf4_bytes(per, setup.block_size, setup.double_quant)
+                nbytes, kind = t.shape[0] * nf4_bytes(per, setup.block_size, setup.double_quant), "quantized"
             else:
-                frozen_bytes += t.numel * d
+                nbytes, kind = t.numel * d, "dense"
+                frozen_bytes += nbytes
                 dense_shapes.append(t.shape)
+            if kind == "quantized":
+                quantized_bytes += nbytes
+            if _in_first_block(t.name):
+                block[kind] += nbytes
         frozen_bytes += quantized_bytes
-    numels = [_numel(s) for s in trainable_shapes]
+    numels = [math.prod(s) for s in trainable_shapes]
     trainable = sum(numels)
     master = setup.master_weights if setup.master_weights is not None else setup.method == "full"
     master = bool(master) and d != 4
@@ -172,15 +191,9 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> dict:
         "trainable_shapes": trainable_shapes, "all_shapes": [t.shape for t in tensors],
         "master_fp32": master, "state_bytes": state_bytes,
         "quantized_bytes": quantized_bytes, "dense_shapes": dense_shapes,
+        "block_quantized_bytes": block["quantized"], "block_dense_bytes": block["dense"],
     }
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 def _quantized_linears(spec: ModelSpec):
@@ -206,16 +219,15 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
 
     def sharded(category, nbytes, shapes=None, per_el=None):
         # FSDP2 chunks every tensor on dim 0 (rank 0 holds the largest piece); ZeRO one flat buffer
-        if fsdp and shapes is not None and category in ("weights", "gradients", "optimizer"):
-            return fsdp_rank0_elements(shapes, n_gpu) * per_el
-        return shard(category, nbytes, strategy, n_gpu)
+        return shard(category, nbytes, strategy, n_gpu, shapes, per_el)
 
     tshapes = states["trainable_shapes"]
     all_shapes = states["all_shapes"] + ([] if setup.method == "full" else tshapes)
     if setup.method == "qlora" and fsdp:
         # FSDP2 shards parameters only; LinearNF4 keeps its codes and scales in buffers, which every
         # rank holds whole (measured in tests/test_distributed.py)
-        weights = states["quantized_bytes"] + fsdp_rank0_elements(states["dense_shapes"] + tshapes, n_gpu) * d
+        dense = states["weights"] - states["quantized_bytes"]
+        weights = states["quantized_bytes"] + sharded("weights", dense, states["dense_shapes"] + tshapes, d)
         w_note = f", NF4 buffers replicated and the rest sharded over {n_gpu} GPUs ({strategy})"
     else:
         weights = sharded("weights", states["weights"], None if setup.method == "qlora" else all_shapes, d)
@@ -285,14 +297,14 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
     terms.append(Term("logits and loss", logits,
                       f"logits (B, T, V={spec.vocab_size:,}) in {dname} held by the caller, fp32 log-softmax "
                       "saved by the loss, and its fp32 gradient plus the cast back at backward start"))
-    inter = max(spec.intermediate_size * (2 if spec.gated_mlp else 1), spec.q_size + 2 * spec.kv_size)
+    inter = _widest_intermediate(spec)
     workspace = setup.batch * setup.seq * (2 * inter + 2 * spec.hidden_size) * d
     if setup.attn == "eager":
         workspace += 2 * setup.batch * spec.num_heads * setup.seq ** 2 * 4
     terms.append(Term("backward workspace", workspace,
                       "estimate: gradients of one block's widest intermediates (and of its scores when eager)"))
 
-    extra = _strategy_buffers(spec, setup, strategy, states, d)
+    extra = _strategy_buffers(setup, strategy, states, weights)
     terms += extra
 
     static = weights + master + opt + sum(t.gpu for t in extra)
@@ -321,21 +333,23 @@ def _shard_note(category, strategy, n):
     return ""
 
 
-def _strategy_buffers(spec, setup, strategy, states, d):
+def _strategy_buffers(setup, strategy, states, weights):
+    """Per-GPU buffers a strategy adds; `weights` is the per-rank weights term already counted."""
     out = []
     if strategy == "ddp" and not setup.optimizer.startswith("offload"):
         out.append(Term("DDP gradient buckets", states["gradients"],
                         "a second copy of the gradients (gradient_as_bucket_view=False, torch's default)"))
-    block = sum(t.numel for t in parameter_tensors(spec) if ".layers.0." in t.name or ".h.0." in t.name)
-    if setup.method == "qlora":
-        block = block // 4  # gathered 4-bit blocks: about a quarter of the 16-bit size
+    fsdp_qlora = setup.method == "qlora" and strategy.startswith("fsdp")
+    nf4_note = "; NF4 buffers are never sharded, so never gathered" if fsdp_qlora else ""
     if strategy in ("zero3", "fsdp-full") and setup.gpus > 1:
-        out.append(Term("gathered parameters", 2 * block * d,
-                        "two transformer blocks all-gathered at once (current + prefetched)"))
+        block = states["block_dense_bytes"] + (0 if fsdp_qlora else states["block_quantized_bytes"])
+        out.append(Term("gathered parameters", 2 * block,
+                        "two transformer blocks all-gathered at once (current + prefetched)" + nf4_note))
     if strategy == "fsdp-grad-op" and setup.gpus > 1:
-        full = states["weights"]
-        out.append(Term("gathered parameters", full - shard("weights", full, strategy, setup.gpus),
-                        "reshard_after_forward=False: every block stays gathered from forward to backward"))
+        # every rank ends the forward holding every weight once: the unsharded total minus its own shard
+        out.append(Term("gathered parameters", states["weights"] - weights,
+                        "reshard_after_forward=False: every block stays gathered from forward to backward"
+                        + nf4_note))
     return out
 
 
@@ -356,7 +370,7 @@ def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tok
     weights = sum(nf4_bytes(t.numel, 64, double_quant) if t.name in quantized else t.numel * d for t in tensors)
     total_len = prompt + new_tokens
     kv = 2 * spec.num_layers * batch * spec.num_kv_heads * total_len * spec.head_dim * d
-    inter = max(spec.intermediate_size * (2 if spec.gated_mlp else 1), spec.q_size + 2 * spec.kv_size)
+    inter = _widest_intermediate(spec)
     prefill = batch * prompt * (spec.vocab_size + 2 * inter + 2 * spec.hidden_size) * d
     if attn == "eager":
         prefill += batch * spec.num_heads * prompt * total_len * (4 + d)

@@ -1,5 +1,7 @@
 """calculators.memory: model-state bytes equal the real tensors' nbytes after a training step on the
 reference models; sharding arithmetic against torch.chunk and DeepSpeed's estimators."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -195,3 +197,44 @@ def test_qlora_state_bytes_exact(family, double_quant, dtype):
     dname = "fp32" if dtype == torch.float32 else "bf16"
     assert real == predicted(spec, method="qlora", dtype=dname, double_quant=double_quant,
                              lora=LoRASpec(rank=4, targets="all-linear"))
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+@pytest.mark.parametrize("gpus", [2, 3, 8])
+def test_fsdp_grad_op_weights_plus_gathered_equal_unsharded_weights(method, gpus):
+    """reshard_after_forward=False: between forward and backward every rank holds every weight once."""
+    spec = model_spec("llama-2-7b")
+    setup = TrainingSetup(method=method, lora=LoRASpec(rank=16, targets="all-linear"), seq=2048, grad_ckpt="full",
+                          gpus=gpus, zero="fsdp-grad-op")
+    terms = {t.name: t.gpu for t in training_memory(spec, setup).terms}
+    assert terms["weights"] + terms["gathered parameters"] == model_state_bytes(spec, setup)["weights"]
+
+
+def test_fsdp_qlora_gathers_only_the_sharded_dense_part():
+    """NF4 buffers are replicated (counted whole in weights): FSDP gathers only norms, embeddings,
+    lm_head and the LoRA adapters; full-shard gathers two blocks of those."""
+    spec = model_spec("llama-2-7b")
+    lora = LoRASpec(rank=16, targets="all-linear")
+    setup = TrainingSetup(method="qlora", lora=lora, gpus=2, zero="fsdp-full")
+    states = model_state_bytes(spec, setup)
+    terms = {t.name: t.gpu for t in training_memory(spec, setup).terms}
+    from calculators.lora import lora_tensors
+    block = sum(t.numel for t in parameter_tensors(spec) if ".layers.0." in t.name and t.kind == "norm")
+    block += sum(math.prod(shape) for name, shape in lora_tensors(spec, lora) if ".layers.0." in name)
+    assert terms["gathered parameters"] == 2 * block * 2
+    dense = sum(math.prod(s) for s in states["dense_shapes"] + states["trainable_shapes"])
+    grad_op = {t.name: t.gpu for t in training_memory(spec, TrainingSetup(**{**setup.__dict__, "zero": "grad-op"})).terms}
+    assert grad_op["gathered parameters"] == 2 * dense - 2 * fsdp_rank0_elements(
+        states["dense_shapes"] + states["trainable_shapes"], 2)
+    assert grad_op["gathered parameters"] < states["weights"] - states["quantized_bytes"]
+
+
+def test_distributed_docstring_names_only_options_that_exist():
+    import inspect
+    import re
+    import calculators.distributed as dist
+    params = {p for f in vars(dist).values() if inspect.isfunction(f) for p in inspect.signature(f).parameters}
+    torch_options = {"reshard_after_forward", "gradient_as_bucket_view"}  # torch's own, quoted as such
+    promised = set(re.findall(r"\b(\w+)=(?:True|False)\b", dist.__doc__)) - torch_options
+    assert promised <= params, promised - params
+    assert "test_zero_model_states_agree_with_deepspeed_estimates" in dist.__doc__
