@@ -292,13 +292,7 @@ def test_random_llama_configs_save_and_load_in_transformers(tmp_path_factory, fa
                          attention_bias=family == "qwen2", o_proj_bias=False,
                          rope_theta=500.0, sliding_window=None)
     torch.manual_seed(0)
-    ours = Llama(config).eval()
-    folder = tmp_path_factory.mktemp("rt")
-    save_pretrained(ours, folder)
-    hf = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
-    x = ids(batch=1, seq=seq, vocab=64)
-    with torch.no_grad():
-        assert max_diff(ours(x), hf(x).logits) <= FP32_TOL
+    assert_transformers_loads_the_same_model(Llama(config).eval(), tmp_path_factory, seq)
 
 
 @settings(max_examples=5)
@@ -308,7 +302,10 @@ def test_random_gpt_configs_save_and_load_in_transformers(tmp_path_factory, n_la
     config = GPTConfig(vocab_size=64, n_positions=16, n_embd=16, n_layer=n_layer, n_head=n_head,
                        n_inner=n_inner, activation_function=act)
     torch.manual_seed(0)
-    ours = GPT(config).eval()
+    assert_transformers_loads_the_same_model(GPT(config).eval(), tmp_path_factory, seq)
+
+
+def assert_transformers_loads_the_same_model(ours, tmp_path_factory, seq):
     folder = tmp_path_factory.mktemp("rt")
     save_pretrained(ours, folder)
     hf = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
