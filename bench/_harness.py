@@ -69,8 +69,12 @@ def timeit(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def timeit_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
-    """Median seconds for each named callable, run round-robin so load affects all alike."""
+def timeit_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, clock=time.perf_counter) -> dict:
+    """Median seconds for each named callable, run round-robin so load affects all alike.
+
+    `clock=time.process_time` measures process CPU seconds instead of wall time: on a shared machine
+    a single-threaded run's CPU time barely depends on what else runs (with more than one thread,
+    OpenMP's spin-waiting makes CPU time meaningless)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -78,10 +82,10 @@ def timeit_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -12,7 +12,7 @@ stack. The FLOP floor for LoRA / full is about 2/3 (backward skips the frozen we
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import tempfile
 import time
 import warnings
@@ -61,22 +61,6 @@ def infer(model, ids, hf: bool):
     def run():
         return model(input_ids=ids).logits if hf else model(ids)
     return run
-
-
-def timeit_cpu_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """As timeit_interleaved, but process CPU seconds: on a shared machine a single-threaded run's CPU
-    time barely depends on what else runs, while its wall time does. (With >1 thread, OpenMP's
-    spin-waiting makes CPU time meaningless, so --clock cpu sets 1 thread.)"""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.process_time()
-            fn()
-            times[k].append(time.process_time() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_family(family, args):
@@ -133,7 +117,7 @@ def main(argv=None):
     args.timer = timeit_interleaved
     if args.clock == "cpu":
         torch.set_num_threads(1)
-        args.timer = timeit_cpu_interleaved
+        args.timer = functools.partial(timeit_interleaved, clock=time.process_time)
     if args.quick:
         args.layers, args.width, args.vocab, args.batch, args.seq, args.ranks = 2, 128, 2048, 2, 128, [8, 64]
     else:
