@@ -303,10 +303,6 @@ def quant_state_from_dict(tensors: dict[str, torch.Tensor], prefix: str = "") ->
 
 # -------------------------------------------------------------------------------- model level
 
-def _matches(name: str, patterns) -> bool:
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
 def quantize_model(model: nn.Module, skip=("lm_head",), quant_type: str = "nf4", double_quant: bool = True,
                    block_size: int = 64, compute_dtype=None) -> nn.Module:
     """Swap every nn.Linear (except names in `skip`, matched in full or as a `.`-suffix) for a
@@ -320,7 +316,10 @@ def quantize_model(model: nn.Module, skip=("lm_head",), quant_type: str = "nf4",
     if adapted:
         raise ValueError(f"quantize_model got a model that already has LoRA adapters ({adapted[:3]}...): its "
                          f"nn.Linear adapters would be quantized and frozen; quantize first, then inject")
-    targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
+    from .lora_model import suffix_match  # peft's list rule, shared with target_modules
+
+    targets = [n for n, m in model.named_modules()
+               if type(m) is nn.Linear and not any(suffix_match(n, p) for p in skip)]
     if not targets:
         raise ValueError(f"quantize_model found no nn.Linear to quantize in {type(model).__name__} (skip={skip})")
     for name in targets:
