@@ -84,7 +84,9 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     """Join the process group torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR/PORT.
 
     Without those variables (plain `python`), a group of one is made, so that the same code runs
-    FSDP2 and the checkpoint functions on one process. gloo on CPU, NCCL when CUDA is present.
+    FSDP2 and the checkpoint functions on one process. Default backend: gloo on CPU, NCCL when CUDA
+    is present (one GPU per process: LOCAL_RANK must be below the device count). Pass backend="gloo"
+    for CPU processes on a machine that has a GPU.
     """
     cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if cuda else "gloo")
@@ -95,6 +97,11 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if backend == "nccl" and local_rank >= torch.cuda.device_count():
+        # NCCL needs one GPU per process on a node; set_device would fail with "invalid device ordinal"
+        count = torch.cuda.device_count()
+        raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {count} CUDA device(s): backend 'nccl' "
+                         f"needs one GPU per process; use backend='gloo' or at most {count} process(es) per node")
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

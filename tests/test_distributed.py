@@ -46,7 +46,7 @@ def _entry(rank, world, port, fn, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    env = D.init_distributed()
+    env = D.init_distributed("gloo")  # CPU processes even where CUDA exists (the default there is nccl)
     try:
         fn(env, *args)
     finally:
@@ -378,6 +378,21 @@ def test_calculator_fsdp2_qlora_weights_equal_what_each_rank_holds(fsdp_lora_run
     calc = {t.name: t.gpu for t in training_memory(spec, setup).terms}
     for held in _held(fsdp_lora_run, "bytes_qlora"):
         assert held["params"] + held["buffers"] == calc["weights"], (held, calc)
+
+
+def test_init_distributed_nccl_with_more_local_ranks_than_gpus_says_what_to_do(monkeypatch):
+    # as on a 1-GPU machine running 2 processes: rank 1 has no cuda:1 (checked before any CUDA call)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    message = (r"LOCAL_RANK=1 but this machine has 1 CUDA device\(s\): backend 'nccl' needs one GPU per process; "
+               r"use backend='gloo' or at most 1 process\(es\) per node")
+    with pytest.raises(ValueError, match=message):
+        D.init_distributed()  # the default backend where CUDA is available
+    with pytest.raises(ValueError, match=message):
+        D.init_distributed("nccl")
 
 
 def test_init_distributed_without_torchrun_rendezvous_says_how_to_launch(monkeypatch):

@@ -25,7 +25,7 @@ def config(out, batch_size: int, **kw) -> TrainConfig:
     # a small clip so that clipping (over FSDP2's sharded gradients) really scales the step
     base = dict(data=DATA, out=str(out), method="lora", max_seq_len=32, batch_size=batch_size, steps=3, lr=1e-2,
                 warmup_steps=0, min_lr_ratio=1.0, clip=0.05, lora_r=4, lora_alpha=8, eval_fraction=0.0,
-                log_every=1, quiet=True, seed=3)
+                log_every=1, quiet=True, seed=3, device="cpu")  # the gloo ranks run on CPU, also where CUDA exists
     return TrainConfig(**{**base, **kw})
 
 
