@@ -142,6 +142,19 @@ def check_rank_fits(r, in_features: int, out_features: int, name: str = "", chec
         raise ValueError(f"rank must be in 1..{limit} for {name} ({in_features} -> {out_features}), got {r}")
 
 
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on `tensor`'s device, or None where autocast is off.
+
+    A custom autograd Function's forward runs under the caller's autocast, but its backward does not
+    (on CUDA it runs on the autograd engine's own thread): a Function that mixes dtypes, such as fp32
+    adapters on a bf16-autocast forward, casts to this dtype itself in forward, saves the casts, and
+    casts each gradient back to its input's dtype in backward."""
+    device_type = tensor.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 class LowRankAdd(torch.autograd.Function):
     """result + scaling * (h @ A^T) @ B^T, with the backward written out.
 
@@ -150,10 +163,18 @@ class LowRankAdd(torch.autograd.Function):
     skinny backward products are computed in the layout BLAS runs fast: g @ B, an (N, out) x (out, r)
     product with a tiny output, runs ~3x faster on CPU as (B^T @ g^T)^T. The base layer's weight never
     appears here: a frozen W gets no gradient and costs nothing in backward but g @ W for the input.
+
+    Under autocast (QLoRA on CUDA: fp32 adapters, bf16 compute) every input is cast to the autocast
+    dtype up front, as autocast casts addmm's inputs, so the output has that dtype; backward computes
+    in it too and returns each gradient in its input's dtype (fp32 for fp32 adapters).
     """
 
     @staticmethod
     def forward(ctx, h, result, A, B, scaling):
+        ctx.dtypes = (h.dtype, result.dtype, A.dtype, B.dtype)
+        dtype = autocast_dtype(h)
+        if dtype is not None:
+            h, result, A, B = h.to(dtype), result.to(dtype), A.to(dtype), B.to(dtype)
         h2 = h.reshape(-1, h.shape[-1])  # (N, in)
         down = h2 @ A.t()  # (N, r)
         ctx.save_for_backward(h2, down, A, B)
@@ -163,13 +184,14 @@ class LowRankAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h2, down, A, B = ctx.saved_tensors
+        h_dtype, result_dtype, A_dtype, B_dtype = ctx.dtypes
         need_h, _, need_A, need_B, _ = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        g = grad.reshape(-1, grad.shape[-1]).to(down.dtype)  # (N, out), in forward's compute dtype
         g_down = (B.t() @ g.t()).t() * ctx.scaling if need_h or need_A else None  # (N, r)
-        grad_h = (g_down @ A).view(ctx.h_shape) if need_h else None  # (.., in)
-        grad_A = g_down.t() @ h2 if need_A else None  # (r, in)
-        grad_B = (down.t() @ g).t() * ctx.scaling if need_B else None  # (out, r)
-        return grad_h, grad, grad_A, grad_B, None
+        grad_h = (g_down @ A).view(ctx.h_shape).to(h_dtype) if need_h else None  # (.., in)
+        grad_A = (g_down.t() @ h2).to(A_dtype) if need_A else None  # (r, in)
+        grad_B = ((down.t() @ g).t() * ctx.scaling).to(B_dtype) if need_B else None  # (out, r)
+        return grad_h, grad.to(result_dtype), grad_A, grad_B, None
 
 
 class LoRALinear(nn.Module):

@@ -26,6 +26,7 @@ import re
 import torch
 from torch import nn
 
+from .lora import autocast_dtype
 from .nf4 import QuantState4bit, _dynamic_on, _tables, dequantize_4bit, quantize_4bit
 
 __all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training", "load_bnb_4bit_state",
@@ -43,22 +44,28 @@ def _check_storable(quant_type: str) -> None:
 
 
 class _DequantizeLinear(torch.autograd.Function):
-    """y = x @ dequantize(state).T + bias, saving only the 4-bit state for backward."""
+    """y = x @ dequantize(state).T + bias, saving only the 4-bit state for backward.
+
+    Under autocast the weight is dequantized straight to the autocast dtype (no fp32 temporary for
+    autocast to cast) and x, bias are cast to it, as autocast casts linear's inputs; backward, which
+    runs outside autocast, computes in that dtype and returns gradients in x's and bias's dtypes."""
 
     @staticmethod
     def forward(ctx, x, state: QuantState4bit, bias):
-        weight = dequantize_4bit(state, x.dtype)  # (out, in), freed when forward returns
-        ctx.state = state
-        ctx.has_bias = bias is not None
-        return nn.functional.linear(x, weight, bias)
+        dtype = autocast_dtype(x) or x.dtype
+        weight = dequantize_4bit(state, dtype)  # (out, in), freed when forward returns
+        ctx.state, ctx.dtype, ctx.x_dtype = state, dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return nn.functional.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
+        grad_out = grad_out.to(ctx.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_4bit(ctx.state, grad_out.dtype)  # (..., out) @ (out, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_x = (grad_out @ dequantize_4bit(ctx.state, ctx.dtype)).to(ctx.x_dtype)  # (..., out) @ (out, in)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias
 
 

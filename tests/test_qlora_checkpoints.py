@@ -12,13 +12,17 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import reference_models
 from minilora.qlora import LinearNF4, quantize_model
 
+# transformers + bitsandbytes put a 4-bit model on CUDA wherever CUDA exists; the tests compare with
+# our CPU models, so pin the oracle to CPU on every machine
+DEVICE_MAP = "cpu"
 
 
 def transformers_4bit(family, folder, quant_type, double_quant):
     save_tiny(family, folder / "fp32")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder / "fp32", quantization_config=config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder / "fp32", quantization_config=config, dtype=torch.float32,
+                                                 device_map=DEVICE_MAP)
     model.save_pretrained(folder / "hf4bit")
     return model.eval()
 
@@ -54,7 +58,7 @@ def test_our_quantized_model_loads_in_transformers_as_4bit(tmp_path, family):
     save_tiny(family, tmp_path / "fp32")
     model = quantize_model(reference_models.load_pretrained(tmp_path / "fp32"), quant_type="nf4", double_quant=True)
     reference_models.save_pretrained(model, tmp_path / "ours4bit")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours4bit", dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours4bit", dtype=torch.float32, device_map=DEVICE_MAP).eval()
     assert sum(type(m).__name__ == "Linear4bit" for m in hf.modules()) == \
         sum(isinstance(m, LinearNF4) for m in model.modules())
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
