@@ -2,14 +2,17 @@
 
     .venv/bin/python -m bench.offload [--quick] [--steps N]
 
-CUDA (a ~1.1B reference Llama, TinyLlama's shape): step time (forward + backward + optimizer) and
-peak GPU memory, side by side, for
+CUDA (a ~1.1B reference Llama, TinyLlama's shape, batch 4 x 1024): step time (forward + backward +
+optimizer) and peak GPU memory, one contender at a time, in this order:
   torch AdamW(fused)           fp32 weights, bf16 autocast, everything on the GPU (the baseline)
   ours, fp32 params            same numerics; m, v, gradients on the CPU
   ours, bf16 + fp32 master     bf16 weights on the GPU; fp32 master, m, v, gradients on the CPU
-  ours, bf16 + master, 8-bit   the same with 8-bit m and v
   torchao CPUOffloadOptimizer  fp32 weights, autocast, offload_gradients=True, fused CPU AdamW
-Goal: ours <= 1.2x the all-GPU step while GPU memory drops by the states and master weights.
+  ours, bf16 + master, 8-bit   bf16 + fp32 master with 8-bit m and v (the slowest CPU update: last)
+Goal: ours (fp32 params) <= 1.2x the all-GPU step while GPU memory drops by the states.
+Each model is built on the GPU directly; each contender prints its row when done. 1 warm-up step,
+then up to 3 timed steps, fewer when the warm-up shows they would pass --budget-s; contenders not
+started by --deadline-s are recorded as skipped, and one that raises is recorded with its error.
 
 CPU (no device): a small reference Llama; the same step with torch AdamW (single-tensor and
 fused) and ours, to show the cost of the hooks and the paged update (torchao's optimizer needs a
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import statistics
 import time
 
 import torch
 
-from bench._harness import report, timeit_interleaved
+from bench._harness import _sync, report, timeit_interleaved
 from minilora.offload import CPUOffloadAdamW
 from reference_models import Llama, LlamaConfig
 
@@ -37,7 +41,8 @@ QUICK = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2)
 
 def build(config: dict, dtype, device):
     torch.manual_seed(0)
-    return Llama(LlamaConfig(**config)).to(device=device, dtype=dtype)
+    with torch.device(device):   # built in place: a 1B model never passes through host memory
+        return Llama(LlamaConfig(**config)).to(dtype)
 
 
 def contenders(cuda: bool, page_size: int):
@@ -48,13 +53,13 @@ def contenders(cuda: bool, page_size: int):
         out["ours, fp32 params"] = (torch.float32, True, lambda p: CPUOffloadAdamW(p, lr=1e-5, page_size=page_size))
         out["ours, bf16 + fp32 master"] = (torch.bfloat16, False, lambda p: CPUOffloadAdamW(
             p, lr=1e-5, page_size=page_size, master_weights="fp32"))
-        out["ours, bf16 + master, 8-bit states"] = (torch.bfloat16, False, lambda p: CPUOffloadAdamW(
-            p, lr=1e-5, page_size=page_size, master_weights="fp32", state_bits=8))
 
         def torchao(p):
             from torchao.optim import CPUOffloadOptimizer
             return CPUOffloadOptimizer(p, torch.optim.AdamW, offload_gradients=True, lr=1e-5)
         out["torchao CPUOffloadOptimizer"] = (torch.float32, True, torchao)
+        out["ours, bf16 + master, 8-bit states"] = (torch.bfloat16, False, lambda p: CPUOffloadAdamW(
+            p, lr=1e-5, page_size=page_size, master_weights="fp32", state_bits=8))
     else:
         out["torch AdamW (single-tensor)"] = (torch.float32, False, lambda p: torch.optim.AdamW(p, lr=1e-5, foreach=False))
         out["torch AdamW (fused)"] = (torch.float32, False, lambda p: torch.optim.AdamW(p, lr=1e-5, fused=True))
@@ -94,56 +99,106 @@ class Contender:
         return row
 
 
-def measure_cuda(contender: Contender, steps: int) -> dict:
-    """Median step time after 2 warm-up steps, and peak GPU memory, one contender at a time."""
-    contender.step(), contender.step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+def measure_alone(contender: Contender, steps: int, budget_s: float) -> dict:
+    """Median step time after 1 warm-up step (it picks the kernels and allocates the states), and
+    the peak GPU memory of the timed steps. At most `steps` timed steps, fewer when the warm-up
+    says they would take longer than `budget_s` (at least 1)."""
+    cuda = contender.device.type == "cuda"
+    t0 = time.perf_counter()
+    contender.step()
+    _sync()
+    warm = time.perf_counter() - t0
+    steps = max(1, min(steps, int(budget_s // warm)))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         contender.step()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
     row = contender.row(statistics.median(times))
-    row["peak GPU GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    row["timed steps"], row["warm-up s"] = steps, warm
+    if cuda:
+        row["peak GPU GiB"] = torch.cuda.max_memory_allocated() / 2**30
     return row
+
+
+def run_alone(name, spec, config, batch, seq, device, steps, budget_s) -> dict:
+    """Build, measure and free one contender; an exception becomes its row's `error`."""
+    contender = None
+    try:
+        contender = Contender(name, *spec, config, batch, seq, device)
+        return measure_alone(contender, steps, budget_s)
+    except Exception as exc:   # e.g. torchao's optimizer on a torch it does not support, or out of memory
+        return {"optimizer": name, "param dtype": str(spec[0]).removeprefix("torch."),
+                "error": f"{type(exc).__name__}: {exc}"[:500]}
+    finally:
+        if contender is not None and isinstance(contender.opt, CPUOffloadAdamW):
+            contender.opt.close()
+        del contender
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model and batch")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per contender")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per contender (default: 3 on CUDA after 1 warm-up; 5 on CPU)")
     parser.add_argument("--page-size", type=int, default=2**20)
+    parser.add_argument("--budget-s", type=float, default=8.0,
+                        help="CUDA: seconds of timed steps per contender, judged from its warm-up step")
+    parser.add_argument("--deadline-s", type=float, default=40.0,
+                        help="CUDA: contenders not started this many seconds into the run are skipped")
+    # hidden: run the CUDA contenders, one at a time, on the CPU: a smoke test of that path without a GPU
+    parser.add_argument("--cuda-path", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    one_at_a_time = cuda or args.cuda_path
     config = dict(CUDA_CONFIG if cuda else CPU_CONFIG)
     if args.quick:
         config.update(QUICK if not cuda else dict(num_hidden_layers=4))
     batch, seq = (4, 1024) if cuda else (4, 128 if not args.quick else 64)
-    steps = args.steps or (5 if cuda else 5)
+    steps = args.steps or (3 if one_at_a_time else 5)
     params = sum(p.numel() for p in build(config, torch.float32, "meta").parameters())
-    table = contenders(cuda, args.page_size)
-    if cuda:   # one at a time: five 1B-parameter set-ups do not fit on the GPU together
+    table = contenders(one_at_a_time, args.page_size)
+    if one_at_a_time:   # five 1B-parameter set-ups do not fit on the GPU together
         rows = []
         for name, spec in table.items():
-            contender = Contender(name, *spec, config, batch, seq, device)
-            rows.append(measure_cuda(contender, steps))
-            del contender
-            torch.cuda.empty_cache()
+            elapsed = time.perf_counter() - start
+            if elapsed > args.deadline_s:
+                row = {"optimizer": name, "param dtype": str(spec[0]).removeprefix("torch."),
+                       "error": f"skipped: {elapsed:.0f} s into the run, past --deadline-s {args.deadline_s:g}"}
+            else:
+                row = run_alone(name, spec, config, batch, seq, device, steps, args.budget_s)
+            rows.append(row)
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     else:      # interleaved step by step, so a busy machine slows all alike
         built = [Contender(name, *spec, config, batch, seq, device) for name, spec in table.items()]
         seconds = timeit_interleaved({c.name: c.step for c in built}, repeats=steps, warmup=2)
         rows = [c.row(seconds[c.name]) for c in built]
-    base = rows[0]["step s"]
+    base = rows[0].get("step s")
     for row in rows:
-        row["x baseline"] = row["step s"] / base
-    note = ("CUDA: goal ours <= 1.2x the all-GPU step." if cuda else
-            "CPU only: ratios of full training "
-            "steps (forward + backward + optimizer); torchao's CPUOffloadOptimizer needs a GPU.")
-    report("offload", rows, extra={"note": note, "params": params, "batch": batch, "seq": seq,
-                                   "page_size": args.page_size, "model": config})
+        row["x baseline"] = row["step s"] / base if base and "step s" in row else None
+    extra = {"params": params, "batch": batch, "seq": seq, "page_size": args.page_size, "model": config,
+             "device": device.type}
+    if one_at_a_time:
+        ours = next(r for r in rows if r["optimizer"] == "ours, fp32 params")
+        extra.update(
+            note="one contender at a time: 1 warm-up step, then up to --steps timed steps (column 'timed steps'); "
+                 "'x baseline' is each step time / the all-GPU fused AdamW step; rows with 'error' did not run",
+            steps=steps, budget_s=args.budget_s, deadline_s=args.deadline_s,
+            goal="ours (fp32 params, optimizer states on the CPU) step <= 1.2x the all-GPU step",
+            goal_met=ours.get("x baseline") is not None and ours["x baseline"] <= 1.2,
+            ours_x_baseline=ours.get("x baseline"))
+    else:
+        extra["note"] = ("CPU only: ratios of full training steps (forward + backward + optimizer); "
+                         "torchao's CPUOffloadOptimizer needs a GPU.")
+    report("offload", rows, extra=extra)
 
 
 if __name__ == "__main__":
