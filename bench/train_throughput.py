@@ -107,8 +107,8 @@ def main(argv=None):
         ours.train(); theirs.train()
         x, y = (t.to(device) for t in batch(s))
         steps = {
-            "minilora": step_fn(lambda: ours(x, y)[1], [p for p in ours.parameters() if p.requires_grad], fused),
-            "peft": step_fn(lambda: theirs(input_ids=x, labels=x).loss,
+            "minilora": step_fn(lambda m=ours: m(x, y)[1], [p for p in ours.parameters() if p.requires_grad], fused),
+            "peft": step_fn(lambda m=theirs: m(input_ids=x, labels=x).loss,
                             [p for p in theirs.parameters() if p.requires_grad], fused),
         }
         t = timeit_interleaved(steps, repeats=args.repeats, warmup=warmup)
