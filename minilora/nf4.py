@@ -13,6 +13,10 @@ The byte layout, rounding and codebooks are those of bitsandbytes (`bitsandbytes
 
 Dequantizing is `codebook[code] * absmax` in fp32, then a cast to the original dtype.
 
+bitsandbytes' CUDA kernel rounds differently from its CPU path (see minilora/_bnb_cuda.py):
+`kernel="auto"` gives the bytes bitsandbytes gives on the tensor's device; `kernel="cpu"` or
+`"cuda"` asks for one kernel's rounding wherever the tensor is.
+
 Storage per parameter: 4 + 32/64 = 4.5 bits (block 64), with double quantization
 4 + 8/64 + 32/(64*256) = 4.127 bits plus a 4-byte offset.
 """
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+from minilora import _bnb_cuda
 
 __all__ = [
     "nf4_codebook", "fp4_codebook", "int4_codebook", "dynamic_map",
@@ -35,6 +41,22 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements per chunk: quantize/dequantize touch at most a few chunk-sized fp32 temporaries, so
 # memory stays bounded for a 128256 x 4096 embedding, and each chunk stays in cache.
 _CHUNK = 1 << 20
+KERNELS = ("auto", "cpu", "cuda")
+# How bitsandbytes' CUDA kernel computes 1/absmax: "approx" (rcp.approx.ftz.f32, what nvcc's
+# --use_fast_math emits; bitsandbytes builds with it) or "ieee" (correctly rounded).
+CUDA_RECIPROCAL = "approx"
+
+
+def _kernel(kernel, device: torch.device) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return ("cuda" if device.type == "cuda" else "cpu") if kernel == "auto" else kernel
+
+
+def _cuda_reciprocal(device: torch.device) -> str:
+    # the approximate reciprocal is a GPU instruction: on a CPU tensor the correctly rounded one
+    # stands in (equal for most absmax values, not all)
+    return CUDA_RECIPROCAL if device.type == "cuda" else "ieee"
 
 
 # ----------------------------------------------------------------------------------- codebooks
@@ -247,15 +269,18 @@ def _nearest_codes_8bit(scaled: torch.Tensor, tables) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, block_size: int = 256):
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, block_size: int = 256,
+                            kernel: str = "auto"):
     """Blockwise 8-bit quantization with exact nearest-value rounding (ties -> lower value).
 
     Returns (codes uint8 (n,), absmax fp32 (ceil(n/block_size),)). `code` is a sorted fp32[256]
     map, default `dynamic_map(signed=True)`. This is bitsandbytes' pure-PyTorch kernel; its native
-    CPU kernel picks the second-nearest code for ~0.2% of values.
+    CPU kernel picks the second-nearest code for ~0.2% of values. With kernel "cuda" (the default on
+    CUDA tensors) codes are those of bitsandbytes' CUDA kernel: its binary search instead.
     """
     _check_input(x, "x")
     _check_block_size(block_size)
+    kernel = _kernel(kernel, x.device)
     code = dynamic_map(True).to(x.device) if code is None else code.to(x.device, torch.float32)
     if code.numel() != 256:
         raise ValueError(f"code must have 256 entries, got {code.numel()}")
@@ -269,6 +294,12 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     step = max(_CHUNK // block_size, 1) * block_size
     for start in range(0, n, step):
         chunk = flat[start:start + step].float()
+        if kernel == "cuda":
+            scaled, chunk_absmax = _bnb_cuda.scale_blocks(chunk, block_size, _cuda_reciprocal(x.device))
+            _check_finite(chunk_absmax, x, "x")
+            codes[start:start + chunk.numel()] = _bnb_cuda.codes_8bit(scaled[:chunk.numel()], code)
+            absmax[start // block_size:start // block_size + chunk_absmax.numel()] = chunk_absmax
+            continue
         scaled, chunk_absmax = _scale_blocks(chunk, block_size)
         _check_finite(chunk_absmax, x, "x")
         codes[start:start + chunk.numel()] = _nearest_codes_8bit(scaled, tables)
@@ -357,14 +388,18 @@ class QuantState4bit:
 
 @torch.no_grad()
 def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
-                  dq_block_size: int = 256) -> QuantState4bit:
+                  dq_block_size: int = 256, kernel: str = "auto") -> QuantState4bit:
     """Blockwise 4-bit quantization, byte-identical to bitsandbytes.functional.quantize_4bit
-    (compress_statistics=double_quant). Works on any shape, contiguous or not, in chunks."""
+    (compress_statistics=double_quant) on the same device. Works on any shape, contiguous or not,
+    in chunks. `kernel`: "auto" (the rounding bitsandbytes uses on w's device), "cpu" or "cuda"."""
     _check_input(w, "w")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     _check_block_size(block_size)
     _check_block_size(dq_block_size, "dq_block_size")
+    kernel = _kernel(kernel, w.device)
+    if kernel == "cuda" and quant_type == "int4":
+        raise ValueError("bitsandbytes' CUDA kernel has no int4 quantizer; use kernel='cpu' for int4")
     grid = _tables(quant_type, w.device)[4]
     flat = w.reshape(-1)  # a view when contiguous; one copy in w's dtype when not
     n = flat.numel()
@@ -373,11 +408,16 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
     step = _chunk_elements(w.device, block_size)
     for start in range(0, n, step):
         chunk = flat[start:start + step].float()
-        scaled, chunk_absmax = _scale_blocks(chunk, block_size)
-        _check_finite(chunk_absmax, w, "w")
-        if scaled.numel() % 2:
-            scaled = torch.nn.functional.pad(scaled, (0, 1))
-        codes = _nearest_codes(scaled, grid)  # (m,) uint8
+        if kernel == "cuda":  # scaled is padded to whole blocks, as the kernel loads them
+            scaled, chunk_absmax = _bnb_cuda.scale_blocks(chunk, block_size, _cuda_reciprocal(w.device))
+            _check_finite(chunk_absmax, w, "w")
+            codes = _bnb_cuda.codes_4bit(scaled[:chunk.numel() + chunk.numel() % 2], quant_type)
+        else:
+            scaled, chunk_absmax = _scale_blocks(chunk, block_size)
+            _check_finite(chunk_absmax, w, "w")
+            if scaled.numel() % 2:
+                scaled = torch.nn.functional.pad(scaled, (0, 1))
+            codes = _nearest_codes(scaled, grid)  # (m,) uint8
         # pairs as little-endian int16: low byte = first element -> high nibble
         pairs = codes.view(torch.int16)
         packed[start // 2:start // 2 + pairs.numel()] = ((pairs & 15) << 4) | (pairs >> 8)
@@ -386,7 +426,8 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
                            dq_block_size=dq_block_size)
     if double_quant:
         offset = absmax.mean()
-        state.absmax, state.absmax2 = quantize_blockwise_8bit(absmax - offset, dynamic_map(True), dq_block_size)
+        state.absmax, state.absmax2 = quantize_blockwise_8bit(absmax - offset, dynamic_map(True), dq_block_size,
+                                                              kernel)
         state.offset = offset
     return state
 
