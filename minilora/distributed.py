@@ -185,13 +185,18 @@ def wrap_model(model: nn.Module, strategy: str, env: DistEnv | None = None, *,
             _check_trainable_dtypes(block, f"block {i}", set())
         _check_trainable_dtypes(model, "root (parameters outside the blocks)", in_blocks)
         model.to(device)
+        from torch.distributed.device_mesh import init_device_mesh
+
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         reshard = strategy == "full_shard"
+        # An explicit mesh on this rank's device type: FSDP2's default mesh takes CUDA whenever it
+        # exists, which breaks gloo ranks on the CPU of a GPU machine.
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         for block in blocks:
-            fully_shard(block, reshard_after_forward=reshard, mp_policy=mp)
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         # The root's own parameters (embeddings, final norm, head) are used first in backward, so
         # FSDP2 keeps them unsharded after forward whatever the strategy (its default for the root).
-        fully_shard(model, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
     model.to(device)
     if strategy == "ddp":
