@@ -111,7 +111,7 @@ def predict(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, 
                           dtype=DTYPE_NAME[WEIGHT_DTYPE[method]], master_weights=False, optimizer="adamw",
                           lora=lora, device=device)
     breakdown = training_memory(spec, setup)
-    return {**{t.name: t.gpu for t in breakdown.terms if t.name != "CUDA context and workspace"},
+    return {**{t.name: t.gpu for t in breakdown.terms if t.name != "CUDA context"},
             "total": breakdown.peak}
 
 

@@ -3,9 +3,11 @@
 Model states are exact bytes (they equal the sum of the real tensors' nbytes in the tests);
 activations come from activations.py (exact against autograd's saved tensors on CPU); the
 transient terms (logits gradients, backward workspace) and the CUDA context are estimates and say so.
+The cuBLAS workspaces and the loss's two fp32 gradient buffers were calibrated against
+torch.cuda.max_memory_allocated on an H100 (bench/memory_validation.py, bench/memory_explain.py).
 
 Peak (what torch.cuda.max_memory_allocated would show, the CUDA context excluded):
-    weights + master weights + optimizer states
+    weights + master weights + optimizer states + cuBLAS workspaces
     + max( backward start: activations + logits buffers + gradients already held,
            backward end:   all gradients + one block's recomputed activations + workspace,
            optimizer step: all gradients )
@@ -31,7 +33,11 @@ METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd-momentum", "offload", "offload8bit")
 CHECKPOINTING = ("none", "full", "selective")
 CUDA_CONTEXT = 500 * MiB      # driver + kernels; 300-1000 MiB depending on GPU and libraries
-CUBLAS_WORKSPACE = 32 * MiB   # torch's default cuBLAS workspace on Hopper (8 MiB on older GPUs)
+# torch's default cuBLAS workspace per handle on Hopper and newer (CUBLAS_WORKSPACE_CONFIG :4096:8;
+# about 8 MiB on older GPUs). torch allocates it through its caching allocator, so it counts in
+# max_memory_allocated; each thread that runs matmuls has its own handle: training has two, the
+# Python thread (forward) and autograd's device thread (backward), measured on an H100.
+CUBLAS_WORKSPACE = 32 * MiB
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
 
 
@@ -68,7 +74,7 @@ class Term:
 class Breakdown:
     terms: list
     peak: int                     # bytes allocated at the peak (CUDA context excluded)
-    total_gpu: int                # peak + CUDA context and workspace
+    total_gpu: int                # peak + CUDA context
     cpu: int                      # host bytes (offloaded states)
     params: int
     trainable: int
@@ -293,10 +299,12 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
         terms.append(Term("recomputed block", recompute,
                           "one block's activations rebuilt during its backward (full checkpointing)"))
     btv = setup.batch * setup.seq * spec.vocab_size
-    logits = btv * d + act["loss"] + btv * 4 + (btv * d if d != 4 else 0)
+    # at backward start nll_loss's fp32 gradient and log_softmax's fp32 gradient are alive together
+    # (the cast back to the logits' dtype comes after the first is freed): measured on an H100
+    logits = btv * d + act["loss"] + 2 * btv * 4
     terms.append(Term("logits and loss", logits,
                       f"logits (B, T, V={spec.vocab_size:,}) in {dname} held by the caller, fp32 log-softmax "
-                      "saved by the loss, and its fp32 gradient plus the cast back at backward start"))
+                      "saved by the loss, and two fp32 (B, T, V) gradients alive together at backward start"))
     inter = _widest_intermediate(spec)
     workspace = setup.batch * setup.seq * (2 * inter + 2 * spec.hidden_size) * d
     if setup.attn == "eager":
@@ -305,6 +313,10 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
                       "estimate: gradients of one block's widest intermediates (and of its scores when eager)"))
 
     extra = _strategy_buffers(setup, strategy, states, weights)
+    if setup.device == "cuda":
+        extra.append(Term("cuBLAS workspaces", 2 * CUBLAS_WORKSPACE,
+                          "torch's cuBLAS workspace (32 MiB on Hopper) for the forward thread and for "
+                          "autograd's backward thread; allocated once, held for the whole run"))
     terms += extra
 
     static = weights + master + opt + sum(t.gpu for t in extra)
@@ -318,9 +330,10 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
     end = grads + recompute + workspace + (act["layers"][0] if act["layers"] else 0)
     step = grads
     peak = static + max(start, end, step)
-    context = CUDA_CONTEXT + CUBLAS_WORKSPACE
-    terms.append(Term("CUDA context and workspace", context,
-                      "assumed 500 MiB driver context + 32 MiB cuBLAS workspace; not in max_memory_allocated"))
+    context = CUDA_CONTEXT if setup.device == "cuda" else 0
+    terms.append(Term("CUDA context", context,
+                      "assumed 500 MiB for the driver context and kernels (300-1000 MiB by GPU and libraries); "
+                      "not in max_memory_allocated"))
     notes = [f"peak = static {static:,} + max(backward start {start:,}, backward end {end:,}, step {step:,})",
              f"strategy {strategy} on {n_gpu} GPU(s); micro-batch {setup.batch}, grad_accum {setup.grad_accum}"]
     return Breakdown(terms, peak, peak + context, host, states["params"], states["trainable"], notes)
@@ -380,7 +393,9 @@ def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tok
              Term("prefill working memory", prefill,
                   "logits for every prompt position + one block's widest intermediates"
                   + (" + eager attention scores" if attn == "eager" else "")),
-             Term("CUDA context and workspace", CUDA_CONTEXT + CUBLAS_WORKSPACE,
-                  "assumed 500 MiB + 32 MiB cuBLAS; not in max_memory_allocated")]
-    peak = weights + kv + prefill
-    return Breakdown(terms, peak, peak + CUDA_CONTEXT + CUBLAS_WORKSPACE, 0, sum(t.numel for t in tensors), 0)
+             Term("cuBLAS workspace", CUBLAS_WORKSPACE, "torch's cuBLAS workspace for the one thread that "
+                  "runs the matmuls (32 MiB on Hopper)"),
+             Term("CUDA context", CUDA_CONTEXT, "assumed 500 MiB for the driver context and kernels; "
+                  "not in max_memory_allocated")]
+    peak = weights + kv + prefill + CUBLAS_WORKSPACE
+    return Breakdown(terms, peak, peak + CUDA_CONTEXT, 0, sum(t.numel for t in tensors), 0)
