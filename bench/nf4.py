@@ -8,7 +8,10 @@ Rows: quantize (NF4, block 64, double quantization) and dequantize (to fp32 and 
 weight; then LinearNF4 forward and forward+backward (input gradients only, as under LoRA) for
 `tokens` rows, against nn.Linear in fp32/bf16 and bitsandbytes' Linear4bit forward. Every figure
 is a median of interleaved repeats, so machine load hits all columns alike; ratios are the point.
-On CUDA it also reports dequantize bandwidth as a fraction of the device's peak (pass --peak-gbs).
+On CUDA it also reports dequantize bandwidth as a fraction of the device's copy bandwidth, measured
+in the same run (a 1 GiB device-to-device copy, bytes read plus written), or of --peak-gbs if given.
+Goals on CUDA (issue 4): dequantize at >= 70% of that bandwidth; LinearNF4 forward within 1.3x of
+bitsandbytes' Linear4bit.
 """
 from __future__ import annotations
 
@@ -28,6 +31,14 @@ def _torchao():
     return to_nf4
 
 
+def copy_bandwidth_gbs(nbytes: int = 2**30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read plus bytes written), median of `repeats`."""
+    src = torch.empty(nbytes // 4, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    seconds = timeit_interleaved({"copy": lambda: dst.copy_(src)}, repeats=repeats, warmup=3)["copy"]
+    return 2 * nbytes / seconds / 1e9
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1024 x 1024 weight, fewer repeats")
@@ -37,7 +48,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--bf16-linear", action="store_true", help="also time bf16 linears on CPU (slow)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd dequantize (CUDA)")
-    parser.add_argument("--peak-gbs", type=float, default=None, help="device memory bandwidth, GB/s (CUDA)")
+    parser.add_argument("--peak-gbs", type=float, default=None,
+                        help="device memory bandwidth, GB/s (CUDA; default: a device-to-device copy, measured)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,6 +57,7 @@ def main(argv=None):
     tokens = args.tokens or (64 if args.quick else 256)
     repeats = args.repeats or 5
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak_gbs = args.peak_gbs or (copy_bandwidth_gbs() if device == "cuda" else None)
 
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
@@ -92,8 +105,7 @@ def main(argv=None):
             out_bytes = size * size * (4 if dtype == "fp32" else 2)
             moved = ours.nbytes + out_bytes
             row["minilora GB/s"] = moved / t["minilora"] / 1e9
-            if args.peak_gbs:
-                row["fraction of peak"] = row["minilora GB/s"] / args.peak_gbs
+            row["fraction of copy bw"] = row["minilora GB/s"] / peak_gbs
         rows.append(row)
 
     # LinearNF4 vs dense nn.Linear vs bitsandbytes Linear4bit (forward)
@@ -139,8 +151,15 @@ def main(argv=None):
     info = machine_info()
     note = ("ratios come from interleaved repeats; absolute times depend on the machine's load "
             "(machine.loadavg)" if device == "cpu" else "")
-    report("nf4" + ("-quick" if args.quick else ""), rows,
-           extra={"note": note, "device": device, "threads": info["threads"], "tokens": tokens})
+    extra = {"note": note, "device": device, "threads": info["threads"], "tokens": tokens}
+    if device == "cuda":
+        deq = [r["fraction of copy bw"] for r in rows if r["op"] == "dequantize"]
+        fwd = [1 / r["bnb / minilora"] for r in rows if r["op"].startswith("linear forward")]
+        extra.update(copy_bandwidth_gbs=peak_gbs,
+                     goal="dequantize >= 70% of copy bandwidth; LinearNF4 forward <= 1.3x Linear4bit",
+                     goal_met=bool(deq and fwd) and min(deq) >= 0.70 and max(fwd) <= 1.3,
+                     worst_dequantize_fraction=min(deq), worst_forward_vs_bnb=max(fwd))
+    report("nf4" + ("-quick" if args.quick else ""), rows, extra=extra)
 
 
 if __name__ == "__main__":
