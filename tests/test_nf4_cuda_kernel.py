@@ -105,3 +105,52 @@ def test_blockwise_8bit_on_cuda_bit_identical_to_bitsandbytes_cuda_kernel():
     ours, absmax = quantize_blockwise_8bit(x, block_size=256)
     assert torch.equal(ours, codes)
     assert torch.equal(absmax, state.absmax)
+
+
+@given(blocks=st.integers(1, 40), block_size=st.sampled_from([32, 64, 256]),
+       quant_type=st.sampled_from(["nf4", "fp4", "int4"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), double_quant=st.booleans())
+def test_fused_dequantize_formulation_bit_identical_to_eager(blocks, block_size, quant_type, dtype, double_quant):
+    from minilora._dequant_fused import dequantize_reference
+    from minilora.nf4 import _tables, dequantize_4bit
+
+    w = torch.randn(blocks, block_size).to(dtype)
+    state = quantize_4bit(w, quant_type, block_size, double_quant)
+    fused = dequantize_reference(state.packed.view(-1), state.scales(), _tables(quant_type, w.device)[0],
+                                 block_size, dtype)
+    assert torch.equal(fused.view(state.shape), dequantize_4bit(state))
+
+
+def test_fused_dequantize_compiled_on_cpu_bit_identical_to_eager():
+    # the same torch.compile'd function CUDA tensors use, here through inductor's C++ backend
+    from minilora._dequant_fused import dequantize_fused
+    from minilora.nf4 import _tables, dequantize_4bit
+
+    w = torch.randn(96, 128, dtype=torch.bfloat16)
+    state = quantize_4bit(w, "nf4", 64, True)
+    got = dequantize_fused(state.packed.view(-1), state.scales(), _tables("nf4", w.device)[0], 64, torch.bfloat16)
+    assert torch.equal(got.view(state.shape), dequantize_4bit(state))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_cuda_dequantize_bit_identical_to_eager_and_to_bitsandbytes(dtype):
+    import bitsandbytes.functional as F
+
+    from minilora import nf4
+
+    for shape in [(4096, 4096), (1000, 64), (7, 4097)]:  # the last: a partial block, eager path
+        w = torch.randn(shape, device="cuda").to(dtype)
+        packed, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        state = nf4.quantize_4bit(w, "nf4", 64, True)
+        default = nf4.FUSED_CUDA_DEQUANTIZE
+        try:
+            nf4.FUSED_CUDA_DEQUANTIZE = True
+            fused = nf4.dequantize_4bit(state)
+            assert nf4.FUSED_CUDA_DEQUANTIZE, "the fused path fell back to eager (see the warning)"
+            nf4.FUSED_CUDA_DEQUANTIZE = False
+            eager = nf4.dequantize_4bit(state)
+        finally:
+            nf4.FUSED_CUDA_DEQUANTIZE = default
+        assert torch.equal(fused, eager)
+        assert torch.equal(fused, F.dequantize_4bit(packed, qs))
