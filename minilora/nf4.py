@@ -290,7 +290,8 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
         raise ValueError(f"code must have 256 entries, got {code.numel()}")
     if not bool((code[1:] > code[:-1]).all()):
         raise ValueError("code must be sorted in increasing order with distinct values")
-    tables = _code8_tables(tuple(code.tolist()), x.device)
+    # the CPU path's lookup tables (2 MiB, cached per device); the CUDA kernel's search needs none
+    tables = _code8_tables(tuple(code.tolist()), x.device) if kernel == "cpu" else None
     flat = x.reshape(-1)
     n = flat.numel()
     codes = torch.empty(n, dtype=torch.uint8, device=x.device)
