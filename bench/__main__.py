@@ -33,6 +33,7 @@ SUITE = {
     "offload": ("bench.offload", None),
     "train_throughput": ("bench.train_throughput", None),
     "memory_validation": ("bench.memory_validation", "cuda"),  # torch.cuda.max_memory_allocated
+    "nf4_cuda_parity": ("bench.nf4_cuda_parity", "cuda"),      # bytes vs bitsandbytes' CUDA kernel
 }
 
 
