@@ -25,6 +25,14 @@ there (`p.mul_(1 - lr*wd); p.add_(step)`), the same arithmetic as torch's
 does not depend on the device): a backward after step() starts a new accumulation, as it would
 after zero_grad().
 
+fused=True (opt-in) runs torch's fused CPU AdamW kernel (`torch._fused_adamw_`, what
+torch.optim.AdamW(fused=True) calls) on each page's slice instead: one pass over the page instead
+of about seven. Bit-identical to torch.optim.AdamW(fused=True) when no parameter straddles a page
+(the kernel's vector lanes and scalar tail then fall on the same elements as on the whole tensor),
+within a few ulps otherwise. For parameters on the GPU without a master copy the kernel writes the
+step into a zeroed host buffer (weight decay 0) and the device applies decay and the add, as in the
+default path; for 16-bit parameters with master_weights="fp32" it updates the master copy.
+
 8-bit states (state_bits=8) follow bitsandbytes' blockwise 8-bit Adam: m is stored with the signed
 dynamic map, v with the unsigned one, blocks of 256 elements each with an fp32 absmax; tensors with
 fewer than 4096 elements keep 32-bit states. The update itself is the fp32 one above, on
@@ -120,7 +128,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  page_size: int = 2**20, gpu_pages: int = 2, master_weights: str | None = None,
-                 state_bits: int = 32, *, _force_staging: bool = False):
+                 state_bits: int = 32, *, fused: bool = False, _force_staging: bool = False):
         _check_hyperparameters(lr, betas, eps, weight_decay)
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive int (elements per page), got {page_size!r}")
@@ -130,11 +138,13 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             raise ValueError(f"master_weights must be None or 'fp32', got {master_weights!r}")
         if state_bits not in (32, 8):
             raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
         if state_bits == 8 and page_size % BLOCK_SIZE:
             raise ValueError(f"page_size must be a multiple of {BLOCK_SIZE} (the 8-bit block size) "
                              f"with state_bits=8, got {page_size}")
         self.page_size, self.gpu_pages = page_size, gpu_pages
-        self.master_weights, self.state_bits = master_weights, state_bits
+        self.master_weights, self.state_bits, self.fused = master_weights, state_bits, fused
         self._force_staging = _force_staging   # tests: route CPU transfers through staging too
         self._params: list[_Param] = []
         self._pages: list[_Page] = []
@@ -396,10 +406,13 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         grad = page.buffers["grad"][seg.grad_off:seg.grad_off + n]
         exp_avg = self._read_state(page, seg, "exp_avg")
         exp_avg_sq = self._read_state(page, seg, "exp_avg_sq")
+        param = info.tensor.detach().view(-1)[seg.lo:seg.hi]
+        if self.fused and (info.master or self._staging or param.dtype == torch.float32):
+            self._fused_segment(page, seg, param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, decay)
+            return
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
-        param = info.tensor.detach().view(-1)[seg.lo:seg.hi]
         if not info.master and not self._staging:   # parameters in CPU memory: torch's own two ops
             if decay is not None:
                 param.mul_(decay)
@@ -415,6 +428,28 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
             torch.mul(exp_avg, -step_size, out=grad)
             grad.div_(denom)
             self._upload(param, grad, decay, overwrite=False)
+        if info.quantized:
+            self._write_state(page, seg, "exp_avg", exp_avg)
+            self._write_state(page, seg, "exp_avg_sq", exp_avg_sq)
+
+    def _fused_segment(self, page, seg, param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, decay):
+        """fused=True: torch's fused AdamW kernel on the host slice (info.step is already counted)."""
+        info, n = seg.param, seg.hi - seg.lo
+        group = info.group
+        kwargs = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=eps, amsgrad=False, maximize=False)
+        wd = float(group["weight_decay"])
+        if info.master:
+            target = page.buffers["master"][seg.master_off:seg.master_off + n]
+        elif not self._staging:
+            target = param   # fp32 parameter in CPU memory: torch's own kernel on it
+        else:                # parameter on the GPU: the kernel writes the step into zeros
+            target, wd = grad.new_zeros(n), 0.0
+        # the kernel also writes `grad` (it may unscale it in place); the host buffer is consumed anyway
+        torch._fused_adamw_([target], [grad], [exp_avg], [exp_avg_sq], [], [info.step], weight_decay=wd, **kwargs)
+        if info.master:
+            self._upload(param, target, None, overwrite=True)   # rounds to the parameter's dtype
+        elif self._staging:
+            self._upload(param, target, decay, overwrite=False)
         if info.quantized:
             self._write_state(page, seg, "exp_avg", exp_avg)
             self._write_state(page, seg, "exp_avg_sq", exp_avg_sq)

@@ -80,6 +80,49 @@ def test_fp32_bit_identical_to_torch_adamw_with_clipping_accumulation_scheduler(
             assert torch.equal(value, state["state"][i][key]), (i, key)
 
 
+@pytest.mark.parametrize("page_size,force_staging,state_bits", [(2**20, False, 32), (2**20, True, 32), (7, False, 32),
+                                                            (64, True, 32), (256, False, 8)])
+def test_fused_bit_identical_to_torch_fused_adamw_when_each_parameter_is_in_one_page(page_size, force_staging,
+                                                                                     state_bits):
+    """fused=True runs torch's fused kernel per page slice: the same bits as torch.optim.AdamW(fused=True)
+    when no parameter straddles a page, for parameters in CPU memory and through the staging path that
+    GPU parameters take. Cut mid-parameter, the kernel's vector lanes and scalar tail fall on other
+    elements than on the whole tensor, and the two round differently: a few ulps."""
+    whole = page_size >= 2**20
+    dims = (13, 300, 7) if state_bits == 8 else (13, 29, 7)   # 8-bit states need tensors >= 4096
+    ref, ours = mlp(dims=dims), mlp(dims=dims)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, fused=True)
+    opt = CPUOffloadAdamW(groups(ours), lr=1e-2, page_size=page_size, fused=True, state_bits=state_bits,
+                          _force_staging=force_staging)
+    plain = mlp(dims=dims)
+    plain_opt = CPUOffloadAdamW(groups(plain), lr=1e-2, page_size=page_size, state_bits=state_bits)
+    for step in range(5):
+        for micro in range(2):
+            x, y = batch(step, micro, dims=dims)
+            for m in (ref, ours, plain):
+                loss_fn(m, x, y).div(2).backward()
+        ref_opt.step(), opt.step(), plain_opt.step()
+        ref_opt.zero_grad(), opt.zero_grad(), plain_opt.zero_grad()
+        if state_bits == 32 and whole:
+            assert equal_params(ref, ours), f"step {step}"
+        elif state_bits == 32:
+            for p, q in zip(ref.parameters(), ours.parameters()):
+                torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        else:   # 8-bit states round m and v each step: the fused and the default update stay together
+            for p, q in zip(plain.parameters(), ours.parameters()):
+                torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    if state_bits == 32 and whole:
+        ref_state, state = ref_opt.state_dict()["state"], opt.state_dict()["state"]
+        for i, entry in ref_state.items():
+            for key, value in entry.items():
+                assert torch.equal(value, state[i][key]), (i, key)
+
+
+def test_fused_must_be_a_bool():
+    with pytest.raises(TypeError, match="fused must be True or False, got 1"):
+        CPUOffloadAdamW(mlp().parameters(), fused=1)
+
+
 def test_zero_grad_keep_zeros_and_params_without_grads_match_torch():
     """set_to_none=False keeps (zeroed) gradients: torch then steps those parameters again (decay,
     momentum); a parameter that never had a gradient gets no state."""
