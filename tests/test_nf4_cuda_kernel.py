@@ -154,3 +154,19 @@ def test_fused_cuda_dequantize_bit_identical_to_eager_and_to_bitsandbytes(dtype)
             nf4.FUSED_CUDA_DEQUANTIZE = default
         assert torch.equal(fused, eager)
         assert torch.equal(fused, F.dequantize_4bit(packed, qs))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fused_cpu_8bit_encoder_bit_identical_to_eager(signed):
+    # the torch.compile'd loop (whole 1M-element chunks) and the eager passes: the same codes and scales
+    code = dynamic_map(signed)
+    mid = (code[:-1] + code[1:]) / 2
+    g = torch.Generator().manual_seed(int(signed))
+    x = torch.randn(3 * 2**20 + 300, generator=g) * 1e-3
+    if not signed:
+        x = x.abs() * 1e-3
+    x[:255] = mid   # ties, scaled by their block's absmax
+    x[2**20:2**20 + 256] = 0.0   # an all-zero block
+    eager = quantize_blockwise_8bit(x, code, 256, fused=False)
+    fused = quantize_blockwise_8bit(x, code, 256, fused=True)
+    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
