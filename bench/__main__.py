@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench                 # all of them, default shapes
     .venv/bin/python -m bench --quick         # each with --quick (small shapes)
-    .venv/bin/python -m bench --only nf4 --only offload
+    .venv/bin/python -m bench --only nf4 --only offload   # re-runs those; the summary keeps the others
     .venv/bin/python -m bench --list          # names, and whether this machine runs each
 
 Each benchmark runs in its own process (`python -m bench.<name> [--quick]`, from the repository root), so one crash or
@@ -11,6 +11,8 @@ Each writes its own bench/results/<name>-<machine>.json; the suite gathers those
 bench/results/suite-<machine>.json and a markdown page suite-<machine>.md (one table per
 benchmark, with the date, device and library versions on top), which the README quotes.
 Benchmarks a machine cannot run (GPU-only ones on a CPU) are skipped with the reason printed.
+With --only, the summary keeps the other benchmarks' runs from the existing summary of this machine
+(each run carries its own date), so a re-run of one benchmark does not drop the rest.
 """
 from __future__ import annotations
 
@@ -76,7 +78,27 @@ def _run_one(name: str, quick: bool, timeout: float | None) -> dict:
         results.append({"file": f"bench/results/{path.name}", **payload})
     if status == "ok" and not results:
         status = "ok (wrote no results file)"
-    return {"name": name, "status": status, "seconds": round(seconds, 1), "results": results}
+    return {"name": name, "status": status, "seconds": round(seconds, 1), "date": _now(), "results": results}
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _merge(previous: Path, runs: list[dict]) -> list[dict]:
+    """Runs of this invocation, plus those of the existing summary for benchmarks not run now, in
+    the suite's order."""
+    if not previous.exists():
+        return runs
+    try:
+        old = {r["name"]: r for r in json.loads(previous.read_text()).get("runs", [])}
+    except (ValueError, KeyError, TypeError):
+        return runs   # an unreadable summary is replaced, not merged
+    new = {r["name"]: r for r in runs}
+    order = list(SUITE) + [n for n in old if n not in SUITE]
+    return [new.get(n) or old[n] for n in order if n in new or n in old]
 
 
 def _markdown(info: dict, runs: list[dict], quick: bool) -> str:
@@ -87,7 +109,8 @@ def _markdown(info: dict, runs: list[dict], quick: bool) -> str:
     lines = [f"# minilora benchmark suite: {info['device']}", "",
              f"{info['date']} | {info['platform']} | {info['cpu_count']} CPUs, {info['threads']} torch threads | "
              f"python {info['python']} | {versions}" + (" | --quick shapes" if quick else ""), "",
-             tabulate([{"benchmark": r["name"], "status": r["status"], "seconds": r["seconds"]} for r in runs],
+             tabulate([{"benchmark": r["name"], "status": r["status"], "seconds": r["seconds"],
+                        "date": r.get("date", info["date"])} for r in runs],
                       headers="keys", tablefmt="github"), ""]
     for run in runs:
         for result in run["results"]:
@@ -126,19 +149,21 @@ def main(argv=None) -> int:
         reason = _unsupported(name)
         if reason is not None:
             print(f"\n=== {name}: skipped: {reason}", flush=True)
-            runs.append({"name": name, "status": f"skipped: {reason}", "seconds": 0.0, "results": []})
+            runs.append({"name": name, "status": f"skipped: {reason}", "seconds": 0.0, "date": _now(), "results": []})
             continue
         runs.append(_run_one(name, args.quick, args.timeout))
     from minilora._io import write_json_atomic, write_text_atomic
 
     info = machine_info()
     machine = machine_name()
-    summary = {"suite": names, "quick": args.quick, "machine": info, "runs": runs}
     json_path, md_path = RESULTS / f"suite-{machine}.json", RESULTS / f"suite-{machine}.md"
+    kept = _merge(json_path, runs) if args.only else runs
+    summary = {"suite": [r["name"] for r in kept], "quick": args.quick, "machine": info, "runs": kept}
     write_json_atomic(json_path, summary)
-    write_text_atomic(md_path, _markdown(info, runs, args.quick))
+    write_text_atomic(md_path, _markdown(info, kept, args.quick))
     print("\n" + "\n".join(f"{r['name']:20s} {r['status']} ({r['seconds']} s)" for r in runs))
-    print(f"wrote {json_path} and {md_path.name}")
+    print(f"wrote {json_path} and {md_path.name}" + (f" (kept {len(kept) - len(runs)} earlier runs)"
+                                                     if len(kept) > len(runs) else ""))
     return 1 if any(r["status"].startswith("failed") for r in runs) else 0
 
 

@@ -75,3 +75,21 @@ def test_memory_validation_dry_run_takes_real_steps_for_every_method(capsys):
     for r in ran.values():
         assert 0 < r["loss"] < 10 and r["measured_MiB"] is None  # nothing is measured on the CPU
         assert r["predicted_MiB"] > 0 and r["terms_MiB"]["weights"] > 0  # the calculator answered
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU skip path")
+def test_suite_only_keeps_the_other_benchmarks_of_the_existing_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "RESULTS", tmp_path)
+    machine = suite.machine_name()
+    earlier = {"name": "nf4", "status": "ok", "seconds": 1.0, "date": "2026-01-01T00:00:00+00:00", "results": []}
+    (tmp_path / f"suite-{machine}.json").write_text(json.dumps({"runs": [earlier]}))
+    assert suite.main(["--only", "memory_validation"]) == 0
+    summary = json.loads((tmp_path / f"suite-{machine}.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == ["nf4", "memory_validation"]   # the suite's order
+    assert summary["runs"][0] == earlier
+    markdown = (tmp_path / f"suite-{machine}.md").read_text()
+    assert "| nf4 " in markdown and "2026-01-01T00:00:00+00:00" in markdown
+    (tmp_path / f"suite-{machine}.json").write_text("not json")   # unreadable: replaced, not merged
+    assert suite.main(["--only", "memory_validation"]) == 0
+    assert [r["name"] for r in json.loads((tmp_path / f"suite-{machine}.json").read_text())["runs"]] == [
+        "memory_validation"]
