@@ -52,7 +52,8 @@ FUSED_CUDA_DEQUANTIZE = False
 # Opt-in: encode whole 1M-element chunks of 8-bit blocks on the CPU in one torch.compile'd loop (the
 # same codes, 5x faster on 2 cores; compiles C++ on first use). CPUOffloadAdamW(state_bits=8) uses it.
 FUSED_CPU_ENCODE_8BIT = False
-_ENCODE8_BROKEN = False   # set once torch.compile failed to build the encoder here
+# fused paths torch.compile could not build here; their eager twins (the same bits) serve from then on
+_FUSED_BROKEN: set[str] = set()
 
 
 def _kernel(kernel, device: torch.device) -> str:
@@ -312,8 +313,8 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
             absmax[start // block_size:start // block_size + chunk_absmax.numel()] = chunk_absmax
             continue
         use_fused = FUSED_CPU_ENCODE_8BIT if fused is None else fused
-        if use_fused and chunk.numel() == step and x.device.type == "cpu" and not _ENCODE8_BROKEN:
-            fused = _encode_8bit_fused_or_none(chunk.view(-1, block_size), tables)
+        if use_fused and chunk.numel() == step and x.device.type == "cpu":
+            fused = _fused_or_none("8-bit encoder", _encode_8bit_fused, chunk.view(-1, block_size), tables)
             if fused is not None:
                 codes[start:start + step], absmax[start // block_size:(start + step) // block_size] = fused
                 _check_finite(fused[1], x, "x")
@@ -450,39 +451,34 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
     return state
 
 
-def _encode_8bit_fused_or_none(blocks, tables):
-    """(codes, absmax) from minilora/_encode8_fused.py, or None (with one warning, and the eager path
-    from then on) if torch.compile cannot build it here."""
-    global _ENCODE8_BROKEN
+def _fused_or_none(what: str, run, *args):
+    """run(*args), a torch.compile'd path, or None if it cannot be built here (no compiler, no Triton,
+    an unsupported device): then one warning, and the caller's eager path, which gives the same bits,
+    serves from then on."""
+    if what in _FUSED_BROKEN:
+        return None
     try:
-        from minilora._encode8_fused import encode_fused
-
-        below, padded, depth = tables
-        return encode_fused(blocks, below, padded, depth, _KEY_SHIFT)
-    except Exception as exc:  # no C++ compiler, an unsupported platform: the eager path gives the same codes
+        return run(*args)
+    except Exception as exc:
         import warnings
 
-        _ENCODE8_BROKEN = True
-        warnings.warn(f"fused 8-bit encoder unavailable ({type(exc).__name__}: {exc}); using the eager path",
+        _FUSED_BROKEN.add(what)
+        warnings.warn(f"fused {what} unavailable ({type(exc).__name__}: {exc}); using the eager path",
                       RuntimeWarning, stacklevel=3)
         return None
 
 
-def _dequantize_fused_or_none(packed, scales, codebook, block_size, dtype):
-    """The one-kernel CUDA path (minilora/_dequant_fused.py), or None (with one warning) if
-    torch.compile cannot build it here; the eager path below then serves, with the same bits."""
-    global FUSED_CUDA_DEQUANTIZE
-    try:
-        from minilora._dequant_fused import dequantize_fused
+def _encode_8bit_fused(blocks, tables):
+    from minilora._encode8_fused import encode_fused
 
-        return dequantize_fused(packed, scales, codebook, block_size, dtype)
-    except Exception as exc:  # no Triton, no compiler, an unsupported GPU: the eager path is exact too
-        import warnings
+    below, padded, depth = tables
+    return encode_fused(blocks, below, padded, depth, _KEY_SHIFT)
 
-        FUSED_CUDA_DEQUANTIZE = False
-        warnings.warn(f"fused CUDA dequantize unavailable ({type(exc).__name__}: {exc}); using the eager path",
-                      RuntimeWarning, stacklevel=3)
-        return None
+
+def _dequantize_fused(packed, scales, codebook, block_size, dtype):
+    from minilora._dequant_fused import dequantize_fused
+
+    return dequantize_fused(packed, scales, codebook, block_size, dtype)
 
 
 @torch.no_grad()
@@ -504,7 +500,8 @@ def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None) -> 
         raise ValueError(f"packed has {packed.numel()} bytes, shape {tuple(state.shape)} needs {(n + 1) // 2}")
     absmax = state.scales()
     if packed.is_cuda and FUSED_CUDA_DEQUANTIZE and n % bs == 0:
-        fused = _dequantize_fused_or_none(packed, absmax, _tables(state.quant_type, packed.device)[0], bs, dtype)
+        fused = _fused_or_none("CUDA dequantize", _dequantize_fused, packed, absmax,
+                               _tables(state.quant_type, packed.device)[0], bs, dtype)
         if fused is not None:
             return fused.view(state.shape)
     pair_table = _tables(state.quant_type, packed.device)[3]

@@ -147,7 +147,7 @@ def test_fused_cuda_dequantize_bit_identical_to_eager_and_to_bitsandbytes(dtype)
         try:
             nf4.FUSED_CUDA_DEQUANTIZE = True
             fused = nf4.dequantize_4bit(state)
-            assert nf4.FUSED_CUDA_DEQUANTIZE, "the fused path fell back to eager (see the warning)"
+            assert "CUDA dequantize" not in nf4._FUSED_BROKEN, "the fused path fell back to eager (see the warning)"
             nf4.FUSED_CUDA_DEQUANTIZE = False
             eager = nf4.dequantize_4bit(state)
         finally:
@@ -170,3 +170,26 @@ def test_fused_cpu_8bit_encoder_bit_identical_to_eager(signed):
     eager = quantize_blockwise_8bit(x, code, 256, fused=False)
     fused = quantize_blockwise_8bit(x, code, 256, fused=True)
     assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
+
+
+def test_a_fused_path_that_cannot_be_built_warns_once_and_the_eager_path_serves(monkeypatch):
+    import minilora._encode8_fused as encoder
+    from minilora import nf4
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(encoder, "encode_fused", broken)
+    monkeypatch.setattr(nf4, "_FUSED_BROKEN", set())
+    x = torch.randn(2**20)
+    eager = quantize_blockwise_8bit(x, fused=False)
+    with pytest.warns(RuntimeWarning, match="fused 8-bit encoder unavailable .*no C\\+\\+ compiler"):
+        first = quantize_blockwise_8bit(x, fused=True)
+    assert nf4._FUSED_BROKEN == {"8-bit encoder"}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # once: no second warning
+        second = quantize_blockwise_8bit(x, fused=True)
+    for got in (first, second):
+        assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])

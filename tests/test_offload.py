@@ -134,11 +134,11 @@ def test_fused_8bit_states_encode_in_one_loop_with_the_same_codes():
         return model.weight.detach().clone(), opt.state_dict()["cpu_offload"]
 
     weight, extra = run()
-    nf4._ENCODE8_BROKEN = True   # what happens where torch.compile cannot build the encoder
+    nf4._FUSED_BROKEN.add("8-bit encoder")   # what happens where torch.compile cannot build the encoder
     try:
         eager_weight, eager_extra = run()
     finally:
-        nf4._ENCODE8_BROKEN = False
+        nf4._FUSED_BROKEN.discard("8-bit encoder")
     assert torch.equal(weight, eager_weight)
     assert extra.keys() == eager_extra.keys() and extra[0].keys() == eager_extra[0].keys()
     for key, value in extra[0].items():   # the raw 8-bit codes and scales of m and v
