@@ -27,8 +27,8 @@ import warnings
 import torch
 
 from bench._harness import report, timeit_interleaved
-from minilora.lora import LoRAConfig
-from minilora.lora_model import inject, merge
+from minilora.lora.layer import LoRAConfig
+from minilora.lora.model import inject, merge
 from reference_models import GPT, GPTConfig, Llama, LlamaConfig, save_pretrained
 
 TARGETS = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}

@@ -12,7 +12,7 @@ beside the calculator's total for the same setup. Goal (issue 8): within 5% on e
 
 The weights are bf16, as a bf16 checkpoint loads, for every method: full fine-tuning then trains
 in bf16 with bf16 AdamW states (what minilora.train does with such a checkpoint), LoRA keeps its
-adapters in the base dtype (minilora.lora), QLoRA has a 4-bit base with bf16 compute. bf16
+adapters in the base dtype (minilora.lora.layer), QLoRA has a 4-bit base with bf16 compute. bf16
 autocast on CUDA, as minilora.train. Batch 1; random token ids.
 
 Without CUDA it prints why and exits 0; --dry-run runs every point on the CPU with a tiny model
@@ -45,7 +45,7 @@ LORA = dict(lora_r=16, lora_alpha=32, lora_targets="all-linear")
 
 def build_point(model_kw: dict, method: str, grad_ckpt: bool, device: torch.device):
     """The model and optimizer as minilora.train builds them for `method`."""
-    from minilora import train as T
+    from minilora.train import loop as T
     from reference_models import Llama, LlamaConfig
 
     cfg = T.TrainConfig(data="(random ids)", method=method, grad_checkpointing=grad_ckpt, lr=1e-4, **LORA,
@@ -61,7 +61,7 @@ def build_point(model_kw: dict, method: str, grad_ckpt: bool, device: torch.devi
 
 
 def train_step(cfg, model, optimizer, ids: torch.Tensor) -> float:
-    from minilora import train as T
+    from minilora.train import loop as T
 
     with T._autocast(cfg, ids.device):
         _, loss = model(ids[:, :-1], ids[:, 1:])

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from bench._harness import machine_info, report, timeit_interleaved
-from minilora.nf4 import dequantize_4bit, quantize_4bit
-from minilora.qlora import LinearNF4
+from minilora.quant.nf4 import dequantize_4bit, quantize_4bit
+from minilora.quant.qlora import LinearNF4
 
 
 def _torchao():
@@ -93,7 +93,7 @@ def main(argv=None):
         },
     }
     if args.compile and device == "cuda":  # the opt-in fused kernel (minilora/_dequant_fused.py)
-        from minilora import nf4 as _nf4
+        from minilora.quant import nf4 as _nf4
 
         def fused(state):
             def run():

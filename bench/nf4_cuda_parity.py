@@ -5,7 +5,7 @@ bitsandbytes' own CPU path.
 
 For each case (shape, dtype, quant type, block size, double quantization) it counts the bytes
 that differ: packed 4-bit codes, 8-bit absmax codes, absmax2 and offset; for minilora once per
-reciprocal mode (minilora.nf4.CUDA_RECIPROCAL: "ieee" = correctly rounded 1/absmax, "approx" =
+reciprocal mode (minilora.quant.nf4.CUDA_RECIPROCAL: "ieee" = correctly rounded 1/absmax, "approx" =
 the GPU's rcp.approx, what bitsandbytes' --use_fast_math build computes), and for bitsandbytes'
 CPU path on the same values. A row of zeros is bit-identity. Also the plain 8-bit blockwise
 quantizer (bitsandbytes.functional.quantize_blockwise, dynamic map, block 256).
@@ -67,7 +67,7 @@ def dump(w: torch.Tensor, quant_type: str, block_size: int = 64, limit: int = 12
     """Print the elements whose code differs from bitsandbytes' CUDA kernel, with what led to it."""
     import bitsandbytes.functional as F
 
-    from minilora import _bnb_cuda, nf4
+    from minilora.quant import bnb_cuda, nf4
 
     packed, _ = F.quantize_4bit(w, blocksize=block_size, quant_type=quant_type, compress_statistics=False)
     ours = nf4.quantize_4bit(w, quant_type, block_size, False)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     if "--dump" in (argv if argv is not None else sys.argv[1:]):
         g = torch.Generator(device="cuda").manual_seed(0)
         big = torch.randn(4096, 4096, device="cuda", generator=g)
-        from minilora import nf4
+        from minilora.quant import nf4
         nf4.CUDA_RECIPROCAL = "approx"
         dump(big, "nf4")
         dump(big.to(torch.bfloat16), "fp4")
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         return 0
     import bitsandbytes.functional as F
 
-    from minilora import nf4
+    from minilora.quant import nf4
 
     rows = []
     for name, w, quant_type, block_size, dq in cases():

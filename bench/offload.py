@@ -29,7 +29,7 @@ import time
 import torch
 
 from bench._harness import _sync, report, timeit_interleaved
-from minilora.offload import CPUOffloadAdamW
+from minilora.optim.offload import CPUOffloadAdamW
 from reference_models import Llama, LlamaConfig
 
 CUDA_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,

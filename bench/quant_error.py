@@ -1,6 +1,6 @@
 """4-bit quantization error: NF4 vs FP4 vs INT4 at block sizes 32..256, on Gaussian weights and on
 weights of a small reference GPT trained here for a few hundred steps (byte-level, on the bundled
-corpus), with minilora.nf4.quantization_error.
+corpus), with minilora.quant.nf4.quantization_error.
 
     .venv/bin/python -m bench.quant_error            # 300 training steps
     .venv/bin/python -m bench.quant_error --quick    # 60 steps
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench._harness import report
-from minilora.nf4 import quantization_error
+from minilora.quant.nf4 import quantization_error
 
 CORPUS = Path(__file__).resolve().parent.parent / "minilora" / "data" / "corpus_train.txt"
 

@@ -88,8 +88,8 @@ def main(argv=None):
     warmup = 2 if cuda else 1        # CUDA: the first steps pick cuBLAS / SDPA kernels
     from peft import LoraConfig, get_peft_model
 
-    from minilora.lora import LoRAConfig
-    from minilora.lora_model import inject
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject
     from reference_models import load_pretrained
 
     rows = []

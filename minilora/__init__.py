@@ -8,47 +8,47 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    # LoRA layers and model-level functions (minilora/lora.py, minilora/lora_model.py)
-    "LoRAConfig": "lora",
-    "LoRALinear": "lora",
-    "inject": "lora_model",
-    "set_adapter": "lora_model",
-    "disable_adapters": "lora_model",
-    "delete_adapter": "lora_model",
-    "merge": "lora_model",
-    "unmerge": "lora_model",
-    "unload": "lora_model",
-    "trainable_parameters": "lora_model",
-    "adapter_names_per_sample": "lora_model",
-    # peft's adapter file format (minilora/peft_io.py)
-    "save_adapter": "peft_io",
-    "load_adapter": "peft_io",
-    # adapter arithmetic (minilora/arithmetic.py)
-    "combine_adapters": "arithmetic",
-    # NF4 / FP4 / INT4 quantization (minilora/nf4.py)
-    "nf4_codebook": "nf4",
-    "fp4_codebook": "nf4",
-    "int4_codebook": "nf4",
-    "dynamic_map": "nf4",
-    "quantize_4bit": "nf4",
-    "dequantize_4bit": "nf4",
-    "QuantState4bit": "nf4",
-    "quantize_blockwise_8bit": "nf4",
-    "dequantize_blockwise_8bit": "nf4",
-    "quantization_error": "nf4",
-    # QLoRA layers (minilora/qlora.py)
-    "LinearNF4": "qlora",
-    "quantize_model": "qlora",
-    "prepare_for_kbit_training": "qlora",
-    # optimizers (minilora/offload.py)
-    "CPUOffloadAdamW": "offload",
-    # training (minilora/train.py, data.py, tokenizer.py); the `train` function stays in
+    # LoRA layers and model-level functions (minilora/lora/layer.py, minilora/lora/model.py)
+    "LoRAConfig": "lora.layer",
+    "LoRALinear": "lora.layer",
+    "inject": "lora.model",
+    "set_adapter": "lora.model",
+    "disable_adapters": "lora.model",
+    "delete_adapter": "lora.model",
+    "merge": "lora.model",
+    "unmerge": "lora.model",
+    "unload": "lora.model",
+    "trainable_parameters": "lora.model",
+    "adapter_names_per_sample": "lora.model",
+    # peft's adapter file format (minilora/lora/peft_io.py)
+    "save_adapter": "lora.peft_io",
+    "load_adapter": "lora.peft_io",
+    # adapter arithmetic (minilora/lora/arithmetic.py)
+    "combine_adapters": "lora.arithmetic",
+    # NF4 / FP4 / INT4 quantization (minilora/quant/nf4.py)
+    "nf4_codebook": "quant.nf4",
+    "fp4_codebook": "quant.nf4",
+    "int4_codebook": "quant.nf4",
+    "dynamic_map": "quant.nf4",
+    "quantize_4bit": "quant.nf4",
+    "dequantize_4bit": "quant.nf4",
+    "QuantState4bit": "quant.nf4",
+    "quantize_blockwise_8bit": "quant.nf4",
+    "dequantize_blockwise_8bit": "quant.nf4",
+    "quantization_error": "quant.nf4",
+    # QLoRA layers (minilora/quant/qlora.py)
+    "LinearNF4": "quant.qlora",
+    "quantize_model": "quant.qlora",
+    "prepare_for_kbit_training": "quant.qlora",
+    # optimizers (minilora/optim/offload.py)
+    "CPUOffloadAdamW": "optim.offload",
+    # training (minilora/train/loop.py, data.py, tokenizer.py); the `train` function stays in
     # minilora.train so that it does not shadow the module
-    "TrainConfig": "train",
-    "evaluate": "train",
-    "ByteTokenizer": "tokenizer",
-    "load_tokenizer": "tokenizer",
-    "load_dataset": "data",
+    "TrainConfig": "train.loop",
+    "evaluate": "train.loop",
+    "ByteTokenizer": "train.tokenizer",
+    "load_tokenizer": "train.tokenizer",
+    "load_dataset": "train.data",
     # several GPUs (minilora/distributed.py)
     "init_distributed": "distributed",
     "wrap_model": "distributed",

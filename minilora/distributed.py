@@ -328,7 +328,7 @@ def save_adapter_sharded(model: nn.Module, folder: str | os.PathLike, adapter_na
 
     Call on every rank; returns once the files exist.
     """
-    from minilora.peft_io import save_adapter
+    from minilora.lora.peft_io import save_adapter
 
     full = gather_full_state(model, _is_adapter_param)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -347,7 +347,7 @@ def load_adapter_sharded(model: nn.Module, folder: str | os.PathLike, adapter_na
     """
     from safetensors.torch import load_file
 
-    from minilora import peft_io
+    from minilora.lora import peft_io
 
     folder = Path(folder)
     if adapter_name not in getattr(unwrap(model), "lora_configs", {}):
@@ -512,7 +512,7 @@ def _clip_grad_norm(params: list, max_norm: float) -> float:
 def _check_resume(state: dict, cfg, global_batch: int) -> None:
     """The settings an exact resume needs, as minilora.train checks them; the per-rank batch may
     change with the world size as long as the global batch (batch_size x world_size) does not."""
-    from minilora import train as T
+    from minilora.train import loop as T
 
     T.check_resume_settings(state.get("config", {}), cfg, skip=("batch_size",))
     if state.get("global_batch") != global_batch:
@@ -532,9 +532,9 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
     batch_size N*b sees, and takes the same steps. Checkpoints (out/checkpoints/step-N, adapter-only
     for lora/qlora) hold full tensors and the data position in examples: they resume on any world size.
     """
-    from minilora import train as T
+    from minilora.train import loop as T
     from minilora._io import write_json_atomic
-    from minilora.data import BatchSampler, collate, load_dataset
+    from minilora.train.data import BatchSampler, collate, load_dataset
 
     cfg.validate()
     T.check_fresh_out(cfg)
@@ -638,7 +638,7 @@ def main(argv=None) -> int:
     """`torchrun --nproc_per_node N -m minilora.distributed --strategy S <minilora.train flags>`."""
     import sys
 
-    from minilora import train as T
+    from minilora.train import loop as T
 
     parser = T._Parser.build()
     parser.prog = "torchrun --nproc_per_node N -m minilora.distributed"

@@ -237,7 +237,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", attn_i
 
 
 def _load_quantized(model, tensors, qconfig: dict, dtype) -> None:
-    # The seam for 4-bit bitsandbytes checkpoints: minilora.qlora owns the format (packed weights,
+    # The seam for 4-bit bitsandbytes checkpoints: minilora.quant.qlora owns the format (packed weights,
     # absmax, quant_map ...) and fills the meta-device model in place (swapping in its 4-bit
     # linears). `tensors` are the file's, untouched: transformers' names, GPT-2 Conv1D layout.
     # Imported only here, so that reference_models never depends on minilora otherwise.
@@ -246,9 +246,9 @@ def _load_quantized(model, tensors, qconfig: dict, dtype) -> None:
         raise ValueError(f"only 4-bit bitsandbytes quantization_config is supported, got quant_method={method!r}, "
                          f"load_in_4bit={qconfig.get('load_in_4bit')!r}")
     try:
-        from minilora.qlora import load_bnb_4bit_state
+        from minilora.quant.qlora import load_bnb_4bit_state
     except ImportError as exc:
-        raise NotImplementedError(f"loading a 4-bit checkpoint needs minilora.qlora.load_bnb_4bit_state: {exc}") from exc
+        raise NotImplementedError(f"loading a 4-bit checkpoint needs minilora.quant.qlora.load_bnb_4bit_state: {exc}") from exc
     load_bnb_4bit_state(model, tensors, qconfig, dtype)
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -289,7 +289,7 @@ def save_pretrained(model: GPT | Llama, path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     hf = model.config.to_hf_dict()
     if any(getattr(type(m), "is_quantized_4bit", False) for m in model.modules()):
-        from minilora.qlora import bnb_4bit_state_dict
+        from minilora.quant.qlora import bnb_4bit_state_dict
 
         tensors, qconfig = bnb_4bit_state_dict(model)
         hf["quantization_config"] = qconfig

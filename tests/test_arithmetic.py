@@ -1,4 +1,4 @@
-"""Adapter arithmetic (minilora/arithmetic.py): exact properties, and equality with peft's
+"""Adapter arithmetic (minilora/lora/arithmetic.py): exact properties, and equality with peft's
 add_weighted_adapter where peft is right; the documented differences are checked as differences."""
 import copy
 import math
@@ -11,10 +11,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hf_factories import tiny_hf_model
-from minilora.arithmetic import combine_adapters
-from minilora.lora import LoRAConfig
-from minilora.lora_model import disable_adapters, inject, lora_layers, set_adapter
-from minilora.peft_io import load_adapter
+from minilora.lora.arithmetic import combine_adapters
+from minilora.lora.layer import LoRAConfig
+from minilora.lora.model import disable_adapters, inject, lora_layers, set_adapter
+from minilora.lora.peft_io import load_adapter
 
 
 class MLP(nn.Module):

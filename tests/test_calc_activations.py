@@ -87,8 +87,8 @@ LORA_GRID = [("llama", "sdpa", False, None, 0.0), ("llama", "eager", False, ["q_
 
 @pytest.mark.parametrize("family,attn,ckpt,targets,dropout", LORA_GRID)
 def test_lora_activations_match_saved_tensors(family, attn, ckpt, targets, dropout):
-    from minilora.lora import LoRAConfig
-    from minilora.lora_model import inject
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject
 
     model, spec = build(family, 64, attn, torch.bfloat16)
     names = [lin.name for lin in lora_layers(spec, targets)]
@@ -120,9 +120,9 @@ def test_bad_sizes():
 def test_qlora_activations_match_saved_tensors(family, attn, ckpt):
     # LinearNF4 saves no dequantized weight for backward (it dequantizes again): a frozen 4-bit
     # layer keeps nothing, like a frozen nn.Linear
-    from minilora.lora import LoRAConfig
-    from minilora.lora_model import inject
-    from minilora.qlora import quantize_model
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject
+    from minilora.quant.qlora import quantize_model
 
     model, spec = build(family, 64, attn, torch.bfloat16)
     quantize_model(model)

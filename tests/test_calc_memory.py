@@ -78,8 +78,8 @@ def test_adamw8bit_state_bytes_exact_vs_bitsandbytes():
 
 @pytest.mark.parametrize("targets,dropout", [(None, 0.0), ("all-linear", 0.1), (["c_proj"], 0.0)])
 def test_lora_state_bytes_exact(targets, dropout):
-    from minilora.lora import LoRAConfig
-    from minilora.lora_model import inject
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject
     from calculators import lora_layers
 
     model, spec = tiny("gpt2", torch.float32)
@@ -93,7 +93,7 @@ def test_lora_state_bytes_exact(targets, dropout):
 
 @pytest.mark.parametrize("state_bits,dtype", [(32, torch.float32), (8, torch.float32), (32, torch.bfloat16)])
 def test_offload_host_bytes_exact(state_bits, dtype):
-    from minilora.offload import CPUOffloadAdamW
+    from minilora.optim.offload import CPUOffloadAdamW
 
     model, spec = tiny("llama", dtype)
     master = "fp32" if dtype == torch.bfloat16 else None
@@ -183,9 +183,9 @@ def test_bad_setup():
 @pytest.mark.parametrize("family,double_quant,dtype", [("llama", True, torch.bfloat16), ("gpt2", False, torch.float32),
                                                        ("llama", False, torch.float32)])
 def test_qlora_state_bytes_exact(family, double_quant, dtype):
-    from minilora.lora import LoRAConfig
-    from minilora.lora_model import inject
-    from minilora.qlora import quantize_model
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject
+    from minilora.quant.qlora import quantize_model
 
     model, spec = tiny(family, dtype)
     quantize_model(model, double_quant=double_quant)

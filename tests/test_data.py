@@ -1,4 +1,4 @@
-"""minilora/data.py: the loss mask covers exactly the response; bad JSONL names its line; batching."""
+"""minilora/train/data.py: the loss mask covers exactly the response; bad JSONL names its line; batching."""
 import importlib.util
 import json
 from pathlib import Path
@@ -7,11 +7,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from minilora.data import (
+from minilora.train.data import (
     ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, BatchSampler, collate, encode_alpaca,
     encode_text, format_alpaca_prompt, load_dataset, read_alpaca_jsonl,
 )
-from minilora.tokenizer import ByteTokenizer
+from minilora.train.tokenizer import ByteTokenizer
 
 DATA = Path(__file__).resolve().parent.parent / "minilora" / "data"
 TOK = ByteTokenizer()

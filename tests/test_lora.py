@@ -1,4 +1,4 @@
-"""Properties of LoRALinear and LoRAConfig (minilora/lora.py), checked over shapes, ranks, alphas and dtypes."""
+"""Properties of LoRALinear and LoRAConfig (minilora/lora/layer.py), checked over shapes, ranks, alphas and dtypes."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from minilora.lora import LoRAConfig, LoRALinear
+from minilora.lora.layer import LoRAConfig, LoRALinear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -272,7 +272,7 @@ def test_linear_like_protocol_base_is_accepted():
 @given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.booleans())
 @settings(max_examples=10)
 def test_low_rank_add_backward_passes_gradcheck(batch, fan_in, fan_out, r, h_needs_grad):
-    from minilora.lora import LowRankAdd
+    from minilora.lora.layer import LowRankAdd
 
     g = torch.Generator().manual_seed(batch * 100 + fan_in)
     h = torch.randn(batch, 2, fan_in, dtype=torch.float64, generator=g).requires_grad_(h_needs_grad)
@@ -311,7 +311,7 @@ def test_merge_unmerge_drift_over_100_cycles_stays_within_a_few_ulps(dtype, dora
 
 
 def _nf4_layer(seed=0, size=256):
-    from minilora.qlora import LinearNF4
+    from minilora.quant.qlora import LinearNF4
 
     torch.manual_seed(seed)
     dense = nn.Linear(size, size)

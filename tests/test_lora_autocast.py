@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from minilora.lora import LoRALinear, LowRankAdd, autocast_dtype
-from minilora.qlora import LinearNF4
+from minilora.lora.layer import LoRALinear, LowRankAdd, autocast_dtype
+from minilora.quant.qlora import LinearNF4
 
 BF16 = torch.bfloat16
 

@@ -1,4 +1,4 @@
-"""Model-level LoRA (minilora/lora_model.py) on the reference models: inject, target matching,
+"""Model-level LoRA (minilora/lora/model.py) on the reference models: inject, target matching,
 switching, disabling, deleting, merging, unloading, mixed-adapter batches."""
 import pytest
 import torch
@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from minilora.lora import LoRAConfig, LoRALinear
-from minilora.lora_model import (adapter_names_per_sample, delete_adapter, disable_adapters, inject, lora_layers,
+from minilora.lora.layer import LoRAConfig, LoRALinear
+from minilora.lora.model import (adapter_names_per_sample, delete_adapter, disable_adapters, inject, lora_layers,
                                  merge, set_adapter, target_names, trainable_parameters, unload, unmerge)
 from reference_models import GPT, GPTConfig, Llama, LlamaConfig
 
@@ -281,7 +281,7 @@ def test_lora_linear_in_state_dict_keeps_peft_key_names():
 
 
 def test_quantized_base_counts_logically_and_unloads_to_linear_or_stays_quantized():
-    from minilora.qlora import LinearNF4
+    from minilora.quant.qlora import LinearNF4
 
     for requantize in (False, True):
         model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
@@ -305,7 +305,7 @@ def test_quantized_base_counts_logically_and_unloads_to_linear_or_stays_quantize
 
 
 def test_disable_adapters_on_a_merged_4bit_model_is_idempotent():
-    from minilora.qlora import LinearNF4
+    from minilora.quant.qlora import LinearNF4
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
@@ -338,7 +338,7 @@ def test_failed_inject_leaves_the_model_bit_identical(init, quantized):
     model = nn.Sequential()
     model.a, model.b = nn.Linear(16, 16), nn.Linear(16, 4)
     if quantized:
-        from minilora.qlora import LinearNF4
+        from minilora.quant.qlora import LinearNF4
 
         model.a = LinearNF4.from_linear(model.a, block_size=32)
     inject(model, LoRAConfig(r=2, target_modules=["a"]), "first")
@@ -379,8 +379,8 @@ def test_failed_inject_after_modifying_restores_pissa_base_weights(monkeypatch):
 
 
 def test_matching_helpers_follow_peft():
-    from minilora.lora import pattern_matches
-    from minilora.lora_model import in_modules_to_save, suffix_match
+    from minilora.lora.layer import pattern_matches
+    from minilora.lora.model import in_modules_to_save, suffix_match
 
     assert suffix_match("model.q_proj", "q_proj") and suffix_match("q_proj", "q_proj")
     assert not suffix_match("model.xq_proj", "q_proj")

@@ -1,4 +1,4 @@
-"""minilora.nf4 against bitsandbytes on CPU: codebooks, packed bytes, scales, dequantization.
+"""minilora.quant.nf4 against bitsandbytes on CPU: codebooks, packed bytes, scales, dequantization.
 
 bitsandbytes has two CPU code paths for the 8-bit step of double quantization: its pure-PyTorch
 kernel (backends/default/ops.py, exact nearest rounding) which we match byte for byte, and its
@@ -13,8 +13,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora import nf4
-from minilora.nf4 import (
+from minilora.quant import nf4
+from minilora.quant.nf4 import (
     QuantState4bit, dequantize_4bit, dequantize_blockwise_8bit, dynamic_map, fp4_codebook, int4_codebook,
     nf4_codebook, quantization_error, quantize_4bit, quantize_blockwise_8bit,
 )
@@ -317,7 +317,7 @@ def test_8bit_log_grid_codes_equal_bucketize_at_every_midpoint_and_its_neighbour
     # The 8-bit quantizer looks codes up on a logarithmic grid; at each midpoint (a tie goes to
     # the lower code), one ulp either side of it, the map's own values, signed zeros, the ends and
     # random values across six decades, it must pick exactly what bucketize picks.
-    from minilora.nf4 import _code8_tables, _nearest_codes_8bit
+    from minilora.quant.nf4 import _code8_tables, _nearest_codes_8bit
 
     code = dynamic_map(signed)
     mids = (code[:-1] + code[1:]) / 2
@@ -332,7 +332,7 @@ def test_8bit_log_grid_codes_equal_bucketize_at_every_midpoint_and_its_neighbour
 
 
 def test_8bit_quantizer_rejects_an_unsorted_map():
-    from minilora.nf4 import quantize_blockwise_8bit
+    from minilora.quant.nf4 import quantize_blockwise_8bit
 
     with pytest.raises(ValueError, match="code must be sorted in increasing order"):
         quantize_blockwise_8bit(torch.randn(512), code=dynamic_map(True).flip(0))

@@ -1,4 +1,4 @@
-"""bitsandbytes' CUDA kernel rounding (minilora/_bnb_cuda.py): properties on the CPU, and byte
+"""bitsandbytes' CUDA kernel rounding (minilora/quant/bnb_cuda.py): properties on the CPU, and byte
 parity with the real kernel where a GPU exists (skipped without CUDA: CI has none; the H100 run is
 in bench/results/nf4_cuda_parity-*.json)."""
 from fractions import Fraction
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora import _bnb_cuda
-from minilora.nf4 import dynamic_map, nf4_codebook, quantize_4bit, quantize_blockwise_8bit
+from minilora.quant import bnb_cuda as _bnb_cuda
+from minilora.quant.nf4 import dynamic_map, nf4_codebook, quantize_4bit, quantize_blockwise_8bit
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and bitsandbytes' CUDA kernels")
 
@@ -111,8 +111,8 @@ def test_blockwise_8bit_on_cuda_bit_identical_to_bitsandbytes_cuda_kernel():
        quant_type=st.sampled_from(["nf4", "fp4", "int4"]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), double_quant=st.booleans())
 def test_fused_dequantize_formulation_bit_identical_to_eager(blocks, block_size, quant_type, dtype, double_quant):
-    from minilora._dequant_fused import dequantize_reference
-    from minilora.nf4 import _tables, dequantize_4bit
+    from minilora.quant._dequant_fused import dequantize_reference
+    from minilora.quant.nf4 import _tables, dequantize_4bit
 
     w = torch.randn(blocks, block_size).to(dtype)
     state = quantize_4bit(w, quant_type, block_size, double_quant)
@@ -123,8 +123,8 @@ def test_fused_dequantize_formulation_bit_identical_to_eager(blocks, block_size,
 
 def test_fused_dequantize_compiled_on_cpu_bit_identical_to_eager():
     # the same torch.compile'd function CUDA tensors use, here through inductor's C++ backend
-    from minilora._dequant_fused import dequantize_fused
-    from minilora.nf4 import _tables, dequantize_4bit
+    from minilora.quant._dequant_fused import dequantize_fused
+    from minilora.quant.nf4 import _tables, dequantize_4bit
 
     w = torch.randn(96, 128, dtype=torch.bfloat16)
     state = quantize_4bit(w, "nf4", 64, True)
@@ -137,7 +137,7 @@ def test_fused_dequantize_compiled_on_cpu_bit_identical_to_eager():
 def test_fused_cuda_dequantize_bit_identical_to_eager_and_to_bitsandbytes(dtype):
     import bitsandbytes.functional as F
 
-    from minilora import nf4
+    from minilora.quant import nf4
 
     for shape in [(4096, 4096), (1000, 64), (7, 4097)]:  # the last: a partial block, eager path
         w = torch.randn(shape, device="cuda").to(dtype)
@@ -173,8 +173,8 @@ def test_fused_cpu_8bit_encoder_bit_identical_to_eager(signed):
 
 
 def test_a_fused_path_that_cannot_be_built_warns_once_and_the_eager_path_serves(monkeypatch):
-    import minilora._encode8_fused as encoder
-    from minilora import nf4
+    import minilora.quant._encode8_fused as encoder
+    from minilora.quant import nf4
 
     def broken(*args):
         raise RuntimeError("no C++ compiler")

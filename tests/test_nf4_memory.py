@@ -13,7 +13,7 @@ MiB = 1 << 20
 
 SCRIPT = textwrap.dedent("""
     import json, torch
-    from minilora.nf4 import quantize_4bit
+    from minilora.quant.nf4 import quantize_4bit
 
     torch.set_num_threads(1)
 

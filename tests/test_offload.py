@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.offload import BLOCK_SIZE, CPUOffloadAdamW
+from minilora.optim.offload import BLOCK_SIZE, CPUOffloadAdamW
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,7 +121,7 @@ def test_fused_bit_identical_to_torch_fused_adamw_when_each_parameter_is_in_one_
 def test_fused_8bit_states_encode_in_one_loop_with_the_same_codes():
     """fused=True with state_bits=8 encodes whole 1M-element pages with the compiled encoder: the run
     equals one whose encoder is forced to the eager path, bit for bit."""
-    from minilora import nf4
+    from minilora.quant import nf4
 
     def run():
         torch.manual_seed(0)
@@ -236,7 +236,7 @@ BIG = (48, 96, 8)   # 4608- and 768-element weights: the first gets 8-bit states
 
 
 def test_8bit_first_step_exact_and_states_are_the_quantized_fp32_states():
-    from minilora.nf4 import dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit
+    from minilora.quant.nf4 import dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit
     ref, ours = mlp(dims=BIG), mlp(dims=BIG)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
     opt = CPUOffloadAdamW(ours.parameters(), lr=1e-2, page_size=3 * BLOCK_SIZE, state_bits=8)
@@ -287,7 +287,7 @@ def test_8bit_uses_bitsandbytes_maps_and_tracks_bitsandbytes_adamw8bit():
     loss within 1% at every step (its native CPU quantizer rounds ~0.2% of values differently)."""
     import bitsandbytes as bnb
 
-    from minilora.nf4 import dynamic_map
+    from minilora.quant.nf4 import dynamic_map
     theirs, bnb_opt = curve_8bit(lambda p: bnb.optim.AdamW8bit(p, lr=3e-3, weight_decay=1e-2))
     ours, _ = curve_8bit(lambda p: CPUOffloadAdamW(p, lr=3e-3, weight_decay=1e-2, page_size=4096, state_bits=8))
     state = next(iter(bnb_opt.state.values()))
@@ -469,7 +469,7 @@ def test_checkpoint_interchange_with_torch_adamw_is_bit_identical(direction):
 
 def test_checkpoint_round_trip_through_torch_adamw_does_not_resume_stale_extras():
     """bf16 + 8-bit + fp32 master: 1 step ours, 20 torch steps, back into ours: torch's states win."""
-    from minilora.nf4 import dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit
+    from minilora.quant.nf4 import dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit
     model = mlp(dims=BIG, dtype=torch.bfloat16)
     make_ours = lambda: CPUOffloadAdamW(model.parameters(), lr=1e-2, page_size=3 * BLOCK_SIZE,  # noqa: E731
                                         state_bits=8, master_weights="fp32")

@@ -10,9 +10,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from hf_factories import save_tiny
-from minilora.lora import LoRAConfig
-from minilora.lora_model import inject, lora_layers, trainable_parameters
-from minilora.peft_io import load_adapter, save_adapter
+from minilora.lora.layer import LoRAConfig
+from minilora.lora.model import inject, lora_layers, trainable_parameters
+from minilora.lora.peft_io import load_adapter, save_adapter
 from reference_models import load_pretrained
 
 pytestmark = pytest.mark.interop

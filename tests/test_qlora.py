@@ -1,4 +1,4 @@
-"""minilora.qlora: LinearNF4 (forward, backward without a saved dense weight, the bitsandbytes
+"""minilora.quant.qlora: LinearNF4 (forward, backward without a saved dense weight, the bitsandbytes
 state-dict format), quantize_model, prepare_for_kbit_training, and QLoRA = quantize + LoRA."""
 import json
 
@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from minilora.nf4 import nf4_codebook, quantize_4bit
-from minilora.qlora import (
+from minilora.quant.nf4 import nf4_codebook, quantize_4bit
+from minilora.quant.qlora import (
     LinearNF4, bnb_4bit_state_dict, prepare_for_kbit_training, quant_state_from_dict, quantize_model,
 )
 from reference_models import GPT, GPTConfig
@@ -177,8 +177,8 @@ def _train(model, steps, seed=0):
 
 
 def test_qlora_trains_close_to_lora_and_only_adapters_get_grads():
-    from minilora.lora import LoRAConfig
-    from minilora.lora_model import inject, unload
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject, unload
 
     config = LoRAConfig(r=8, alpha=16, target_modules=["c_attn", "c_proj", "c_fc"])
     lora = tiny_gpt()
@@ -214,8 +214,8 @@ def test_qlora_trains_close_to_lora_and_only_adapters_get_grads():
 
 
 def test_qlora_unload_requantize_keeps_4bit_with_stated_error():
-    from minilora.lora import LoRAConfig
-    from minilora.lora_model import inject, unload
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject, unload
 
     model = quantize_model(tiny_gpt(), double_quant=False)
     inject(model, LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]))
@@ -300,8 +300,8 @@ def test_load_state_dict_copies_into_the_module_device_and_dtype():
 
 
 def test_quantize_model_refuses_a_model_with_lora_adapters():
-    from minilora.lora import LoRAConfig
-    from minilora.lora_model import inject
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject
 
     model = tiny_gpt()
     inject(model, LoRAConfig(r=4, alpha=8, target_modules=["c_attn"]))

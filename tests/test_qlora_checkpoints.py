@@ -10,21 +10,38 @@ from hf_factories import save_tiny
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import reference_models
-from minilora.qlora import LinearNF4, quantize_model
+from minilora.quant.qlora import LinearNF4, quantize_model
 
 # transformers + bitsandbytes put a 4-bit model on CUDA wherever CUDA exists; the tests compare with
 # our CPU models, so pin the oracle to CPU on every machine
 DEVICE_MAP = "cpu"
 
 
+def reference_matmul(model):
+    """bitsandbytes' Linear4bit, on a CPU with AVX512-BF16 and in inference (eval, no grad), repacks
+    its weight for a bf16 kernel on the first forward: another rounding than the dequantize + matmul
+    it runs everywhere else, and a crash when in_features < blocksize (our tiny models). Compare
+    against that dequantize + matmul path on every machine."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+# bitsandbytes 0.50.2's native CPU dequantize_4bit returns wrong values (errors near 1.0) when a
+# weight's last dimension is below the block size, as in a 32-wide tiny model, on some CPUs (seen on an
+# AVX512 machine; its pure-PyTorch kernel is right). Every 4-bit weight here is 64 or more wide.
+WIDE = {"llama": dict(hidden_size=64, intermediate_size=128), "gpt2": dict(n_embd=64)}
+
+
 def transformers_4bit(family, folder, quant_type, double_quant):
-    save_tiny(family, folder / "fp32")
+    save_tiny(family, folder / "fp32", **WIDE[family])
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder / "fp32", quantization_config=config, dtype=torch.float32,
                                                  device_map=DEVICE_MAP)
     model.save_pretrained(folder / "hf4bit")
-    return model.eval()
+    return reference_matmul(model.eval())
 
 
 CASES = [("llama", "nf4", True), ("llama", "nf4", False), ("llama", "fp4", True), ("llama", "fp4", False),
@@ -55,10 +72,11 @@ def test_transformers_4bit_folder_loads_with_equal_logits_and_saves_bit_identica
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_our_quantized_model_loads_in_transformers_as_4bit(tmp_path, family):
-    save_tiny(family, tmp_path / "fp32")
+    save_tiny(family, tmp_path / "fp32", **WIDE[family])
     model = quantize_model(reference_models.load_pretrained(tmp_path / "fp32"), quant_type="nf4", double_quant=True)
     reference_models.save_pretrained(model, tmp_path / "ours4bit")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours4bit", dtype=torch.float32, device_map=DEVICE_MAP).eval()
+    reference_matmul(hf)
     assert sum(type(m).__name__ == "Linear4bit" for m in hf.modules()) == \
         sum(isinstance(m, LinearNF4) for m in model.modules())
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))

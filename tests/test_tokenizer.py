@@ -1,10 +1,10 @@
-"""minilora/tokenizer.py: the byte tokenizer round-trips any text; tokenizer.json files load locally."""
+"""minilora/train/tokenizer.py: the byte tokenizer round-trips any text; tokenizer.json files load locally."""
 import json
 
 import pytest
 from hypothesis import given, strategies as st
 
-from minilora.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from minilora.train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 
 @given(st.text())

@@ -1,4 +1,4 @@
-"""minilora/train.py end to end on tiny models: loss goes down with each method, an interrupted and
+"""minilora/train/loop.py end to end on tiny models: loss goes down with each method, an interrupted and
 resumed run is bit-identical to an uninterrupted one, and the saved adapter loads in peft."""
 import json
 
@@ -147,7 +147,7 @@ def test_fresh_run_refuses_an_out_with_an_earlier_runs_checkpoints(llama_dir, co
 
 
 def test_prune_never_deletes_the_checkpoint_latest_points_to_nor_later_steps(tmp_path):
-    from minilora.train import _prune_checkpoints
+    from minilora.train.loop import _prune_checkpoints
 
     for step in (1, 2, 3, 6, 8):
         (tmp_path / f"step-{step:06d}").mkdir()

@@ -69,8 +69,8 @@ _EVAL_CACHE: dict = {}
 
 def eval_sets(n_instruct: int = 100):
     """(general text eval, instruction eval) datasets, byte tokenized."""
-    from minilora.data import Dataset, load_dataset
-    from minilora.tokenizer import ByteTokenizer
+    from minilora.train.data import Dataset, load_dataset
+    from minilora.train.tokenizer import ByteTokenizer
 
     key = n_instruct
     if key not in _EVAL_CACHE:
@@ -83,8 +83,8 @@ def eval_sets(n_instruct: int = 100):
 
 
 def task_set(task: str, n: int = 40):
-    from minilora.data import Dataset, load_dataset
-    from minilora.tokenizer import ByteTokenizer
+    from minilora.train.data import Dataset, load_dataset
+    from minilora.train.tokenizer import ByteTokenizer
 
     ds = load_dataset(DATA / "instruct_eval.jsonl", ByteTokenizer(), INSTRUCT_SEQ, tasks={task})
     return Dataset(ds.examples[:n], ds.path, ds.kind)
@@ -140,8 +140,8 @@ def fmt(x: float) -> float:
 @torch.no_grad()
 def greedy_answer(model, record: dict, max_new_tokens: int = 48) -> str:
     """Greedy completion of an Alpaca prompt, cut at the first EOS."""
-    from minilora.data import format_alpaca_prompt
-    from minilora.tokenizer import ByteTokenizer
+    from minilora.train.data import format_alpaca_prompt
+    from minilora.train.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     idx = torch.tensor([tok.encode(format_alpaca_prompt(record), add_bos=True)])
@@ -152,6 +152,6 @@ def greedy_answer(model, record: dict, max_new_tokens: int = 48) -> str:
 
 
 def eval_records(task: str, n: int) -> list[dict]:
-    from minilora.data import read_alpaca_jsonl
+    from minilora.train.data import read_alpaca_jsonl
 
     return read_alpaca_jsonl(DATA / "instruct_eval.jsonl", tasks={task})[:n]

@@ -16,13 +16,13 @@ import torch
 
 from bench._harness import timeit_interleaved
 from bench.experiments._common import eval_records, eval_sets, finetune, fmt, greedy_answer, parse, write
-from minilora.data import collate
+from minilora.train.data import collate
 
 
 def main():
     args = parse(__doc__.splitlines()[0])
     steps = args.steps or (5 if args.quick else 30)
-    from minilora.lora_model import merge, unload
+    from minilora.lora.model import merge, unload
 
     unmerged = finetune("merge-lora", lr=3e-3, steps=steps).model.eval()
     merged = copy.deepcopy(unmerged)

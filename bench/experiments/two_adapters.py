@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from bench.experiments._common import WORK, eval_records, finetune, fmt, greedy_answer, load_base, parse, ppl, task_set, write
-from minilora.data import collate
+from minilora.train.data import collate
 
 TASKS = ("upper", "reverse")
 
@@ -21,8 +21,8 @@ TASKS = ("upper", "reverse")
 def main():
     args = parse(__doc__.splitlines()[0])
     steps = args.steps or (10 if args.quick else 80)
-    from minilora.lora_model import adapter_names_per_sample, set_adapter
-    from minilora.peft_io import load_adapter, save_adapter
+    from minilora.lora.model import adapter_names_per_sample, set_adapter
+    from minilora.lora.peft_io import load_adapter, save_adapter
 
     alone = {}
     for task in TASKS:

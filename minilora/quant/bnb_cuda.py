@@ -1,7 +1,7 @@
 """bitsandbytes' CUDA quantization kernels, rounding for rounding, in PyTorch ops.
 
 bitsandbytes' CPU path and its CUDA kernel (`kQuantizeBlockwise` in csrc) do not round alike, so
-their bytes differ on some inputs. `minilora.nf4` reproduces the CPU path on CPU tensors and,
+their bytes differ on some inputs. `minilora.quant.nf4` reproduces the CPU path on CPU tensors and,
 through this module, the CUDA kernel on CUDA tensors (or wherever `kernel="cuda"` is asked for).
 What the kernel does differently:
 
@@ -64,7 +64,7 @@ def reciprocal(absmax: torch.Tensor, mode: str = "ieee") -> torch.Tensor:
     if absmax.device.type != "cuda":
         raise ValueError("reciprocal mode 'approx' is the GPU's rcp.approx instruction: it needs a CUDA tensor")
     try:
-        from minilora._rcp_triton import rcp_approx
+        from minilora.quant._rcp_triton import rcp_approx
     except ImportError as exc:  # CUDA builds of PyTorch ship Triton on Linux; elsewhere it may be missing
         _warn_once(f"Triton is not importable ({exc}); 1/absmax is correctly rounded instead of the GPU's "
                    "rcp.approx, so a few codes may differ from bitsandbytes' CUDA kernel")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import save_safetensors_atomic, write_json_atomic
-from .lora import LoRAConfig
-from .lora_model import _inject, in_modules_to_save, lora_layers, suffix_match
+from .._io import save_safetensors_atomic, write_json_atomic
+from .layer import LoRAConfig
+from .model import _inject, in_modules_to_save, lora_layers, suffix_match
 
 __all__ = ["save_adapter", "load_adapter", "config_from_peft", "CONFIG_NAME", "WEIGHTS_NAME"]
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from minilora._io import save_safetensors_atomic, write_json_atomic
-from minilora.data import BatchSampler, Dataset, collate, eval_batches, load_dataset
-from minilora.tokenizer import load_tokenizer
+from minilora.train.data import BatchSampler, Dataset, collate, eval_batches, load_dataset
+from minilora.train.tokenizer import load_tokenizer
 
 __all__ = ["TrainConfig", "TrainResult", "train", "build_model", "evaluate", "lr_at", "main"]
 
@@ -163,7 +163,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def lora_config(cfg: TrainConfig):
-    from minilora.lora import LoRAConfig
+    from minilora.lora.layer import LoRAConfig
 
     targets = cfg.lora_targets
     if targets != "all-linear":
@@ -199,12 +199,12 @@ def build_model(cfg: TrainConfig, model=None, device=None):
         return model, tokenizer
     model.requires_grad_(False)
     if cfg.method == "qlora":
-        from minilora.qlora import prepare_for_kbit_training, quantize_model
+        from minilora.quant.qlora import prepare_for_kbit_training, quantize_model
 
         quantize_model(model, quant_type=cfg.quant_type, block_size=cfg.quant_block_size,
                        double_quant=cfg.double_quant)
         prepare_for_kbit_training(model, use_gradient_checkpointing=cfg.grad_checkpointing)
-    from minilora.lora_model import inject
+    from minilora.lora.model import inject
 
     inject(model, lora_config(cfg))
     return model, tokenizer
@@ -238,7 +238,7 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
 
 def _make_optimizer(cfg: TrainConfig, params: list, device: torch.device):
     if cfg.optimizer == "offload":
-        from minilora.offload import CPUOffloadAdamW
+        from minilora.optim.offload import CPUOffloadAdamW
 
         return CPUOffloadAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, state_bits=cfg.offload_state_bits)
     # fused AdamW on CUDA (one kernel for all tensors); the default foreach path on CPU.
@@ -548,7 +548,7 @@ def _save_final(cfg: TrainConfig, model, out: Path) -> str:
 
         save_pretrained(model, out / "model")
         return str(out / "model")
-    from minilora.peft_io import save_adapter
+    from minilora.lora.peft_io import save_adapter
 
     save_adapter(model, out / "adapter")
     return str(out / "adapter")

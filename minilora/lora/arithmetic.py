@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .lora_model import lora_layers
+from .model import lora_layers
 
 __all__ = ["combine_adapters", "METHODS"]
 

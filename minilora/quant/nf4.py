@@ -13,7 +13,7 @@ The byte layout, rounding and codebooks are those of bitsandbytes (`bitsandbytes
 
 Dequantizing is `codebook[code] * absmax` in fp32, then a cast to the original dtype.
 
-bitsandbytes' CUDA kernel rounds differently from its CPU path (see minilora/_bnb_cuda.py):
+bitsandbytes' CUDA kernel rounds differently from its CPU path (see minilora/quant/bnb_cuda.py):
 `kernel="auto"` gives the bytes bitsandbytes gives on the tensor's device; `kernel="cpu"` or
 `"cuda"` asks for one kernel's rounding wherever the tensor is.
 
@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import torch
 
-from minilora import _bnb_cuda
+from minilora.quant import bnb_cuda as _bnb_cuda
 
 __all__ = [
     "nf4_codebook", "fp4_codebook", "int4_codebook", "dynamic_map",
@@ -469,14 +469,14 @@ def _fused_or_none(what: str, run, *args):
 
 
 def _encode_8bit_fused(blocks, tables):
-    from minilora._encode8_fused import encode_fused
+    from minilora.quant._encode8_fused import encode_fused
 
     below, padded, depth = tables
     return encode_fused(blocks, below, padded, depth, _KEY_SHIFT)
 
 
 def _dequantize_fused(packed, scales, codebook, block_size, dtype):
-    from minilora._dequant_fused import dequantize_fused
+    from minilora.quant._dequant_fused import dequantize_fused
 
     return dequantize_fused(packed, scales, codebook, block_size, dtype)
 

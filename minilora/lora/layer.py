@@ -94,7 +94,7 @@ def pattern_value(patterns: dict, name: str, default):
 
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear, or a module that declares the linear protocol (in/out_features, dequantize_weight,
-    requantize_), such as minilora.qlora.LinearNF4."""
+    requantize_), such as minilora.quant.qlora.LinearNF4."""
     if isinstance(module, nn.Linear):
         return True
     return bool(getattr(type(module), "lora_compatible", False)) and hasattr(module, "in_features") \

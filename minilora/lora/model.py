@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .lora import (LoRAConfig, LoRALinear, base_weight, check_rank_fits, is_linear_like, pattern_matches,
+from .layer import (LoRAConfig, LoRALinear, base_weight, check_rank_fits, is_linear_like, pattern_matches,
                    restore_base, snapshot_base)
 
 __all__ = [

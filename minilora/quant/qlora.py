@@ -26,7 +26,7 @@ import re
 import torch
 from torch import nn
 
-from .lora import autocast_dtype
+from ..lora.layer import autocast_dtype
 from .nf4 import QuantState4bit, _dynamic_on, _tables, dequantize_4bit, quantize_4bit
 
 __all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training", "load_bnb_4bit_state",
@@ -34,13 +34,13 @@ __all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training", "load_bnb
 
 _QS_KEY = re.compile(r"^(?P<prefix>.+)\.weight\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STORABLE = ("nf4", "fp4")  # what bitsandbytes' state-dict format holds; "int4" lives only in minilora.nf4
+_STORABLE = ("nf4", "fp4")  # what bitsandbytes' state-dict format holds; "int4" lives only in minilora.quant.nf4
 
 
 def _check_storable(quant_type: str) -> None:
     if quant_type not in _STORABLE:
         raise ValueError(f"LinearNF4 supports quant_type nf4 or fp4 (bitsandbytes' state-dict format stores only "
-                         f"those), got {quant_type!r}; int4 is available in minilora.nf4.quantize_4bit for comparison")
+                         f"those), got {quant_type!r}; int4 is available in minilora.quant.nf4.quantize_4bit for comparison")
 
 
 class _DequantizeLinear(torch.autograd.Function):
@@ -317,13 +317,13 @@ def quantize_model(model: nn.Module, skip=("lm_head",), quant_type: str = "nf4",
     if isinstance(skip, str):
         skip = (skip,)
     _check_storable(quant_type)
-    from .lora import LoRALinear
+    from ..lora.layer import LoRALinear
 
     adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     if adapted:
         raise ValueError(f"quantize_model got a model that already has LoRA adapters ({adapted[:3]}...): its "
                          f"nn.Linear adapters would be quantized and frozen; quantize first, then inject")
-    from .lora_model import suffix_match  # peft's list rule, shared with target_modules
+    from ..lora.model import suffix_match  # peft's list rule, shared with target_modules
 
     targets = [n for n, m in model.named_modules()
                if type(m) is nn.Linear and not any(suffix_match(n, p) for p in skip)]

@@ -168,7 +168,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
                              for _ in range(gpu_pages)]
         self._slot = 0
         if state_bits == 8:
-            from minilora.nf4 import dynamic_map   # the shared quantizer (bitsandbytes' maps)
+            from minilora.quant.nf4 import dynamic_map   # the shared quantizer (bitsandbytes' maps)
             self._maps = {"exp_avg": dynamic_map(signed=True), "exp_avg_sq": dynamic_map(signed=False)}
 
     # ------------------------------------------------------------------------------ set-up
@@ -320,7 +320,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         n = seg.hi - seg.lo
         if not seg.param.quantized:
             return page.buffers[name][seg.state_off:seg.state_off + n]
-        from minilora.nf4 import dequantize_blockwise_8bit
+        from minilora.quant.nf4 import dequantize_blockwise_8bit
         codes = page.buffers[name + "_code"][seg.state_off:seg.state_off + n]
         absmax = page.buffers[name + "_absmax"][seg.absmax_off:seg.absmax_off - (-n // BLOCK_SIZE)]
         return dequantize_blockwise_8bit(codes, absmax, self._maps[name], BLOCK_SIZE)
@@ -330,7 +330,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         if not seg.param.quantized:
             page.buffers[name][seg.state_off:seg.state_off + n].copy_(value)
             return
-        from minilora.nf4 import quantize_blockwise_8bit
+        from minilora.quant.nf4 import quantize_blockwise_8bit
         codes, absmax = quantize_blockwise_8bit(value, self._maps[name], BLOCK_SIZE, fused=self.fused)
         page.buffers[name + "_code"][seg.state_off:seg.state_off + n].copy_(codes)
         page.buffers[name + "_absmax"][seg.absmax_off:seg.absmax_off + absmax.numel()].copy_(absmax)

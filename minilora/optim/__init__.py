@@ -1,0 +1,1 @@
+"""Optimizers: the paged CPU-offload AdamW (offload.py)."""
