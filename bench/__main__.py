@@ -152,7 +152,7 @@ def main(argv=None) -> int:
             runs.append({"name": name, "status": f"skipped: {reason}", "seconds": 0.0, "date": _now(), "results": []})
             continue
         runs.append(_run_one(name, args.quick, args.timeout))
-    from minilora._io import write_json_atomic, write_text_atomic
+    from reference_models.files import write_json_atomic, write_text_atomic
 
     info = machine_info()
     machine = machine_name()

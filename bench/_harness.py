@@ -93,7 +93,7 @@ def report(name: str, rows: list[dict], extra: dict | None = None, floatfmt: str
     """Print rows as a table and write bench/results/<name>-<machine>.json atomically."""
     from tabulate import tabulate
 
-    from minilora._io import write_json_atomic
+    from reference_models.files import write_json_atomic
 
     print(tabulate(rows, headers="keys", floatfmt=floatfmt))
     payload = {"benchmark": name, "machine": machine_info(), "results": rows}

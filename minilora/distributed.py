@@ -378,7 +378,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, folder: 
     folder/adapter/ (peft format) when adapter_name is given, else folder/model.safetensors;
     folder/optimizer.safetensors (AdamW moments keyed `<param name>.<state>`); folder/trainer_state.json.
     """
-    from minilora._io import save_safetensors_atomic, write_json_atomic
+    from reference_models.files import save_safetensors_atomic, write_json_atomic
 
     folder = Path(folder)
     if adapter_name is not None:
@@ -533,7 +533,7 @@ def train_distributed(cfg, strategy: str = "full_shard", model: nn.Module | None
     for lora/qlora) hold full tensors and the data position in examples: they resume on any world size.
     """
     from minilora.train import loop as T
-    from minilora._io import write_json_atomic
+    from reference_models.files import write_json_atomic
     from minilora.train.data import BatchSampler, collate, load_dataset
 
     cfg.validate()

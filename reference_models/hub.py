@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .files import save_safetensors_atomic, write_text_atomic
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
 
@@ -259,30 +258,8 @@ def _load_quantized(model, tensors, qconfig: dict, dtype) -> None:
 # ---------------------------------------------------------------------------------------------
 # save
 
-def _atomic_write(path: Path, write) -> None:
-    # Write into a temporary file next to the target, fsync, then rename over it: a reader sees
-    # the old file or the new one, never half of one. (minilora._io does the same; reference_models
-    # does not import minilora.)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        mask = os.umask(0)  # mkstemp made the file 0600; give it what open() would: 0666 & ~umask
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model: GPT | Llama, path) -> Path:
     """Write config.json and model.safetensors that transformers' from_pretrained loads."""
-    from safetensors.torch import save_file
-
     if not isinstance(model, (GPT, Llama)):
         raise TypeError(f"save_pretrained expects a reference_models GPT or Llama, got {type(model).__name__}")
     folder = Path(path)
@@ -302,7 +279,6 @@ def save_pretrained(model: GPT | Llama, path) -> Path:
                 t = t.t()  # Linear (out, in) -> Conv1D (in, out)
             tensors[key] = t.detach().to("cpu").contiguous().clone()
     hf["dtype"] = str(_stored_dtype(tensors)).removeprefix("torch.")
-    _atomic_write(folder / SINGLE_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / "config.json",
-                  lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n"))
+    save_safetensors_atomic(tensors, folder / SINGLE_FILE, metadata={"format": "pt"})
+    write_text_atomic(folder / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")
     return folder

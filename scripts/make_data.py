@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         print("make_data: shipped data matches")
         return 0
     sys.path.insert(0, str(DATA.parent.parent))
-    from minilora._io import write_bytes_atomic
+    from reference_models.files import write_bytes_atomic
 
     for name, data in files.items():
         write_bytes_atomic(DATA / name, data)

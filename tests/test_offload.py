@@ -363,7 +363,7 @@ def test_any_page_size_shapes_dtypes_and_missing_grads_match_torch(page_size, sp
 
 def save_optimizer(state_dict, path):
     """Optimizer state dict -> safetensors (tensors) + JSON metadata (param groups): no pickle."""
-    from minilora._io import save_safetensors_atomic
+    from reference_models.files import save_safetensors_atomic
     tensors = {f"{i}.{k}": v for i, entry in state_dict["state"].items() for k, v in entry.items()}
     tensors.update({f"cpu_offload.{i}.{k}": v for i, entry in state_dict.get("cpu_offload", {}).items()
                     for k, v in entry.items()})
@@ -413,7 +413,7 @@ def resume_in_this_process(folder):
     """The fresh process's half: load model + optimizer + scheduler, finish the run, save."""
     from safetensors.torch import load_file
 
-    from minilora._io import save_safetensors_atomic
+    from reference_models.files import save_safetensors_atomic
     for config in RESUME_CONFIGS:
         model, opt, sched = build(config)
         model.load_state_dict(load_file(str(folder / f"{config}-model.safetensors")))
@@ -426,7 +426,7 @@ def resume_in_this_process(folder):
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     from safetensors.torch import load_file
 
-    from minilora._io import save_safetensors_atomic, write_json_atomic
+    from reference_models.files import save_safetensors_atomic, write_json_atomic
     finals = {}
     for config in RESUME_CONFIGS:
         model, opt, sched = build(config)

@@ -107,7 +107,7 @@ def write(name: str, rows: list[dict], conclusion: str, meta: dict | None = None
     from tabulate import tabulate
 
     from bench._harness import machine_name, report
-    from minilora._io import write_text_atomic
+    from reference_models.files import write_text_atomic
 
     extra = {"conclusion": conclusion, "note": "numbers are losses/perplexities (load-independent) "
              "unless a column says seconds; the experiments ran while other jobs shared the 2-core CPU"}

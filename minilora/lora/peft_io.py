@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import save_safetensors_atomic, write_json_atomic
+from reference_models.files import save_safetensors_atomic, write_json_atomic
 from .layer import LoRAConfig
 from .model import _inject, in_modules_to_save, lora_layers, suffix_match
 

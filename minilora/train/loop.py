@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from minilora._io import save_safetensors_atomic, write_json_atomic
+from reference_models.files import save_safetensors_atomic, write_json_atomic
 from minilora.train.data import BatchSampler, Dataset, collate, eval_batches, load_dataset
 from minilora.train.tokenizer import load_tokenizer
 

@@ -1,10 +1,10 @@
-"""minilora._io: atomic writes replace a file whole, lose nothing on failure, and give the file
+"""reference_models.files: atomic writes replace a file whole, lose nothing on failure, and give the file
 the permissions a plain open() would."""
 import os
 
 import pytest
 
-from minilora._io import atomic_path, write_json_atomic, write_text_atomic
+from reference_models.files import atomic_path, write_json_atomic, write_text_atomic
 
 
 def test_write_replaces_whole_and_leaves_no_temporary(tmp_path):

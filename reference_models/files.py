@@ -1,6 +1,6 @@
-"""Atomic file writes: a reader never sees a half-written file, and a failed write loses nothing.
+"""Checkpoint files: atomic writes (a reader never sees a half-written file, and a failed write loses nothing).
 
-Every file minilora writes goes through here: write to a temporary file in the same folder,
+Every file reference_models and minilora write goes through here: write to a temporary file in the same folder,
 flush and fsync it, then `os.replace` it over the target (atomic on POSIX and Windows).
 """
 from __future__ import annotations
