@@ -30,15 +30,19 @@ def test_fused_dequantize_formulation_bit_identical_to_eager(blocks, block_size,
     assert torch.equal(fused.view(state.shape), dequantize_4bit(state, backend="eager"))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_compiled_dequantize_on_cpu_bit_identical_to_eager_and_auto(dtype):
-    # the same torch.compile'd function CUDA tensors use, here through inductor's C++ backend
+@given(rows=st.integers(1, 40), block_size=st.sampled_from([32, 64, 256]), partial=st.sampled_from([0, 0, 0, 1, 33]),
+       quant_type=st.sampled_from(["nf4", "fp4", "int4"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), double_quant=st.booleans())
+def test_compiled_dequantize_on_cpu_bit_identical_to_eager_and_auto(rows, block_size, partial, quant_type, dtype,
+                                                                     double_quant):
+    # the same torch.compile'd function CUDA tensors use, here through inductor's C++ backend (compiled
+    # once for every shape); a tensor with a partial last block runs eager
     seen = backends.COMPILED.unavailable.copy()
-    for shape, quant_type, double_quant in [((96, 128), "nf4", True), ((40, 64), "fp4", False), ((7, 33), "nf4", True)]:
-        state = quantize_4bit(torch.randn(shape).to(dtype), quant_type, 64, double_quant)
-        eager = dequantize_4bit(state, backend="eager")
-        assert torch.equal(dequantize_4bit(state, backend="compiled"), eager)  # (7, 33): a partial block, eager
-        assert torch.equal(state.dequantize(backend="auto"), eager)
+    w = torch.randn(rows * block_size + partial, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    state = quantize_4bit(w, quant_type, block_size, double_quant)
+    eager = dequantize_4bit(state, backend="eager")
+    assert torch.equal(dequantize_4bit(state, backend="compiled"), eager)
+    assert torch.equal(state.dequantize(backend="auto"), eager)
     assert backends.COMPILED.unavailable == seen, "the compiled dequantize fell back to eager (see the warning)"
 
 

@@ -13,7 +13,7 @@ coverage; the rest of that call runs eager). "auto" is eager today: the compiled
 not pay on an H100 (0.29 ms both ways at 4096 x 4096 fp32, 0.36 vs 0.29 ms in bf16: per-call
 overhead dominates, not bytes), and the compiled CPU 8-bit encoder (3.5x faster on 2 cores)
 compiles C++ for seconds on first use, so callers ask for it (CPUOffloadAdamW(fused=True)).
-A backend that pays by default (a Triton dequantize on CUDA) enters `choose_backend`'s "auto".
+A backend that pays by default (a Triton dequantize on CUDA) enters `resolve_backend`'s "auto".
 
 One cache holds the compiled functions (`COMPILED`), and one fallback serves them all: a path
 torch.compile cannot build or run here (no C++ compiler, no Triton) warns once, is recorded in
@@ -25,12 +25,12 @@ import warnings
 
 import torch
 
-__all__ = ["BACKENDS", "choose_backend", "CompiledPaths", "COMPILED", "run_compiled"]
+__all__ = ["BACKENDS", "resolve_backend", "CompiledPaths", "COMPILED", "run_compiled"]
 
 BACKENDS = ("auto", "eager", "compiled")
 
 
-def choose_backend(backend) -> str:
+def resolve_backend(backend) -> str:
     """The backend a call runs ("eager" or "compiled"): cheap and deterministic, no measuring."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from minilora.quant import bnb_cuda
-from minilora.quant.backends import choose_backend, run_compiled
+from minilora.quant.backends import resolve_backend, run_compiled
 from minilora.quant.codebooks import dynamic_map
 
 __all__ = [
@@ -164,7 +164,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     check_input(x, "x")
     check_block_size(block_size)
     kernel = bnb_cuda.resolve_kernel(kernel, x.device)
-    backend = choose_backend(backend)
+    backend = resolve_backend(backend)
     if fused is not None:  # kept until offload.py switches
         backend = "compiled" if fused and kernel == "cpu" and x.device.type == "cpu" else "eager"
     if backend == "compiled" and (kernel != "cpu" or x.device.type != "cpu"):

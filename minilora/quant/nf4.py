@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from minilora.quant import bnb_cuda
-from minilora.quant.backends import COMPILED, choose_backend, run_compiled
+from minilora.quant.backends import COMPILED, resolve_backend, run_compiled
 from minilora.quant.blockwise import (
     FLOAT_DTYPES, check_block_size, check_finite, check_input, chunk_elements, dequantize_blockwise_8bit,
     quantize_blockwise_8bit, scale_blocks,
@@ -184,7 +184,7 @@ def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None, bac
     dtype = state.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    backend = choose_backend(backend)
+    backend = resolve_backend(backend)
     n, bs = state.numel, state.block_size
     packed = state.packed.reshape(-1)
     if packed.dtype != torch.uint8:
