@@ -22,7 +22,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Tri
 @given(blocks=st.integers(1, 40), block_size=st.sampled_from([32, 64, 256]),
        quant_type=st.sampled_from(["nf4", "fp4", "int4"]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), double_quant=st.booleans())
-def test_fused_dequantize_formulation_bit_identical_to_eager(blocks, block_size, quant_type, dtype, double_quant):
+def test_compiled_dequantize_formulation_bit_identical_to_eager(blocks, block_size, quant_type, dtype, double_quant):
     # the per-element formulation torch.compile fuses, run as plain ops: the eager path's bits
     w = torch.randn(blocks, block_size).to(dtype)
     state = quantize_4bit(w, quant_type, block_size, double_quant)
@@ -48,7 +48,7 @@ def test_compiled_dequantize_on_cpu_bit_identical_to_eager_and_auto(rows, block_
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_cuda_dequantize_bit_identical_to_eager_and_to_bitsandbytes(dtype):
+def test_compiled_cuda_dequantize_bit_identical_to_eager_and_to_bitsandbytes(dtype):
     import bitsandbytes.functional as F
 
     for shape in [(4096, 4096), (1000, 64), (7, 4097)]:  # the last: a partial block, eager path
@@ -63,7 +63,7 @@ def test_fused_cuda_dequantize_bit_identical_to_eager_and_to_bitsandbytes(dtype)
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_fused_cpu_8bit_encoder_bit_identical_to_eager(signed):
+def test_compiled_cpu_8bit_encoder_bit_identical_to_eager(signed):
     # the torch.compile'd loop (whole 1M-element chunks) and the eager passes: the same codes and scales
     code = dynamic_map(signed)
     mid = (code[:-1] + code[1:]) / 2

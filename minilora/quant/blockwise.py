@@ -205,7 +205,7 @@ def _encode_chunk(chunk, block_size: int, kernel: str, code, grid: LogGrid | Non
 
 
 @lru_cache(maxsize=None)
-def _dynamic_on(device: torch.device) -> torch.Tensor:
+def _dynamic_map_on(device: torch.device) -> torch.Tensor:
     return dynamic_map(True, device)  # cached, read-only: the double-quantization map
 
 
@@ -219,7 +219,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
     n = codes.numel()
     if absmax.numel() != -(-n // block_size):
         raise ValueError(f"absmax has {absmax.numel()} entries, expected ceil({n}/{block_size}) = {-(-n // block_size)}")
-    code = _dynamic_on(codes.device) if code is None else code.to(codes.device, torch.float32)
+    code = _dynamic_map_on(codes.device) if code is None else code.to(codes.device, torch.float32)
     out = torch.index_select(code, 0, codes.reshape(-1).int())  # (n,) fp32, scaled in place below
     full = n - n % block_size
     out[:full].view(-1, block_size).mul_(absmax[:full // block_size].unsqueeze(1))
