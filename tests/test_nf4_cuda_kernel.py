@@ -95,12 +95,17 @@ def test_kernel_cuda_on_a_cpu_tensor_is_the_cuda_ieee_rounding(double_quant):
 
 @cuda
 def test_cuda_ieee_rounding_gives_the_same_bytes_on_a_gpu_as_on_the_cpu():
+    # every step is exact or correctly rounded elementwise (no fast-math reciprocal), so the device
+    # does not matter; without double quantization, whose offset is a mean (summation order differs)
     w = torch.randn(1001, 4097, generator=torch.Generator().manual_seed(0))
+    w[3] = 0.0
     for quant_type in ("nf4", "fp4"):
-        on_gpu = quantize_4bit(w.cuda(), quant_type, 64, True, kernel="cuda-ieee")
-        on_cpu = quantize_4bit(w, quant_type, 64, True, kernel="cuda-ieee")
-        for name in ("packed", "absmax", "absmax2", "offset"):
-            assert torch.equal(getattr(on_gpu, name).cpu(), getattr(on_cpu, name)), (quant_type, name)
+        on_gpu = quantize_4bit(w.cuda(), quant_type, 64, False, kernel="cuda-ieee")
+        on_cpu = quantize_4bit(w, quant_type, 64, False, kernel="cuda-ieee")
+        assert torch.equal(on_gpu.packed.cpu(), on_cpu.packed) and torch.equal(on_gpu.absmax.cpu(), on_cpu.absmax)
+    codes_gpu, absmax_gpu = quantize_blockwise_8bit(w.cuda(), kernel="cuda-ieee")
+    codes_cpu, absmax_cpu = quantize_blockwise_8bit(w, kernel="cuda-ieee")
+    assert torch.equal(codes_gpu.cpu(), codes_cpu) and torch.equal(absmax_gpu.cpu(), absmax_cpu)
 
 
 @cuda
