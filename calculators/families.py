@@ -48,7 +48,7 @@ class Family:
     rope_types: tuple = ROPE_TYPES
     experts: bool = False        # mixtral: a router and 3-D expert parameters instead of the MLP
     activation_key: str = "hidden_act"
-    renames: dict = field(default_factory=dict)     # older config keys -> the names read below
+    renames: dict = field(default_factory=dict)     # older config keys -> the names models.py reads
     defaults: dict = field(default_factory=dict)    # the configuration class's defaults
 
 
@@ -58,17 +58,20 @@ _GEMMA_DEFAULTS = dict(head_dim=256, tie_word_embeddings=True, hidden_act="gelu_
 _OLMO2 = dict(norm_layout="post", qk_norm="projection")
 
 FAMILIES = {
+    # learned positions, LayerNorm with bias, fused c_attn, 4h GELU MLP, every projection biased
     "gpt2": Family(layout="gpt2", norm="layernorm", fused_qkv=True, gated_mlp=False, attention_bias="always",
                    mlp_bias="always", activation_key="activation_function",
                    renames=dict(n_embd="hidden_size", n_layer="num_hidden_layers", n_head="num_attention_heads",
                                 n_inner="intermediate_size", n_positions="max_position_embeddings"),
                    defaults=dict(tie_word_embeddings=True, max_position_embeddings=1024, hidden_act="gelu_new")),
+    # parallel residual, rotary on the first quarter of each head, fused query_key_value, biased LayerNorms
     "gpt_neox": Family(layout="gpt_neox", norm="layernorm", fused_qkv=True, gated_mlp=False, mlp_bias="always",
                        renames=dict(rotary_pct="partial_rotary_factor", rotary_emb_base="rope_theta"),
                        defaults=dict(attention_bias=True, use_parallel_residual=True, partial_rotary_factor=0.25,
                                      max_position_embeddings=2048, hidden_act="gelu")),
     "llama": Family(mlp_bias="config", defaults=dict(max_position_embeddings=2048)),
     "granite": Family(mlp_bias="config", defaults=dict(max_position_embeddings=2048)),
+    # no biases; every layer slides when sliding_window is set (4096 unless the config says null)
     "mistral": Family(**_NO_BIAS_SLIDING, defaults=dict(num_key_value_heads=8, max_position_embeddings=131072,
                                                         sliding_window=4096)),
     "ministral": Family(**_NO_BIAS_SLIDING, reads_layer_types=True,
@@ -76,27 +79,31 @@ FAMILIES = {
     "mixtral": Family(**_NO_BIAS_SLIDING, experts=True,
                       defaults=dict(num_key_value_heads=8, max_position_embeddings=131072, rope_theta=1e6,
                                     num_local_experts=8, num_experts_per_tok=2)),
+    # bias on q, k, v only; layers from max_window_layers on slide when use_sliding_window is set
     "qwen2": Family(attention_bias="qkv", sliding="qwen", reads_layer_types=True,
                     defaults=dict(num_key_value_heads=32, max_position_embeddings=32768, sliding_window=4096,
                                   max_window_layers=28)),
     "qwen3": Family(qk_norm="head", sliding="qwen", reads_layer_types=True,
                     defaults=dict(num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
                                   sliding_window=4096, max_window_layers=28)),
+    # embeddings scaled by sqrt(hidden); head_dim 256 and tied embeddings unless the config says otherwise
     "gemma": Family(scaled_embeddings=True, defaults=dict(num_key_value_heads=16, max_position_embeddings=8192,
                                                           **_GEMMA_DEFAULTS)),
     "gemma2": Family(**_GEMMA, norm_layout="sandwich", softcapping=True, sliding="pattern", pattern=2,
                      reads_layer_types=True,
                      defaults=dict(num_key_value_heads=4, max_position_embeddings=8192, sliding_window=4096,
-                                   attn_logit_softcapping=50.0,
-                                   final_logit_softcapping=30.0, **_GEMMA_DEFAULTS)),
+                                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **_GEMMA_DEFAULTS)),
     "gemma3_text": Family(**_GEMMA, norm_layout="sandwich", qk_norm="head", softcapping=True, sliding="pattern",
-                          pattern=6, reads_pattern=True, reads_layer_types=True, local_rope=True, renames=dict(rope_local_base_freq="local_rope_theta"),
+                          pattern=6, reads_pattern=True, reads_layer_types=True, local_rope=True,
+                          renames=dict(rope_local_base_freq="local_rope_theta"),
                           defaults=dict(num_key_value_heads=4, max_position_embeddings=131072, sliding_window=4096,
-                                        rope_theta=1e6, local_rope_theta=1e4,
-                                        **_GEMMA_DEFAULTS)),
+                                        rope_theta=1e6, local_rope_theta=1e4, **_GEMMA_DEFAULTS)),
+    # fused qkv_proj and gate_up_proj; Phi3Config accepts no rope scaling but longrope
     "phi3": Family(fused_qkv=True, fused_gate_up=True, **_NO_BIAS_SLIDING, rope_types=("default", "longrope"),
                    defaults=dict(max_position_embeddings=4096, partial_rotary_factor=1.0)),
+    # norms after attention and MLP only, q/k norms over the whole projection
     "olmo2": Family(**_OLMO2, defaults=dict(max_position_embeddings=2048)),
     "olmo3": Family(**_OLMO2, sliding="pattern", pattern=4, reads_layer_types=True, local_rope=True,
-                    defaults=dict(max_position_embeddings=2048, sliding_window=4096, rope_theta=500000.0, local_rope_theta=500000.0)),
+                    defaults=dict(max_position_embeddings=2048, sliding_window=4096, rope_theta=500000.0,
+                                  local_rope_theta=500000.0)),
 }

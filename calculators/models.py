@@ -115,7 +115,8 @@ def _sizes(r: _Reader) -> dict:
     own_head_dim = fam.layout in ("gpt2", "gpt_neox")  # heads sized hidden // heads, no GQA
     if own_head_dim:
         if hidden % heads:
-            r.refuse(f"{r.key('hidden_size')} ({hidden}) must be a multiple of {r.key('num_attention_heads')} ({heads})")
+            r.refuse(f"{r.key('hidden_size')} ({hidden}) must be a multiple of "
+                     f"{r.key('num_attention_heads')} ({heads})")
         for key, value in (("head_dim", hidden // heads), ("num_key_value_heads", heads)):
             if r.config.get(key) not in (None, value):
                 r.refuse(f"{key}={r.config[key]!r} is not read: this family uses {value}")
@@ -134,9 +135,9 @@ def _sizes(r: _Reader) -> dict:
                  tie_word_embeddings=bool(r.get("tie_word_embeddings", False)))
     if heads % sizes["num_kv_heads"]:
         r.refuse(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({sizes['num_kv_heads']})")
-    attention_bias = {"always": True, "config": bool(r.get("attention_bias", False))}.get(fam.attention_bias, False)
+    attention_bias = _bias(r, fam.attention_bias, "attention_bias")
     sizes.update(qkv_bias=attention_bias or fam.attention_bias == "qkv", o_bias=attention_bias,
-                 mlp_bias={"always": True, "config": bool(r.get("mlp_bias", False))}.get(fam.mlp_bias, False))
+                 mlp_bias=_bias(r, fam.mlp_bias, "mlp_bias"))
     if fam.experts:
         experts = r.positive_int("num_local_experts")
         per_token = r.positive_int("num_experts_per_tok")
@@ -145,6 +146,11 @@ def _sizes(r: _Reader) -> dict:
                               f"num_local_experts ({experts})")
         sizes.update(num_experts=experts, experts_per_token=per_token)
     return sizes
+
+
+def _bias(r: _Reader, rule: str, key: str) -> bool:
+    """A family's bias rule (families.Family.attention_bias / mlp_bias) applied to the config."""
+    return rule == "always" or (rule == "config" and bool(r.get(key, False)))
 
 
 def _attention(r: _Reader, num_layers: int) -> tuple[tuple, int | None]:
@@ -158,12 +164,14 @@ def _attention(r: _Reader, num_layers: int) -> tuple[tuple, int | None]:
         r.refuse(f"sliding_window={window!r} is not read: this family has no sliding-window attention")
     if fam.sliding == "qwen" and not r.get("use_sliding_window", False):
         window = None  # Qwen2Config/Qwen3Config drop the window unless use_sliding_window is set
-    if given is not None and not fam.reads_layer_types and SLIDING in list(given):
-        r.refuse(f"layer_types={given!r} is not read: this family slides {'no' if fam.sliding == 'none' else 'every'} "
-                 "layer by sliding_window")
+    derived = [_slides(r, i, window) for i in range(num_layers)]
+    if given is not None and not fam.reads_layer_types and list(given) != derived:
+        how = "has no sliding-window attention" if fam.sliding == "none" else "slides every layer by sliding_window"
+        r.refuse(f"layer_types={given!r} is not read: this family {how}")
     if given is None or not fam.reads_layer_types:
-        given = [_slides(r, i, window) for i in range(num_layers)]
-    if not isinstance(given, (list, tuple)) or len(given) != num_layers or any(t not in (FULL, SLIDING) for t in given):
+        given = derived
+    known = isinstance(given, (list, tuple)) and all(t in (FULL, SLIDING) for t in given)
+    if not known or len(given) != num_layers:
         r.refuse(f"layer_types must list {FULL!r} or {SLIDING!r} for each of the {num_layers} layers, got {given!r}")
     if SLIDING not in given:
         return tuple(given), None

@@ -9,7 +9,9 @@ Three layouts (families.Family.layout):
   decoder   model.embed_tokens, model.layers.i.{self_attn, mlp, <norms>}, model.norm, lm_head
             (llama, mistral, qwen2/3, gemma*, phi3, olmo2/3, mixtral: what differs is in the spec)
   gpt2      transformer.wte + wpe, transformer.h.i.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
-            mlp.c_proj}, transformer.ln_f (Conv1D weights are stored (in, out); peft treats them as linear)
+            mlp.c_proj}, transformer.ln_f. transformers stores these as Conv1D (in, out), which peft
+            wraps like linear layers; the shapes here are (out, in), the nn.Linear layout of
+            reference_models/gpt.py, whose tensors the memory terms (and FSDP's dim-0 shards) describe
   gpt_neox  gpt_neox.embed_in, gpt_neox.layers.i.{input_layernorm, post_attention_layernorm,
             attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h},
             gpt_neox.final_layer_norm, lm_head
