@@ -99,10 +99,11 @@ class _Reader:
         """The name the config itself uses for `key` (gpt2's n_embd for hidden_size)."""
         return next((old for old, new in self.family.renames.items() if new == key and old in self.config), key)
 
-    def positive_int(self, key: str, value=_MISSING) -> int:
+    def positive_int(self, key: str, value=_MISSING, minimum: int = 1) -> int:
         value = self.get(key) if value is _MISSING else value
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{self.name}: {self.key(key)} must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"{self.name}: {self.key(key)} must be {allowed}, got {value!r}")
         return value
 
     def refuse(self, what: str):
@@ -185,7 +186,7 @@ def _slides(r: _Reader, i: int, window) -> str:
     if window is None or fam.sliding == "none":
         return FULL
     if fam.sliding == "qwen":
-        return SLIDING if i >= r.positive_int("max_window_layers") else FULL
+        return SLIDING if i >= r.positive_int("max_window_layers", minimum=0) else FULL
     if fam.sliding == "pattern":
         pattern = r.positive_int("sliding_window_pattern", r.get("sliding_window_pattern", fam.pattern)
                                  if fam.reads_pattern else fam.pattern)

@@ -206,7 +206,8 @@ def test_lora_trainable_exact_vs_peft(name, rank, targets):
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("config", [c for c in FAMILY_CONFIGS if c["model_type"] in ("granite", "ministral", "olmo3")],
+@pytest.mark.parametrize("config", [c for c in FAMILY_CONFIGS
+                                    if c["model_type"] in ("gemma", "granite", "ministral", "olmo3")],
                          ids=lambda c: c["model_type"])
 def test_lora_all_linear_exact_vs_peft_for_families_without_presets(config):
     assert lora_trainable_parameters(model_spec(config), 4, "all-linear") == peft_trainable(config, 4, "all-linear")
@@ -384,3 +385,27 @@ def test_what_the_calculator_does_not_model_is_refused_in_one_line(config, messa
     with pytest.raises(ConfigError, match=message) as exc:
         model_spec(config)
     assert "\n" not in str(exc.value)
+
+
+@settings(max_examples=30)
+@given(family=st.sampled_from(["mistral", "ministral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
+                               "olmo3"]),
+       layers=st.integers(1, 13), window=st.sampled_from([None, 1, 7, 4096]), use_window=st.booleans(),
+       max_window_layers=st.integers(0, 13), pattern=st.integers(1, 7))
+@pytest.mark.interop
+def test_sliding_layers_and_window_as_transformers_cache_decides_property(family, layers, window, use_window,
+                                                                          max_window_layers, pattern):
+    from transformers.cache_utils import DynamicCache
+    config = dict(model_type=family, **{**SMALL, "num_hidden_layers": layers}, num_key_value_heads=2, head_dim=12,
+                  sliding_window=window, use_sliding_window=use_window, max_window_layers=max_window_layers)
+    if family == "gemma3_text":
+        config["sliding_window_pattern"] = pattern
+    cache = DynamicCache(config=_hf_config(config))
+    sliding = [getattr(layer, "is_sliding", False) for layer in cache.layers]
+    if any(sliding) and window is None:  # a sliding layer without a window: transformers' cache cannot work
+        with pytest.raises(ConfigError, match="sliding_window"):
+            model_spec(config)
+        return
+    spec = model_spec(config)
+    assert spec.layer_types == tuple("sliding_attention" if s else "full_attention" for s in sliding)
+    assert spec.sliding_window == (window if any(sliding) else None)
