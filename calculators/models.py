@@ -222,14 +222,19 @@ def _rope(r: _Reader, head_dim: int) -> dict:
     if fam.local_rope:
         sliding = (params.get(SLIDING) or {}) if per_layer_type else {}
         _check_rope_type(r, f"{key}.{SLIDING}", sliding)
-        local = float(sliding.get("rope_theta", r.get("local_rope_theta")))
+        local = _theta(r, f"{key}.{SLIDING}.rope_theta", sliding.get("rope_theta", r.get("local_rope_theta")))
     rope_type = _check_rope_type(r, f"{key}.{FULL}" if per_layer_type else key, full)
     factor = full.get("partial_rotary_factor", r.get("partial_rotary_factor", 1.0))
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
         r.refuse(f"{r.key('partial_rotary_factor')} must be in (0, 1], got {factor!r}")
-    theta = full.get("rope_theta", r.get("rope_theta", 10000.0))
-    return dict(rotary_dim=int(head_dim * factor), rope_type=rope_type, rope_theta=float(theta),
-                local_rope_theta=local)
+    theta = _theta(r, "rope_theta", full.get("rope_theta", r.get("rope_theta", 10000.0)))
+    return dict(rotary_dim=int(head_dim * factor), rope_type=rope_type, rope_theta=theta, local_rope_theta=local)
+
+
+def _theta(r: _Reader, where: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        r.refuse(f"{where} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _check_rope_type(r: _Reader, where: str, params: dict) -> str:

@@ -94,7 +94,8 @@ PRESETS = {
     "qwen3-14b": _qwen3(5120, 17408, 40, 40, tie=False),
     "qwen3-32b": _qwen3(5120, 25600, 64, 64, tie=False),
     # google/gemma-2-{2b,9b,27b}: every other layer slides over 4096 positions; 2.6B [2,614,341,888],
-    # 9B [9,241,705,984], 27B [27,227,128,320]
+    # 9B [9,241,705,984], 27B [27,227,128,320]; Gemma 2 report, table 1: non-embedding 2,024,517,888,
+    # 8,324,201,984 and 26,047,480,320, equal to ours (its embedding counts use 256,128 rows)
     "gemma-2-2b": _decoder("gemma2", 256000, 2304, 9216, 26, 8, 4, 8192, True, head_dim=256, sliding_window=4096,
                            query_pre_attn_scalar=256, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
     "gemma-2-9b": _decoder("gemma2", 256000, 3584, 14336, 42, 16, 8, 8192, True, head_dim=256, sliding_window=4096,
@@ -102,8 +103,9 @@ PRESETS = {
     "gemma-2-27b": _decoder("gemma2", 256000, 4608, 36864, 46, 32, 16, 8192, True, head_dim=128, sliding_window=4096,
                             query_pre_attn_scalar=144, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
     # google/gemma-3-1b-pt (text only) and the text_config of google/gemma-3-{4,12,27}b-pt: five of every
-    # six layers slide. Gemma 3 report, table 1 (embedding + non-embedding): 302M + 698M [999,885,952],
-    # 675M + 3,209M [3,880,099,328], 1,012M + 10,759M [11,766,034,176], 1,416M + 25,600M [27,009,002,240]
+    # six layers slide. Gemma 3 report, table 1, non-embedding: 698M, 3,209M, 10,759M, 25,600M (ours:
+    # 697,896,064, 3,209,010,688, 10,759,155,456, 25,599,716,096); totals [999,885,952], [3,880,263,168],
+    # [11,766,034,176], [27,009,346,304] (its embedding column, 675M for 4B, counts more than 262,208 x 2,560)
     "gemma-3-1b": _decoder("gemma3_text", 262144, 1152, 6912, 26, 4, 1, 32768, True, head_dim=256,
                            sliding_window=512, sliding_window_pattern=6, rope_theta=1000000.0,
                            rope_local_base_freq=10000.0, query_pre_attn_scalar=256),
