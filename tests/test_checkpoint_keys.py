@@ -3,10 +3,12 @@ checked against the files transformers writes."""
 import pytest
 import torch
 from hf_factories import save_tiny
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from reference_models import load_pretrained
+from reference_models import GPT, GPTConfig, Llama, LlamaConfig, load_pretrained
 from reference_models.checkpoint_keys import checkpoint_tensors, key_layout, match_state, model_keys
 
 FILES = [("gpt2", {}), ("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {}), ("qwen2", {})]
@@ -22,13 +24,33 @@ def test_checkpoint_tensors_are_the_file_transformers_wrote_bit_for_bit(tmp_path
         assert ours[key].dtype == t.dtype and torch.equal(ours[key], t), key
 
 
-@pytest.mark.parametrize("family,overrides", FILES)
-def test_match_state_inverts_checkpoint_tensors_on_a_meta_model(tmp_path, family, overrides):
-    save_tiny(family, tmp_path, **overrides)
-    model = load_pretrained(tmp_path)
+def random_model(draw):
+    torch.manual_seed(draw(st.integers(0, 99)))
+    heads, tied = draw(st.sampled_from([1, 2, 4])), draw(st.booleans())
+    if draw(st.booleans()):
+        return GPT(GPTConfig(vocab_size=draw(st.integers(8, 40)), n_positions=16, n_embd=8 * heads,
+                             n_layer=draw(st.integers(1, 3)), n_head=heads, n_inner=draw(st.sampled_from([None, 12])),
+                             tie_word_embeddings=tied))
+    return Llama(LlamaConfig(vocab_size=draw(st.integers(8, 40)), hidden_size=8 * heads,
+                             intermediate_size=draw(st.integers(4, 24)), num_hidden_layers=draw(st.integers(1, 3)),
+                             num_attention_heads=heads, num_key_value_heads=draw(st.sampled_from([1, heads])),
+                             tie_word_embeddings=tied, model_type=draw(st.sampled_from(["llama", "mistral"]))))
+
+
+@given(data=st.data(), bare=st.booleans(), with_buffers=st.booleans())
+def test_match_state_inverts_checkpoint_tensors_on_a_meta_model(data, bare, with_buffers):
+    # the file as transformers writes it, or as the bare transformer with saved buffers; both load back
+    model = random_model(data.draw)
+    layout = key_layout(model)
+    file = checkpoint_tensors(model)
+    if bare:
+        file = {k.removeprefix(layout.prefix): v for k, v in file.items()}
+    if with_buffers:
+        block = ("" if bare else layout.prefix) + ("h.0." if isinstance(model, GPT) else "layers.0.self_attn.")
+        file.update({block + name: torch.ones(2) for name in layout.ignored})
     with torch.device("meta"):
         empty = type(model)(model.config)
-    state = match_state(empty, model_keys(empty, checkpoint_tensors(model)))
+    state = match_state(empty, model_keys(empty, file))
     expected = model.state_dict()
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight")  # one tensor with the embedding: the file holds it once
