@@ -83,18 +83,23 @@ def test_our_quantized_model_loads_in_transformers_as_4bit(tmp_path, family):
     save_tiny(family, tmp_path / "fp32", **WIDE[family])
     model = quantize_model(reference_models.load_pretrained(tmp_path / "fp32"), quant_type="nf4", double_quant=True)
     reference_models.save_pretrained(model, tmp_path / "ours4bit")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours4bit", dtype=torch.float32, device_map=DEVICE_MAP).eval()
-    reference_matmul(hf)
+    hf = loads_in_transformers_and_round_trips(model, tmp_path / "ours4bit", seed=1)
     assert sum(type(m).__name__ == "Linear4bit" for m in hf.modules()) == \
         sum(isinstance(m, LinearNF4) for m in model.modules())
-    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def loads_in_transformers_and_round_trips(model, folder, seed):
+    """Our 4-bit folder loads in transformers with our logits, and through our loader re-saves
+    bit for bit; returns transformers' model."""
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map=DEVICE_MAP).eval()
+    reference_matmul(hf)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
-    # and it round-trips through our loader bit for bit
-    again = reference_models.load_pretrained(tmp_path / "ours4bit")
-    reference_models.save_pretrained(again, tmp_path / "again")
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == \
-        (tmp_path / "ours4bit" / "model.safetensors").read_bytes()
+    again = reference_models.load_pretrained(folder)
+    reference_models.save_pretrained(again, folder.parent / "again")
+    assert (folder.parent / "again" / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    return hf
 
 
 def test_mismatched_4bit_checkpoints_are_rejected(tmp_path):
@@ -140,17 +145,9 @@ def test_gpt2_conv1d_layers_left_dense_in_a_4bit_folder_are_stored_transposed_an
         if name.endswith("c_proj"):
             assert type(m) is torch.nn.Linear
             assert torch.equal(tensors[name + ".weight"], m.weight.t())  # bit for bit, (in, out)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours4bit", dtype=torch.float32, device_map=DEVICE_MAP).eval()
-    reference_matmul(hf)
+    hf = loads_in_transformers_and_round_trips(model, tmp_path / "ours4bit", seed=2)
     assert sorted(n for n, m in hf.named_modules() if type(m).__name__ == "Conv1D") == \
         sorted(n for n, _ in model.named_modules() if n.endswith("c_proj"))
-    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
-    again = reference_models.load_pretrained(tmp_path / "ours4bit")
-    reference_models.save_pretrained(again, tmp_path / "again")
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == \
-        (tmp_path / "ours4bit" / "model.safetensors").read_bytes()
 
 
 NO_MINILORA = """
