@@ -8,9 +8,11 @@ KEY_LAYOUTS says otherwise:
   file and nn.Linear (out, in) here: transposed on load and on save;
 - buffers that older checkpoints saved but that are not weights (GPT-2's attn.bias causal mask and
   attn.masked_bias, rotary inv_freq) are skipped;
+- a family's file may name the head otherwise (ours is always lm_head);
 - a tied head (lm_head.weight) is not in the file (transformers does not write it): it is the
   embedding; a file that carries it anyway has it ignored.
-A new family adds a row. Fused projections (Phi-3's qkv_proj, GPT-NeoX's query_key_value) keep
+A new family adds a row (GPT-NeoX's would be: prefix "gpt_neox.", head "embed_out", its attention
+mask buffers ignored). Fused projections (Phi-3's qkv_proj, GPT-NeoX's query_key_value) keep
 transformers' name and row order, so that a peft adapter on them means the same here: nothing to map.
 
 The dense loader (hub.py) and every quantized format (quantized_formats.py) go through these
@@ -26,8 +28,10 @@ from torch import nn
 from .gpt import GPT
 from .llama import Llama
 
-__all__ = ["KeyLayout", "KEY_LAYOUTS", "key_layout", "is_transposed", "model_keys", "match_state",
+__all__ = ["KeyLayout", "KEY_LAYOUTS", "HEAD", "key_layout", "is_transposed", "model_keys", "match_state",
            "checkpoint_tensors"]
+
+HEAD = "lm_head"  # our models' output projection, in every family
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class KeyLayout:
     """What one family's checkpoint keys change from our state-dict keys."""
 
     prefix: str                       # the transformer body's name in a *ForCausalLM checkpoint
-    head: str = "lm_head"             # the output projection, outside the body
+    head: str = HEAD                  # the output projection's name in the file
     transposed: tuple[str, ...] = ()  # key suffixes of weights stored (in, out)
     ignored: tuple[str, ...] = ()     # key suffixes of saved buffers that are not weights
 
@@ -49,11 +53,11 @@ KEY_LAYOUTS: dict[type[nn.Module], KeyLayout] = {
 
 
 def key_layout(model: nn.Module) -> KeyLayout:
-    for cls, layout in KEY_LAYOUTS.items():
-        if isinstance(model, cls):
-            return layout
-    raise TypeError(f"no checkpoint key layout for {type(model).__name__}; known: "
-                    f"{[cls.__name__ for cls in KEY_LAYOUTS]} (add a row to reference_models.checkpoint_keys.KEY_LAYOUTS)")
+    for cls in type(model).__mro__:  # the most specific row: a subclass may be another family
+        if cls in KEY_LAYOUTS:
+            return KEY_LAYOUTS[cls]
+    raise TypeError(f"no checkpoint key layout for {type(model).__name__}; known: {[c.__name__ for c in KEY_LAYOUTS]} "
+                    "(a family adds a row to reference_models.checkpoint_keys.KEY_LAYOUTS)")
 
 
 def _ends_with(key: str, suffixes: tuple[str, ...]) -> bool:
@@ -65,18 +69,22 @@ def is_transposed(model: nn.Module, key: str) -> bool:
     return _ends_with(key, key_layout(model).transposed)
 
 
-def _tied_head(model: nn.Module, layout: KeyLayout) -> str | None:
-    return f"{layout.head}.weight" if getattr(model.config, "tie_word_embeddings", False) else None
+def _tied_head(model: nn.Module) -> str | None:
+    return f"{HEAD}.weight" if getattr(model.config, "tie_word_embeddings", False) else None
+
+
+def _renamed(key: str, old: str, new: str) -> str:
+    return new + key[len(old):] if key.startswith(old + ".") else key
 
 
 def model_keys(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The file's tensors under our keys, in the file's layout: buffers that are not weights and a
     tied head dropped, the body's prefix added to a bare-transformer checkpoint."""
     layout = key_layout(model)
-    tensors = {k: v for k, v in tensors.items() if not _ends_with(k, layout.ignored)}
+    tensors = {_renamed(k, layout.head, HEAD): v for k, v in tensors.items() if not _ends_with(k, layout.ignored)}
     if not any(k.startswith(layout.prefix) for k in tensors):
-        tensors = {(k if k.startswith(layout.head + ".") else layout.prefix + k): v for k, v in tensors.items()}
-    tensors.pop(_tied_head(model, layout), None)  # the embedding is the truth
+        tensors = {(k if k.startswith(HEAD + ".") else layout.prefix + k): v for k, v in tensors.items()}
+    tensors.pop(_tied_head(model), None)  # the embedding is the truth
     return tensors
 
 
@@ -86,7 +94,7 @@ def match_state(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch
     device, name by name and shape by shape; return them in our layout, floating ones cast to `dtype`
     (None keeps the file's)."""
     expected = {k: v.shape for k, v in model.state_dict().items() if v.is_meta}
-    expected.pop(_tied_head(model, key_layout(model)), None)
+    expected.pop(_tied_head(model), None)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -111,12 +119,12 @@ def match_state(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict in the file's keys and layout, on the CPU (the inverse of match_state)."""
-    tied = _tied_head(model, key_layout(model))
+    layout, tied = key_layout(model), _tied_head(model)
     tensors = {}
     for key, t in model.state_dict().items():
         if key == tied:
             continue  # tied: the embedding is the one copy (transformers writes it the same way)
         if is_transposed(model, key) and t.dim() == 2 and t.is_floating_point():
             t = t.t()  # Linear (out, in) -> Conv1D (in, out); a 4-bit weight's packed bytes are already (out, in)
-        tensors[key] = t.detach().to("cpu").contiguous().clone()
+        tensors[_renamed(key, HEAD, layout.head)] = t.detach().to("cpu").contiguous().clone()
     return tensors

@@ -9,7 +9,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reference_models import GPT, GPTConfig, Llama, LlamaConfig, load_pretrained
-from reference_models.checkpoint_keys import checkpoint_tensors, key_layout, match_state, model_keys
+from reference_models.checkpoint_keys import (
+    KEY_LAYOUTS, KeyLayout, checkpoint_tensors, key_layout, match_state, model_keys,
+)
 
 FILES = [("gpt2", {}), ("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {}), ("qwen2", {})]
 
@@ -81,6 +83,28 @@ def test_rotary_buffer_is_not_ignored_for_gpt2(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"unexpected tensors \['transformer\.h\.0\.attn\.rotary_emb\.inv_freq'\]"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bare", [False, True])
+def test_a_family_row_that_renames_the_head_maps_it_both_ways(monkeypatch, bare):
+    # GPT-NeoX's files call the head embed_out; a family like that is one row in KEY_LAYOUTS
+    class RenamedHead(Llama):
+        pass
+
+    monkeypatch.setitem(KEY_LAYOUTS, RenamedHead, KeyLayout("model.", head="embed_out"))
+    torch.manual_seed(0)
+    model = RenamedHead(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                    num_attention_heads=2))
+    file = checkpoint_tensors(model)
+    assert "lm_head.weight" not in file and torch.equal(file["embed_out.weight"], model.lm_head.weight)
+    assert key_layout(Llama(model.config)).head == "lm_head"  # the parent family keeps its row
+    if bare:
+        file = {k.removeprefix("model."): v for k, v in file.items()}
+    with torch.device("meta"):
+        empty = RenamedHead(model.config)
+    state = match_state(empty, model_keys(empty, file))
+    assert sorted(state) == sorted(model.state_dict())
+    assert all(torch.equal(state[k], t) for k, t in model.state_dict().items())
 
 
 def test_a_model_without_a_key_layout_is_named():

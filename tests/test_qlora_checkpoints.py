@@ -200,5 +200,6 @@ def test_a_format_for_an_unknown_quantization_is_refused():
     class Int8Format(Bnb4bitFormat):
         name = "bitsandbytes 8-bit"
 
-    with pytest.raises(ValueError, match=r"unknown quantized format 'bitsandbytes 8-bit'; known: \['bitsandbytes 4-bit'\]"):
+    with pytest.raises(ValueError, match=r"unknown quantized format 'bitsandbytes 8-bit'; "
+                                         r"known: \['bitsandbytes 4-bit'\]"):
         register_quantized_format(Int8Format(LinearNF4))

@@ -27,7 +27,7 @@ import re
 import torch
 from torch import nn
 
-from reference_models.checkpoint_keys import checkpoint_tensors, key_layout, match_state, model_keys
+from reference_models.checkpoint_keys import HEAD, checkpoint_tensors, match_state, model_keys
 from reference_models.quantized_formats import BNB_4BIT
 
 from .nf4 import QuantState4bit, _dynamic_on, _tables
@@ -186,7 +186,7 @@ class Bnb4bitFormat:
                              f"compute_dtype): {sorted(map(str, kinds))}")
         quant_type, double_quant, compute_dtype = kinds.pop()
         skipped = sorted({n for n, m in model.named_modules() if type(m) is nn.Linear})
-        skipped = None if set(skipped) <= {key_layout(model).head} else skipped  # transformers always keeps the head
+        skipped = None if set(skipped) <= {HEAD} else skipped  # transformers always keeps the head
         config = {
             "_load_in_4bit": True, "_load_in_8bit": False,
             "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
