@@ -118,7 +118,7 @@ def match_state(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict in the file's keys and layout, on the CPU (the inverse of match_state)."""
+    """The model's state dict in the file's keys and layout, on the CPU (what model_keys + match_state read back)."""
     layout, tied = key_layout(model), _tied_head(model)
     tensors = {}
     for key, t in model.state_dict().items():
