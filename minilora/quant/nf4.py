@@ -47,12 +47,12 @@ __all__ = [
     "quantize_blockwise_8bit", "dequantize_blockwise_8bit", "quantization_error",
 ]
 
-# kept until qlora.py switches to codebook(quant_type) / codebook_tables(quant_type, device).codebook
+# kept until bnb_format.py switches to codebook(quant_type) / codebook_tables(quant_type, device).codebook
 _tables = codebook_tables
 
 
 def _dynamic_on(device: torch.device) -> torch.Tensor:
-    """kept until qlora.py switches to dynamic_map(device=device)"""
+    """kept until bnb_format.py switches to dynamic_map(device=device)"""
     return dynamic_map(True, device)
 
 
