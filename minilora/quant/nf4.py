@@ -47,15 +47,6 @@ __all__ = [
     "quantize_blockwise_8bit", "dequantize_blockwise_8bit", "quantization_error",
 ]
 
-# kept until bnb_format.py switches to codebook(quant_type) / codebook_tables(quant_type, device).codebook
-_tables = codebook_tables
-
-
-def _dynamic_on(device: torch.device) -> torch.Tensor:
-    """kept until bnb_format.py switches to dynamic_map(device=device)"""
-    return dynamic_map(True, device)
-
-
 # kept until tests/test_offload.py switches to backend="eager": the record of compiled paths that fell back
 _FUSED_BROKEN = COMPILED.unavailable
 
