@@ -30,7 +30,8 @@ from minilora.lora.layer import autocast_dtype
 from minilora.quant.backends import require_triton, resolve_backend
 from minilora.quant.nf4 import QuantState4bit, dequantize_4bit, packed_weight
 
-__all__ = ["FUSED_MAX_TOKENS", "WeightBuffers", "WEIGHT_BUFFERS", "uses_fused_kernel", "linear_4bit"]
+__all__ = ["FUSED_MAX_TOKENS", "WeightBuffers", "WEIGHT_BUFFERS", "uses_fused_kernel", "matmul_dequantized",
+           "Linear4bitFunction", "linear_4bit"]
 
 # The fused kernels serve calls of at most this many tokens: bitsandbytes 0.50 fuses for 2-64. A
 # first choice: bench/nf4.py on CUDA times both paths at 1, 16, 64 and 256 tokens to set it.
@@ -97,10 +98,10 @@ class Linear4bitFunction(torch.autograd.Function):
         if not uses_fused_kernel(tokens, state, backend):
             return matmul_dequantized(x, state, dtype, backend, True, bias)
         require_triton(x.device)
-        from minilora.quant.triton_matmul import fused_linear
+        from minilora.quant.triton_matmul import fused_matmul
 
-        y = fused_linear(x.reshape(tokens, -1).contiguous(), packed_weight(state), bias)  # (tokens, out)
-        return y.view(*x.shape[:-1], state.shape[0])
+        y = fused_matmul(x.reshape(tokens, -1).contiguous(), packed_weight(state), bias, transposed=True)
+        return y.view(*x.shape[:-1], state.shape[0])  # (tokens, out) -> (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -109,10 +110,11 @@ class Linear4bitFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             tokens = grad_out.numel() // max(grad_out.shape[-1], 1)
             if uses_fused_kernel(tokens, ctx.state, ctx.backend):
-                from minilora.quant.triton_matmul import fused_grad_input
+                from minilora.quant.triton_matmul import fused_matmul
 
-                grad_x = fused_grad_input(grad_out.reshape(tokens, -1).contiguous(), packed_weight(ctx.state))
-                grad_x = grad_x.view(*grad_out.shape[:-1], ctx.state.shape[1])   # (..., in)
+                grad_x = fused_matmul(grad_out.reshape(tokens, -1).contiguous(), packed_weight(ctx.state),
+                                      transposed=False)
+                grad_x = grad_x.view(*grad_out.shape[:-1], ctx.state.shape[1])   # (tokens, in) -> (..., in)
             else:
                 grad_x = matmul_dequantized(grad_out, ctx.state, ctx.dtype, ctx.backend, False)  # (..., out) @ (out, in)
             grad_x = grad_x.to(ctx.x_dtype)

@@ -34,8 +34,6 @@ __all__ = ["INTERPRETED", "BYTES_PER_PROGRAM", "PackedWeight", "launch_options",
            "kernel_dtype_name",
            "block_scales", "decode_pairs", "round_fp32_to", "as_stored", "dequantize_kernel", "dequantize_into"]
 
-# whether this module's kernels run in Triton's interpreter (decided when they were decorated)
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 BYTES_PER_PROGRAM = 1024  # packed bytes per program: 2048 output elements
 
 
@@ -150,6 +148,10 @@ def dequantize_kernel(packed_ptr, codebook_ptr, absmax_ptr, absmax2_ptr, dynamic
     values = tl.interleave(first, second)  # (2 * BYTES,): element 2j, then 2j + 1
     element = 2 * start + tl.arange(0, 2 * BYTES)
     tl.store(out_ptr + element, as_stored(round_fp32_to(values, DTYPE), DTYPE), mask=element < n)
+
+
+# whether this module's kernels run in Triton's interpreter (decided when they were decorated)
+INTERPRETED = type(dequantize_kernel).__name__ == "InterpretedFunction"
 
 
 def dequantize_into(out: torch.Tensor, weight: PackedWeight) -> torch.Tensor:

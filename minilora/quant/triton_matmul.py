@@ -29,7 +29,7 @@ from minilora.quant.triton_dequantize import (
     stored_view,
 )
 
-__all__ = ["weight_tile", "load_operand", "linear_kernel", "grad_input_kernel", "fused_linear", "fused_grad_input"]
+__all__ = ["weight_tile", "load_operand", "linear_kernel", "grad_input_kernel", "fused_matmul"]
 
 
 @triton.jit
@@ -111,30 +111,20 @@ def _token_tile(tokens: int) -> int:
     return min(max(16, triton.next_power_of_2(tokens)), 64)
 
 
-def fused_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (T, K) contiguous in the compute dtype -> y (T, N) = x @ W.T (+ bias, in x's dtype)."""
-    T, K = x.shape
-    N = weight.rows
-    y = torch.empty(T, N, dtype=x.dtype, device=x.device)
-    block_t, block_n, block_k = _token_tile(T), 32, 128
-    grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t))
-    with device_guard(x.device):
-        linear_kernel[grid](stored_view(x), *weight.pointers, stored_view(bias if bias is not None else x),
-                            stored_view(y), T, N, K, **weight.constants, HAS_BIAS=bias is not None,
-                            DTYPE=kernel_dtype_name(x.dtype), UPCAST=INTERPRETED, BLOCK_T=block_t, BLOCK_N=block_n,
-                            BLOCK_K=block_k, **launch_options(4))
-    return y
-
-
-def fused_grad_input(grad_y: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """grad_y (T, N) contiguous in the compute dtype -> grad_x (T, K) = grad_y @ W."""
-    T, N = grad_y.shape
-    K = weight.columns
-    grad_x = torch.empty(T, K, dtype=grad_y.dtype, device=grad_y.device)
-    block_t, block_n, block_k = _token_tile(T), 32, 64
-    grid = (triton.cdiv(K, block_k), triton.cdiv(T, block_t))
-    with device_guard(grad_y.device):
-        grad_input_kernel[grid](stored_view(grad_y), *weight.pointers, stored_view(grad_x), T, N, K,
-                                **weight.constants, DTYPE=kernel_dtype_name(grad_y.dtype), UPCAST=INTERPRETED,
-                                BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, **launch_options(4))
-    return grad_x
+def fused_matmul(a: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None, *,
+                 transposed: bool) -> torch.Tensor:
+    """transposed (forward): a = x (T, K) -> x @ W.T + bias (T, N); else (input gradient):
+    a = grad_y (T, N) -> grad_y @ W (T, K). `a` contiguous in the compute dtype, which is the result's."""
+    tokens, (N, K) = a.shape[0], (weight.rows, weight.columns)
+    out = torch.empty(tokens, N if transposed else K, dtype=a.dtype, device=a.device)
+    tiles = {"BLOCK_T": _token_tile(tokens), "BLOCK_N": 32, "BLOCK_K": 128 if transposed else 64}
+    grid = (triton.cdiv(out.shape[1], tiles["BLOCK_N" if transposed else "BLOCK_K"]), triton.cdiv(tokens, tiles["BLOCK_T"]))
+    options = {**weight.constants, "DTYPE": kernel_dtype_name(a.dtype), "UPCAST": INTERPRETED, **tiles,
+               **launch_options(4)}
+    with device_guard(a.device):
+        if transposed:
+            linear_kernel[grid](stored_view(a), *weight.pointers, stored_view(bias if bias is not None else a),
+                                stored_view(out), tokens, N, K, HAS_BIAS=bias is not None, **options)
+        else:
+            grad_input_kernel[grid](stored_view(a), *weight.pointers, stored_view(out), tokens, N, K, **options)
+    return out
