@@ -7,11 +7,13 @@ benchmark's shapes and set-up (bench/lora_step.py: CUDA pure bf16 with fused Ada
     .venv/bin/python -m bench.lora_profile --dry-run   # tiny shapes, one profiled step; the same code, nothing written
 
 Each op's self time, per step (summed over the profiled steps after warm-up): on CUDA the time of the
-kernels the op launched, on a CPU its own CPU time. Ops fall into categories by their aten name
-(`CATEGORIES`), so the first table reads: per category, ms per step in the full step and in the LoRA
-step, LoRA / full, and the category's share of the LoRA step; what LoRA saves shows up as
-categories whose time drops (weight gradients, optimizer), what it does not as those that stay
-(the forward, the input gradients, attention, norms, the loss). The second table is the top ops.
+kernels the op launched, on a CPU its own CPU time. Ops are grouped by phase (forward; backward, i.e.
+run by the autograd engine; optimizer, i.e. under Optimizer.step / zero_grad) and, within forward and
+backward, by category of their aten name (`CATEGORIES`). The first table reads, per group: ms per
+step in the full step and in the LoRA step, LoRA / full, and the group's share of the LoRA step. What
+LoRA saves shows up as groups whose time drops (backward matmuls: no weight gradients for frozen
+weights; the optimizer), what it does not as those that stay (the forward, attention, the loss).
+The second table is the top ops.
 Output: bench/results/lora_profile-<machine>.json (both tables) and lora_profile-<machine>.md.
 """
 from __future__ import annotations
@@ -29,6 +31,9 @@ from bench.lora_step import CPU_SHAPES, CUDA_SHAPES, QUICK_SHAPES, TARGETS, buil
 from minilora.lora.layer import LoRAConfig
 from minilora.lora.model import inject
 
+NOTE = {True: "kernel (device) time per op, attributed to the op that launched the kernel",
+        False: "CPU: each op's own wall-clock time on a machine that may be shared with other jobs (machine.loadavg); "
+               "compare shares and ratios. The table this benchmark exists for is CUDA's kernel times"}
 DRY_SHAPES = dict(layers=1, width=64, vocab=256, batch=1, seq=16)
 RANK = 8
 # first match wins; aten names, lower-cased
@@ -49,8 +54,19 @@ def category(op: str) -> str:
     return next((cat for cat, pattern in CATEGORIES if re.search(pattern, name)), "other")
 
 
-def profile_step(step, steps: int, warmup: int, cuda: bool) -> dict[str, float]:
-    """ms per step of each op's self time (device time on CUDA, CPU time otherwise)."""
+def phase(event) -> str:
+    """forward, backward or optimizer: what the op ran under (the autograd engine, Optimizer.step/zero_grad)."""
+    while event is not None:
+        if event.name.startswith("Optimizer."):
+            return "optimizer"
+        if event.name.startswith("autograd::engine"):
+            return "backward"
+        event = event.cpu_parent
+    return "forward"
+
+
+def profile_step(step, steps: int, warmup: int, cuda: bool) -> dict[tuple[str, str], float]:
+    """ms per step of each (phase, op)'s self time (device time on CUDA, CPU time otherwise)."""
     for _ in range(warmup):
         step()
     if cuda:
@@ -61,31 +77,39 @@ def profile_step(step, steps: int, warmup: int, cuda: bool) -> dict[str, float]:
             step()
         if cuda:
             torch.cuda.synchronize()
-    times = {}
-    for event in prof.key_averages():
+    times: dict[tuple[str, str], float] = {}
+    for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CPU:
             continue  # a kernel: counted under the op that launched it
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us > 0:
-            times[event.key] = us / steps / 1e3
+            key = (phase(event), event.name)
+            times[key] = times.get(key, 0.0) + us / steps / 1e3
     return times
 
 
+def group(phase_name: str, op: str) -> str:
+    """The first table's row: the optimizer as one, forward and backward by category."""
+    return "optimizer" if phase_name == "optimizer" else f"{phase_name}: {category(op)}"
+
+
 def tables(full: dict, lora: dict, top: int) -> tuple[list[dict], list[dict]]:
-    """(per category, top ops by LoRA-step time) rows."""
-    lora_total = sum(lora.values())
-    by_category = {}
-    for op in set(full) | set(lora):
-        f, l_ = by_category.setdefault(category(op), [0.0, 0.0])
-        by_category[category(op)] = [f + full.get(op, 0.0), l_ + lora.get(op, 0.0)]
-    rows = [{"category": cat, "full ms": f, "LoRA ms": l_, "LoRA / full": l_ / f if f else None,
-             "share of LoRA step": l_ / lora_total} for cat, (f, l_) in by_category.items()]
+    """(per phase and category, top ops by LoRA-step time) rows."""
+    lora_total, full_total = sum(lora.values()), sum(full.values())
+    by_group: dict[str, list[float]] = {}
+    for key in set(full) | set(lora):
+        sums = by_group.setdefault(group(*key), [0.0, 0.0])
+        sums[0] += full.get(key, 0.0)
+        sums[1] += lora.get(key, 0.0)
+    rows = [{"phase: category": name, "full ms": f, "LoRA ms": l_, "LoRA / full": l_ / f if f else None,
+             "share of LoRA step": l_ / lora_total} for name, (f, l_) in by_group.items()]
     rows.sort(key=lambda r: -r["LoRA ms"])
-    rows.append({"category": "total", "full ms": sum(full.values()), "LoRA ms": lora_total,
-                 "LoRA / full": lora_total / sum(full.values()), "share of LoRA step": 1.0})
-    ops = sorted(set(full) | set(lora), key=lambda op: -lora.get(op, 0.0))[:top]
-    op_rows = [{"op": op, "category": category(op), "full ms": full.get(op, 0.0), "LoRA ms": lora.get(op, 0.0),
-                "share of LoRA step": lora.get(op, 0.0) / lora_total} for op in ops]
+    rows.append({"phase: category": "total", "full ms": full_total, "LoRA ms": lora_total,
+                 "LoRA / full": lora_total / full_total, "share of LoRA step": 1.0})
+    keys = sorted(set(full) | set(lora), key=lambda k: -lora.get(k, 0.0))[:top]
+    op_rows = [{"op": op, "phase": ph, "category": category(op), "full ms": full.get((ph, op), 0.0),
+                "LoRA ms": lora.get((ph, op), 0.0), "share of LoRA step": lora.get((ph, op), 0.0) / lora_total}
+               for ph, op in keys]
     return rows, op_rows
 
 
@@ -124,7 +148,11 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--family", choices=sorted(TARGETS), default="llama")
     parser.add_argument("--steps", type=int, default=None, help="profiled steps (default: 5 on CUDA, 2 on a CPU)")
     parser.add_argument("--top", type=int, default=25, help="rows of the per-op table")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (CPU; 1 keeps a shared machine's other jobs from stalling each op)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     cuda = args.device.type == "cuda"
     args.dtype = torch.bfloat16 if cuda else torch.float32
@@ -148,7 +176,7 @@ def main(argv=None) -> dict:
     name = "lora_profile" + ("-quick" if args.quick else "")
     report(name, rows, extra={"ops": op_rows, "family": args.family, "rank": RANK, "shapes": args.shapes,
                               "device": args.device.type, "dtype": str(args.dtype).removeprefix("torch."),
-                              "steps": args.steps, "warmup": args.warmup,
+                              "steps": args.steps, "warmup": args.warmup, "note": NOTE[args.device.type == "cuda"],
                               "unit": "ms per step of each op's self " + ("device" if args.device.type == "cuda"
                                                                           else "CPU") + " time"})
     from reference_models.files import write_text_atomic

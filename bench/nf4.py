@@ -3,6 +3,7 @@ LinearNF4 forward vs bitsandbytes' Linear4bit and a dense nn.Linear.
 
     .venv/bin/python -m bench.nf4            # CUDA: 4096 x 4096 and 8192 x 28672; CPU: 4096 x 4096
     .venv/bin/python -m bench.nf4 --quick    # 1024 x 1024
+    .venv/bin/python -m bench.nf4 --clock cpu  # CPU: 1 thread, process CPU time (for a machine shared with others)
     .venv/bin/python -m bench.nf4 --dry-run  # CPU, tiny shapes, Triton's interpreter: every row's code, nothing written
 
 Rows: quantize (NF4, block 64, double quantization) of the first weight; dequantize to fp32 and bf16
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 from torch import nn
@@ -205,6 +207,8 @@ def parse(argv):
                         help="a weight shape (repeatable; default: see the docstring)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: wall-clock; cpu: process CPU time on 1 thread (robust on a shared machine; CPU only)")
     parser.add_argument("--compile", action="store_true", help="also time backend='compiled' (torch.compile)")
     parser.add_argument("--peak-gbs", type=float, default=None,
                         help="device memory bandwidth, GB/s (CUDA; default: a device-to-device copy, measured)")
@@ -215,15 +219,18 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.dry_run and "triton" not in sys.modules:  # the interpreter is chosen when triton is first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     cuda = args.device.type == "cuda"
+    if cuda and args.clock == "cpu":
+        raise SystemExit("--clock cpu measures host CPU time, which says nothing about CUDA kernels; use --clock wall")
+    if args.threads or args.clock == "cpu":
+        torch.set_num_threads(1 if args.clock == "cpu" else args.threads)
     shapes = [tuple(s) for s in args.size] if args.size else (
         DRY_SHAPES if args.dry_run else QUICK_SHAPES if args.quick else CUDA_SHAPES if cuda else CPU_SHAPES)
     args.tokens = DRY_TOKENS if args.dry_run else TOKENS
     repeats, warmup = (1, 0) if args.dry_run else (args.repeats or 5, 2 if cuda else 1)
-    args.timer = lambda fns: timeit_interleaved(fns, repeats=repeats, warmup=warmup)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    args.timer = lambda fns: timeit_interleaved(fns, repeats=repeats, warmup=warmup, clock=clock)
     args.peak_gbs = args.peak_gbs or (copy_bandwidth_gbs() if cuda else None)
     torch.manual_seed(0)
     weights = [torch.randn(*shape, device=args.device) for shape in shapes]
@@ -232,7 +239,7 @@ def main(argv=None) -> dict:
         rows += dequantize_rows(w, args)
     rows += linear_rows(weights[0], args)
     info = machine_info()
-    extra = {"device": args.device.type, "threads": info["threads"], "tokens": list(args.tokens),
+    extra = {"device": args.device.type, "threads": info["threads"], "clock": args.clock, "tokens": list(args.tokens),
              "copy_bandwidth_gbs": args.peak_gbs, **judge(rows)}
     if not cuda:
         extra["goal_met"] = None
