@@ -10,8 +10,10 @@ from .distributed import (STRATEGIES, deepspeed_zero2_estimate, deepspeed_zero3_
 from .fit import fits, largest_fitting, methods_that_fit
 from .gpus import GPU, GPUS, gpu_from_text, parse_size
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_tensors, lora_trainable_parameters, parse_targets
-from .memory import (Breakdown, Term, TrainingSetup, inference_memory, model_state_bytes, nf4_bytes,
-                     training_memory)
+from .memory import Breakdown, inference_memory, training_memory
+from .states import ModelStates, model_state_bytes, nf4_bytes
+from .terms import Term
+from .training_setup import Precision, TrainingSetup
 from .models import (FAMILIES, PRESETS, ConfigError, ModelSpec, count_parameters, linear_layers,
                      load_config, model_spec, parameter_tensors)
 
@@ -22,7 +24,8 @@ __all__ = [
     "fits", "largest_fitting", "methods_that_fit",
     "GPU", "GPUS", "gpu_from_text", "parse_size",
     "DEFAULT_TARGETS", "LoRASpec", "lora_layers", "lora_tensors", "lora_trainable_parameters", "parse_targets",
-    "Breakdown", "Term", "TrainingSetup", "inference_memory", "model_state_bytes", "nf4_bytes", "training_memory",
+    "Breakdown", "inference_memory", "training_memory", "ModelStates", "model_state_bytes", "nf4_bytes", "Term",
+    "Precision", "TrainingSetup",
     "FAMILIES", "PRESETS", "ConfigError", "ModelSpec", "count_parameters", "linear_layers", "load_config",
     "model_spec", "parameter_tensors",
 ]
