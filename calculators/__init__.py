@@ -9,6 +9,7 @@ from .distributed import (STRATEGIES, deepspeed_zero2_estimate, deepspeed_zero3_
                           fsdp_rank0_elements, parse_strategy)
 from .fit import fits, largest_fitting, methods_that_fit
 from .gpus import GPU, GPUS, gpu_from_text, parse_size
+from .kv_cache import kv_bytes_per_position, kv_cache_bytes, kv_cache_positions
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_tensors, lora_trainable_parameters, parse_targets
 from .memory import Breakdown, inference_memory, training_memory
 from .states import ModelStates, model_state_bytes, nf4_bytes
@@ -23,6 +24,7 @@ __all__ = [
     "STRATEGIES", "deepspeed_zero2_estimate", "deepspeed_zero3_estimate", "fsdp_rank0_elements", "parse_strategy",
     "fits", "largest_fitting", "methods_that_fit",
     "GPU", "GPUS", "gpu_from_text", "parse_size",
+    "kv_bytes_per_position", "kv_cache_bytes", "kv_cache_positions",
     "DEFAULT_TARGETS", "LoRASpec", "lora_layers", "lora_tensors", "lora_trainable_parameters", "parse_targets",
     "Breakdown", "inference_memory", "training_memory", "ModelStates", "model_state_bytes", "nf4_bytes", "Term",
     "Precision", "TrainingSetup",

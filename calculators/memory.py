@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .models import ModelSpec, parameter_tensors
+from .parameters import parameter_tensors
+from .spec import ModelSpec
 from .states import model_state_bytes, nf4_bytes, quantized_linears
 from .terms import (CUBLAS_WORKSPACE, CUDA_CONTEXT, Term, activations_term, backward_workspace_term,
                     cublas_workspaces_term, cuda_context_term, ddp_buckets_term, first_block_activations,

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 from .lora import lora_tensors
-from .models import Linear, ModelSpec, Tensor, linear_layers, parameter_tensors
+from .parameters import Linear, Tensor, linear_layers, parameter_tensors
+from .spec import ModelSpec
 from .training_setup import Precision, TrainingSetup
 
 __all__ = ["ModelStates", "model_state_bytes", "nf4_bytes", "quantized_linears"]

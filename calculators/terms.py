@@ -20,7 +20,7 @@ from .activations import ActivationSetup, activation_bytes, block_targets
 from .distributed import parse_strategy, shard, shard_note
 from .gpus import MiB
 from .lora import lora_layers
-from .models import ModelSpec
+from .spec import ModelSpec
 from .states import ModelStates, model_state_bytes
 from .training_setup import Precision, TrainingSetup, check_setup
 
