@@ -6,8 +6,8 @@ Peak (what torch.cuda.max_memory_allocated would show, the CUDA context excluded
                            backward end:   all gradients + one block's recomputed activations
                                            + backward workspace + the first block's activations,
                            optimizer step: all gradients )
-Gradients already held at backward start are the head's (lm_head / embedding) with
-grad_accum = 1, and all of them with grad_accum > 1 (they persist between micro-batches).
+Gradients already held at backward start are all of them with grad_accum > 1 (they persist
+between micro-batches), else the head's (lm_head / embedding) with full fine-tuning, else none.
 Host memory is the sum of the terms' CPU bytes (the offload optimizer's states).
 
 A new term is one function in terms.py and one line here, in the phase it is alive in.
@@ -34,10 +34,11 @@ __all__ = ["TrainingSetup", "Term", "Breakdown", "training_memory", "inference_m
 
 @dataclass
 class Breakdown:
+    """A memory answer: the terms, the peak they add up to, and notes saying how."""
     terms: list
     peak: int                     # bytes allocated at the peak (CUDA context excluded)
     total_gpu: int                # peak + CUDA context
-    cpu: int                      # host bytes (offloaded states)
+    cpu: int                      # host bytes: the terms' CPU bytes (offloaded optimizer states)
     params: int
     trainable: int
     notes: list = field(default_factory=list)
@@ -72,7 +73,8 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
                          *buffers, context) if t is not None]
     notes = [f"peak = static {static:,} + max(backward start {backward_start:,}, backward end "
              f"{backward_end:,}, step {step:,})",
-             f"strategy {run.strategy} on {setup.gpus} GPU(s); micro-batch {setup.batch}, grad_accum {setup.grad_accum}"]
+             f"strategy {run.strategy} on {setup.gpus} GPU(s); micro-batch {setup.batch}, "
+             f"grad_accum {setup.grad_accum}"]
     return Breakdown(terms, peak, peak + context.gpu, sum(t.cpu for t in terms), run.states.params,
                      run.states.trainable, notes)
 
