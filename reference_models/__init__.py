@@ -1,11 +1,14 @@
 """Readable reference transformers that load and save real Hugging Face checkpoints.
 
-`GPT` (the GPT-2 family) and `Llama` (LLaMA, Mistral, Qwen2) use transformers' module names, so
-state-dict keys and LoRA target_modules mean the same thing here and in peft.
+`GPT` (GPT-2), `GPTNeoX` (Pythia) and `Llama` (LLaMA and the families that are LLaMA with changes:
+Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OLMo 2; see families.py) use transformers' module
+names, so state-dict keys and LoRA target_modules mean the same thing here and in peft.
 """
+from .families import FAMILIES
 from .gpt import GPT, GPTConfig
 from .hub import config_from_hf, from_hf_config, load_pretrained, save_pretrained
 from .llama import Llama, LlamaConfig
+from .neox import GPTNeoX, GPTNeoXConfig
 
-__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "load_pretrained", "save_pretrained",
-           "from_hf_config", "config_from_hf"]
+__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "GPTNeoX", "GPTNeoXConfig", "FAMILIES",
+           "load_pretrained", "save_pretrained", "from_hf_config", "config_from_hf"]

@@ -113,6 +113,8 @@ class Block(nn.Module):
 
 
 class GPT(CausalLM):
+    base_model_prefix = "transformer"  # transformers' name of the module that holds the blocks
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config

@@ -15,7 +15,9 @@ from reference_models import GPT, GPTConfig, Llama, LlamaConfig, from_hf_config,
 FP32_TOL = 1e-5
 
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-              "qwen2": "Qwen2ForCausalLM"}
+              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+              "gpt_neox": "GPTNeoXForCausalLM"}
 
 
 def ids(batch=2, seq=17, vocab=128, seed=0):
