@@ -69,7 +69,9 @@ class KVCache:
         if self.k[layer] is not None:
             k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
         first = max(k.shape[2] - keep, 0)
-        self.k[layer], self.v[layer] = k[:, :, first:], v[:, :, first:]
+        # copies, so that the layer holds `keep` positions of memory (transformers keeps views of the
+        # concatenation, whose storage holds every position of the last call: w after a decode step)
+        self.k[layer], self.v[layer] = k[:, :, first:].clone(), v[:, :, first:].clone()
         return k, v
 
     def nbytes(self) -> int:
@@ -173,13 +175,35 @@ def check_generate_args(idx, max_new_tokens, temperature, top_k) -> None:
 
 
 class CausalLM(nn.Module):
-    """What both families share around their blocks: checkpointing switch, loss, generation.
+    """What every model shares around its blocks: weight init and tying, checkpointing switch,
+    loss, generation.
 
-    A subclass defines `_forward(idx, cache) -> logits`, `_new_cache(batch, max_len)` and
-    `max_len` (the longest sequence it can position, or None).
+    A subclass defines `_forward(idx, cache) -> logits`, `_new_cache(batch, max_len)`,
+    `get_input_embeddings()`, an `lm_head` and a `config` with tie_word_embeddings.
     """
 
     gradient_checkpointing = False
+    max_len: int | None = None  # the longest sequence it can position (None: RoPE has no hard limit)
+    cache_refresh_length: int | None = None  # generate() rebuilds the KV cache when it holds this many positions
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def init_weights(self) -> None:
+        """Linear and embedding weights ~ N(0, 0.02), biases 0 (transformers' initializer_range), then tie."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.get_input_embeddings().weight  # (V, C), one tensor
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward instead of keeping its activations (per block,
@@ -218,6 +242,10 @@ class CausalLM(nn.Module):
         cache = self._new_cache(idx.shape[0], total) if use_cache else None
         step_input = idx
         for _ in range(max_new_tokens):
+            if cache is not None and cache.length == self.cache_refresh_length:
+                # Phi-3's longrope turns to its long factors past this length: the keys cached with
+                # the short ones are recomputed, as transformers' Phi-3 generate does
+                cache, step_input = self._new_cache(idx.shape[0], total), idx
             logits = self._forward(step_input if use_cache else idx, cache)
             nxt = sample_next(logits[:, -1, :], temperature, top_k)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)

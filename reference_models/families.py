@@ -11,7 +11,8 @@ config.json reads and writes.
                                                             sliding window on alternate layers
   gemma3_text  gemma   per head   sandwich   -              as gemma2 (no attention soft-capping); sliding
                                                             layers have their own RoPE base
-  phi3         rms     -          pre        qkv, gate_up   partial rotary; longrope; sliding window on every layer
+  phi3         rms     -          pre        qkv, gate_up   partial rotary; longrope (generation recomputes
+                                                            the cache when it switches); sliding window on every layer
   olmo2        olmo    whole proj post       -              rotates q and k in fp32
 
 norm (reference_models/norms.py): rms = Llama's, gemma = (1 + w) in fp32, olmo = weight before the
@@ -45,6 +46,7 @@ class Family:
     sliding: str = "none"           # "none" | "all" (sliding_window on every layer) | "layers" (layer_types)
     partial_rotary: bool = False    # partial_rotary_factor < 1 allowed (transformers' attention rotates a prefix)
     rope_in_fp32: bool = False      # q and k rotated with fp32 cos/sin, then cast back (OLMo 2)
+    longrope_refresh: bool = False  # generate recomputes the KV cache when longrope turns to its long factors (Phi-3)
     act_key: str = "hidden_act"     # the config key of the MLP activation
     defaults: dict = field(default_factory=dict)  # transformers' config defaults where they differ from Llama's
 
@@ -72,7 +74,7 @@ FAMILIES = {
                           defaults={**_GEMMA, "vocab_size": 262208, "max_position_embeddings": 131072,
                                     "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
                                     "sliding_window_pattern": 6}),
-    "phi3": Family("Phi3ForCausalLM", fused=True, sliding="all", partial_rotary=True, defaults={
+    "phi3": Family("Phi3ForCausalLM", fused=True, sliding="all", partial_rotary=True, longrope_refresh=True, defaults={
         "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5, "eos_token_id": 32000, "pad_token_id": 32000, "sliding_window": None}),
     "olmo2": Family("Olmo2ForCausalLM", norm="olmo", qk_norm="proj", residual="post", biases="config",

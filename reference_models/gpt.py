@@ -133,9 +133,8 @@ class GPT(CausalLM):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.tie_weights()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight  # (V, C), one tensor
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
 
     @staticmethod
     def _init_weights(module):

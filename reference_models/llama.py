@@ -256,20 +256,17 @@ class Llama(CausalLM):
         # one RoPE per layer type (Gemma 3's sliding layers have their own base)
         self.rope = {kind: Rope(config.rope_parameters(kind), config.head_dim, config.max_position_embeddings)
                      for kind in sorted(set(config.layer_types))}
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        self.tie_weights()
+        self.init_weights()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight  # (V, C), one tensor
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     @property
-    def max_len(self) -> None:
-        return None  # RoPE has no hard limit; max_position_embeddings is what it was trained on
+    def cache_refresh_length(self) -> int | None:
+        scaling = self.config.rope_scaling or {}
+        if self.config.family.longrope_refresh and scaling.get("rope_type") == "longrope":
+            return scaling["original_max_position_embeddings"]
+        return None
 
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config

@@ -154,20 +154,10 @@ class GPTNeoX(CausalLM):
         self.gpt_neox.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = Rope(config.rope_parameters, config.head_dim, config.max_position_embeddings)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        self.tie_weights()
+        self.init_weights()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.gpt_neox.embed_in.weight  # (V, C), one tensor
-
-    @property
-    def max_len(self) -> None:
-        return None  # RoPE has no hard limit; max_position_embeddings is what it was trained on
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.gpt_neox.embed_in
 
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config

@@ -16,7 +16,8 @@ DECODER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_
                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
                bos_token_id=0, eos_token_id=0, pad_token_id=None)
 # Gemma: a head_dim of its own (transformers' default is 256), scores scaled by query_pre_attn_scalar
-# instead, layer 0 slides over 6 keys and layer 1 sees all, and soft-caps close to the scores' size
+# instead, layer 0 slides over 6 keys and layer 1 sees all, and soft-caps near the values' size
+# (attention scores here are within +-0.1, logits within +-0.6)
 GEMMA = dict(head_dim=8, query_pre_attn_scalar=12, sliding_window=6, pad_token_id=0)
 TINY = {
     "gpt2": dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -25,7 +26,7 @@ TINY = {
     "mistral": DECODER,
     "qwen2": DECODER,
     "qwen3": dict(DECODER, head_dim=8),
-    "gemma2": dict(DECODER, **GEMMA, attn_logit_softcapping=0.5, final_logit_softcapping=1.0),
+    "gemma2": dict(DECODER, **GEMMA, attn_logit_softcapping=0.05, final_logit_softcapping=1.0),
     "gemma3_text": dict(DECODER, **GEMMA, sliding_window_pattern=2, rope_local_base_freq=100.0,
                         final_logit_softcapping=1.0),
     "phi3": dict(DECODER, original_max_position_embeddings=64, pad_token_id=0),
