@@ -4,11 +4,12 @@
 Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OLMo 2; see families.py) use transformers' module
 names, so state-dict keys and LoRA target_modules mean the same thing here and in peft.
 """
+from ._common import KVCache
 from .families import FAMILIES
 from .gpt import GPT, GPTConfig
 from .hub import config_from_hf, from_hf_config, load_pretrained, save_pretrained
 from .llama import Llama, LlamaConfig
 from .neox import GPTNeoX, GPTNeoXConfig
 
-__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "GPTNeoX", "GPTNeoXConfig", "FAMILIES",
+__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "GPTNeoX", "GPTNeoXConfig", "FAMILIES", "KVCache",
            "load_pretrained", "save_pretrained", "from_hf_config", "config_from_hf"]

@@ -178,7 +178,7 @@ class CausalLM(nn.Module):
     """What every model shares around its blocks: weight init and tying, checkpointing switch,
     loss, generation.
 
-    A subclass defines `_forward(idx, cache) -> logits`, `_new_cache(batch, max_len)`,
+    A subclass defines `_forward(idx, cache) -> logits`, `new_cache(batch, max_len)`,
     `get_input_embeddings()`, an `lm_head` and a `config` with tie_word_embeddings.
     """
 
@@ -239,13 +239,13 @@ class CausalLM(nn.Module):
         if self.max_len is not None and total > self.max_len:
             raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
                              f"exceeds the {self.max_len} positions this model has")
-        cache = self._new_cache(idx.shape[0], total) if use_cache else None
+        cache = self.new_cache(idx.shape[0], total) if use_cache else None
         step_input = idx
         for _ in range(max_new_tokens):
             if cache is not None and cache.length == self.cache_refresh_length:
                 # Phi-3's longrope turns to its long factors past this length: the keys cached with
                 # the short ones are recomputed, as transformers' Phi-3 generate does
-                cache, step_input = self._new_cache(idx.shape[0], total), idx
+                cache, step_input = self.new_cache(idx.shape[0], total), idx
             logits = self._forward(step_input if use_cache else idx, cache)
             nxt = sample_next(logits[:, -1, :], temperature, top_k)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)

@@ -147,7 +147,8 @@ class GPT(CausalLM):
     def max_len(self) -> int:
         return self.config.n_positions
 
-    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` positions (generate, chunked prefill)."""
         c = self.config
         w = self.transformer.wte.weight
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.head_dim, w.device)

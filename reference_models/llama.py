@@ -268,7 +268,8 @@ class Llama(CausalLM):
             return scaling["original_max_position_embeddings"]
         return None
 
-    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` positions (generate, chunked prefill)."""
         c = self.config
         windows = [block.self_attn.sliding_window for block in self.model.layers]
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,

@@ -159,7 +159,8 @@ class GPTNeoX(CausalLM):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.gpt_neox.embed_in
 
-    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` positions (generate, chunked prefill)."""
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_attention_heads, max_len, c.head_dim,
                        self.gpt_neox.embed_in.weight.device)

@@ -160,7 +160,7 @@ def test_sliding_window_layers_generation_and_cache_equal_transformers(family, t
     prompt = ids(seq=6, seed=1)
     assert torch.equal(ours.generate(prompt, 12, temperature=0), hf_greedy(hf, prompt, 12))
     # after a prompt of 9 both caches hold 9 positions on full layers and window - 1 = 3 on sliding ones
-    cache = ours._new_cache(2, 9)
+    cache = ours.new_cache(2, 9)
     with torch.no_grad():
         ours(x[:, :9], kv_cache=cache)
         theirs = hf(x[:, :9], use_cache=True).cache
@@ -171,7 +171,7 @@ def test_sliding_window_layers_generation_and_cache_equal_transformers(family, t
 
 def test_sliding_cache_stops_growing_at_the_window(tmp_path):
     _, ours = twins("gemma2", tmp_path, sliding_window=4)  # layer 0 slides, layer 1 attends fully
-    cache = ours._new_cache(1, 40)
+    cache = ours.new_cache(1, 40)
     held = []
     with torch.no_grad():
         for token in ids(batch=1, seq=40).split(1, dim=1):

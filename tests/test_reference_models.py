@@ -326,7 +326,7 @@ def test_prefill_in_chunks_through_the_cache_equals_one_pass(tmp_path_factory, f
     save_tiny(family, folder, **({"sliding_window": 3} if family == "mistral" else {}))
     model = load_pretrained(folder, attn_impl=impl)
     x = ids(batch=2, seq=sum(chunks))
-    cache = model._new_cache(2, x.shape[1])
+    cache = model.new_cache(2, x.shape[1])
     with torch.no_grad():
         full = model(x)
         pieces, start = [], 0
