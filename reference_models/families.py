@@ -42,7 +42,8 @@ class Family:
     residual: str = "pre"           # "pre" | "sandwich" | "post"
     fused: bool = False             # one qkv_proj and one gate_up_proj (Phi-3)
     scaled_embedding: bool = False  # embeddings times sqrt(hidden_size), rounded to the compute dtype (Gemma)
-    biases: str = "none"            # "config": attention_bias on q, k, v, o (Llama also mlp_bias); "qkv": q, k, v always (Qwen2)
+    biases: str = "none"            # "config": attention_bias on q, k, v, o (Llama: also mlp_bias);
+    #                                 "qkv": on q, k, v always (Qwen2); "none"
     sliding: str = "none"           # "none" | "all" (sliding_window on every layer) | "layers" (layer_types)
     partial_rotary: bool = False    # partial_rotary_factor < 1 allowed (transformers' attention rotates a prefix)
     rope_in_fp32: bool = False      # q and k rotated with fp32 cos/sin, then cast back (OLMo 2)
@@ -68,7 +69,8 @@ FAMILIES = {
                     defaults={**_QWEN, "head_dim": 128}),
     "gemma2": Family("Gemma2ForCausalLM", norm="gemma", residual="sandwich", scaled_embedding=True, biases="config",
                      sliding="layers", act_key="hidden_activation", defaults={
-                         **_GEMMA, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+                         **_GEMMA, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+                         "sliding_window_pattern": 2}),
     "gemma3_text": Family("Gemma3ForCausalLM", norm="gemma", qk_norm="head", residual="sandwich",
                           scaled_embedding=True, biases="config", sliding="layers", act_key="hidden_activation",
                           defaults={**_GEMMA, "vocab_size": 262208, "max_position_embeddings": 131072,
@@ -139,8 +141,8 @@ def _layer_types(d: dict, family: Family):
     if types is None:
         if d["model_type"] in ("qwen2", "qwen3"):  # the layers from max_window_layers on slide
             types = ["sliding_attention" if i >= d["max_window_layers"] else "full_attention" for i in range(n)]
-        else:  # Gemma: every pattern-th layer is global, the others slide (Gemma 2: pattern 2)
-            pattern = d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 2
+        else:  # Gemma: every pattern-th layer is global, the others slide (5.x writes _sliding_window_pattern)
+            pattern = d.get("_sliding_window_pattern") or d["sliding_window_pattern"]
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
     if "sliding_attention" not in types:
         return None, None
@@ -245,7 +247,7 @@ def _hf_sliding(c, family: Family) -> dict:
             raise ValueError(f"model_type {c.model_type!r} slides every layer or none; got layer_types={c.layer_types}")
         return {"sliding_window": c.sliding_window}
     d = {"layer_types": list(c.layer_types), "sliding_window": c.sliding_window if any(sliding) else None}
-    if c.model_type in ("qwen2", "qwen3"):  # 4.x reads max_window_layers: exact when the sliding layers are the last ones
+    if c.model_type in ("qwen2", "qwen3"):  # for 4.x's max_window_layers: exact when the last layers slide
         first = sliding.index(True) if any(sliding) else c.num_hidden_layers
         d.update(use_sliding_window=any(sliding), max_window_layers=first)
     if family.norm == "gemma" and not any(sliding):

@@ -279,7 +279,7 @@ class Llama(CausalLM):
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        if self.embed_scale is not None:  # Gemma: sqrt(C) rounded to fp32, then to the compute dtype, as transformers does
+        if self.embed_scale is not None:  # Gemma: sqrt(C) rounded to fp32, then to the compute dtype (transformers')
             x = x * torch.tensor(self.embed_scale).to(x.dtype)
         positions = torch.arange(past, past + T, device=idx.device)
         rope_dtype = torch.float32 if self.config.family.rope_in_fp32 else x.dtype

@@ -251,3 +251,24 @@ def test_unsupported_features_are_refused_in_one_line_naming_field_and_value(con
     with pytest.raises(ValueError, match=message) as err:
         config_from_hf({**BASE, **config})
     assert "\n" not in str(err.value)
+
+
+def test_gpt_neox_checkpoint_keys_as_pythia_ships_them(tmp_path):
+    # Pythia's files: the head as embed_out, and buffers that are not weights (the causal mask
+    # attention.bias, attention.masked_bias, rotary inv_freq); we write what transformers 5 writes
+    from safetensors.torch import load_file, save_file
+
+    hf = save_tiny("gpt_neox", tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    weights = load_file(path)
+    assert "embed_out.weight" in weights and "lm_head.weight" not in weights
+    buffers = {}
+    for i in range(2):
+        prefix = f"gpt_neox.layers.{i}.attention."
+        buffers.update({prefix + "bias": torch.ones(1, 1, 64, 64, dtype=torch.bool),
+                        prefix + "masked_bias": torch.tensor(-1e9), prefix + "rotary_emb.inv_freq": torch.ones(2)})
+    save_file({**weights, **buffers}, path)
+    ours = load_pretrained(tmp_path / "hf")
+    assert torch.equal(logits_of(ours, ids()), logits_of(hf, ids()))
+    save_pretrained(ours, tmp_path / "ours")
+    assert set(load_file(tmp_path / "ours" / "model.safetensors")) == set(weights)

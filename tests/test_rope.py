@@ -26,7 +26,8 @@ def scaling(rope_type, factor, original, n_freq):
         "llama3": {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": original},
         "longrope": {"short_factor": [1.0 + i / 10 for i in range(n_freq)],
-                     "long_factor": [factor + i / 5 for i in range(n_freq)], "original_max_position_embeddings": original},
+                     "long_factor": [factor + i / 5 for i in range(n_freq)],
+                     "original_max_position_embeddings": original},
     }[rope_type]
 
 
