@@ -2,7 +2,10 @@
 
 `GPT` (GPT-2), `GPTNeoX` (Pythia) and `Llama` (LLaMA and the families that are LLaMA with changes:
 Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OLMo 2; see families.py) use transformers' module
-names, so state-dict keys and LoRA target_modules mean the same thing here and in peft.
+names, so state-dict keys and LoRA target_modules mean the same thing here and in peft. How a
+checkpoint's keys map to ours is checkpoint_keys.py; folders with a quantization_config load through
+the format registered in quantized_formats.py (this package imports nothing from minilora; minilora
+registers bitsandbytes' 4-bit format there).
 """
 from ._common import KVCache
 from .families import FAMILIES

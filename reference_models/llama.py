@@ -241,8 +241,6 @@ BLOCKS = {"pre": Block, "sandwich": SandwichBlock, "post": PostNormBlock}
 
 
 class Llama(CausalLM):
-    base_model_prefix = "model"  # transformers' name of the module that holds the blocks
-
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config

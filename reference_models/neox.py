@@ -142,8 +142,6 @@ class Block(nn.Module):
 
 
 class GPTNeoX(CausalLM):
-    base_model_prefix = "gpt_neox"  # transformers' name of the module that holds the blocks
-
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.config = config
