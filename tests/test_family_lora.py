@@ -1,7 +1,8 @@
 """LoRA and QLoRA on every decoder family, against peft on the transformers twin of the same
 checkpoint: adapters move both ways with equal logits (fused projections included), the same
-modules are targeted and the same parameters counted, merge/unload gives peft's merged model, and a
-4-bit base trains its adapters as the dense model with the dequantized weights would."""
+modules are targeted and the same parameters counted, merge/unload gives peft's merged model, a
+4-bit base trains its adapters as the dense model with the dequantized weights would, and 4-bit
+folders move between transformers + bitsandbytes and us both ways."""
 import copy
 import warnings
 
@@ -10,6 +11,8 @@ import torch
 import transformers
 from hf_factories import FAMILIES, save_tiny
 from peft import LoraConfig, PeftModel, get_peft_model
+from test_qlora_checkpoints import loads_in_transformers_and_round_trips, reference_matmul
+from transformers import BitsAndBytesConfig
 
 from minilora.lora.layer import LoRAConfig
 from minilora.lora.model import inject, lora_layers, merge, target_names, trainable_parameters, unload
@@ -165,3 +168,33 @@ def test_qlora_forward_and_backward_equal_the_dequantized_dense_model(checkpoint
     for name, g in grads[0].items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# bitsandbytes' native CPU dequantize is wrong for weights narrower than its block size (64) on some
+# CPUs (tests/test_qlora_checkpoints.py): every linear here is 64 or more wide on its input side
+WIDE = dict(hidden_size=64, intermediate_size=128)
+WIDE_HEADS = {"qwen3": 16, "gemma2": 16, "gemma3_text": 16}  # 4 heads x 16 = o_proj's 64 inputs
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_transformers_4bit_folder_loads_here_and_ours_loads_there(tmp_path, family):
+    overrides = dict(WIDE, **({"head_dim": WIDE_HEADS[family]} if family in WIDE_HEADS else {}))
+    save_tiny(family, tmp_path / "fp32", **overrides)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp32", quantization_config=config, dtype=torch.float32, device_map="cpu",
+        attn_implementation=HF_ATTN.get(family, "sdpa"))
+    hf.save_pretrained(tmp_path / "hf4bit")
+    hf = reference_matmul(hf.eval())
+    ours = load_pretrained(tmp_path / "hf4bit")
+    assert sum(isinstance(m, LinearNF4) for m in ours.modules()) == \
+        sum(type(m).__name__ == "Linear4bit" for m in hf.modules()) > 0
+    torch.testing.assert_close(logits(ours), logits(hf), rtol=1e-5, atol=1e-5)
+    save_pretrained(ours, tmp_path / "ours")
+    assert (tmp_path / "ours" / "model.safetensors").read_bytes() == \
+        (tmp_path / "hf4bit" / "model.safetensors").read_bytes()
+    # and the other way: ours quantized, saved, loaded by transformers as a 4-bit model
+    mine = quantize_model(load_pretrained(tmp_path / "fp32"), quant_type="nf4", double_quant=True)
+    save_pretrained(mine, tmp_path / "mine4bit")
+    loads_in_transformers_and_round_trips(mine, tmp_path / "mine4bit", seed=1)
