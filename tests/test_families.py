@@ -64,6 +64,22 @@ def test_logits_bit_identical_to_transformers(family, dtype, impl, tmp_path):
     assert torch.equal(logits_of(ours, x), logits_of(hf, x))
 
 
+@pytest.mark.parametrize("family", DECODERS)
+def test_full_fine_tuning_gradients_equal_transformers(family, tmp_path):
+    # every parameter's gradient of the same loss, by name (our names are transformers')
+    hf, ours = twins(family, tmp_path)
+    x = ids()
+    targets = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)  # transformers shifts labels=x inside
+    hf(x, labels=x).loss.backward()
+    ours.train()
+    ours(x, targets)[1].backward()
+    theirs = {n: p.grad for n, p in hf.named_parameters()}
+    mine = {n: p.grad for n, p in ours.named_parameters()}
+    assert set(mine) == set(theirs)
+    for name, grad in mine.items():
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 @st.composite
 def shapes(draw):
     family = draw(st.sampled_from(DECODERS))

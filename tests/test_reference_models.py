@@ -196,7 +196,7 @@ def test_eager_matches_sdpa_and_transformers_eager(family, tmp_path):
         assert max_diff(eager(x), hf_eager(x).logits) <= FP32_TOL
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_checkpointing_gives_same_gradients(family, tmp_path):
     _, ours = load_both(family, tmp_path)
     x = ids()
