@@ -54,7 +54,7 @@ def config_from_hf(d: dict) -> GPTConfig | LlamaConfig | GPTNeoXConfig:
     return LlamaConfig(**llama_kwargs_from_hf(d))
 
 
-def model_class(config) -> type:
+def _model_class(config) -> type:
     """The model class a config builds."""
     return {GPTConfig: GPT, LlamaConfig: Llama, GPTNeoXConfig: GPTNeoX}[type(config)]
 
@@ -62,7 +62,7 @@ def model_class(config) -> type:
 def from_hf_config(d: dict, attn_impl: str = "sdpa") -> GPT | Llama | GPTNeoX:
     """Build a randomly initialised model from a transformers config dict."""
     config = dataclasses.replace(config_from_hf(d), attn_impl=attn_impl)
-    return model_class(config)(config)
+    return _model_class(config)(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu",
     folder = Path(path)
     hf = _read_config(folder)
     config = dataclasses.replace(config_from_hf(hf), attn_impl=attn_impl)
-    cls = model_class(config)
+    cls = _model_class(config)
     qconfig = hf.get("quantization_config")
     quantized = format_for_config(qconfig) if qconfig else None
     tensors = _read_weights(folder)
