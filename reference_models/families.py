@@ -216,7 +216,8 @@ def llama_hf_dict(c) -> dict:
     if c.model_type == "llama":
         d["mlp_bias"] = c.mlp_bias
     if family.norm == "gemma":
-        d.update(query_pre_attn_scalar=c.query_pre_attn_scalar, attn_logit_softcapping=c.attn_logit_softcapping,
+        d.update(query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,  # None: we scale by head_dim
+                 attn_logit_softcapping=c.attn_logit_softcapping,
                  final_logit_softcapping=c.final_logit_softcapping)
     if c.model_type == "phi3":
         d["original_max_position_embeddings"] = (c.rope_scaling or {}).get("original_max_position_embeddings",

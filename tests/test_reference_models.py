@@ -278,9 +278,9 @@ def test_generate_and_forward_argument_errors():
         model(prompt, torch.zeros(1, 2, dtype=torch.long))
 
 
-@settings(max_examples=6)
+@settings(max_examples=10)
 @given(
-    family=st.sampled_from(["llama", "mistral", "qwen2"]),
+    family=st.sampled_from(["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"]),
     n_kv=st.sampled_from([1, 2, 4]),
     head_dim=st.sampled_from([4, 8, 12]),
     layers=st.integers(1, 2),
