@@ -36,6 +36,7 @@ class KVCache:
     query can see besides its own (transformers' DynamicSlidingWindowLayer): its memory stops
     growing at the window. `length` is how many positions have gone through the model; a forward
     pass with the cache adds its T new positions to every layer and then advances `length`.
+    nbytes() is what the tensors' storage holds (calculators.kv_cache_bytes counts the same).
     """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, device,
@@ -68,10 +69,12 @@ class KVCache:
     def _update_sliding(self, layer: int, k, v, keep: int):
         if self.k[layer] is not None:
             k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        else:  # a copy, as transformers' concatenation with its empty cache (k, v may view a fused projection)
+            k, v = k.clone(), v.clone()
         first = max(k.shape[2] - keep, 0)
-        # copies, so that the layer holds `keep` positions of memory (transformers keeps views of the
-        # concatenation, whose storage holds every position of the last call: w after a decode step)
-        self.k[layer], self.v[layer] = k[:, :, first:].clone(), v[:, :, first:].clone()
+        # views, as transformers keeps them: their storage is this call's concatenation, so a sliding
+        # layer holds w positions after a decode step (and a whole long prompt until the next step)
+        self.k[layer], self.v[layer] = k[:, :, first:], v[:, :, first:]
         return k, v
 
     def nbytes(self) -> int:
@@ -239,13 +242,14 @@ class CausalLM(nn.Module):
         if self.max_len is not None and total > self.max_len:
             raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
                              f"exceeds the {self.max_len} positions this model has")
-        cache = self.new_cache(idx.shape[0], total) if use_cache else None
+        # the last sampled token is never fed back: the cache needs total - 1 positions
+        cache = self.new_cache(idx.shape[0], total - 1) if use_cache else None
         step_input = idx
         for _ in range(max_new_tokens):
             if cache is not None and cache.length == self.cache_refresh_length:
                 # Phi-3's longrope turns to its long factors past this length: the keys cached with
                 # the short ones are recomputed, as transformers' Phi-3 generate does
-                cache, step_input = self.new_cache(idx.shape[0], total), idx
+                cache, step_input = self.new_cache(idx.shape[0], total - 1), idx
             logits = self._forward(step_input if use_cache else idx, cache)
             nxt = sample_next(logits[:, -1, :], temperature, top_k)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)

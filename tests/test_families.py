@@ -188,15 +188,34 @@ def test_sliding_window_layers_generation_and_cache_equal_transformers(family, t
 def test_sliding_cache_stops_growing_at_the_window(tmp_path):
     _, ours = twins("gemma2", tmp_path, sliding_window=4)  # layer 0 slides, layer 1 attends fully
     cache = ours.new_cache(1, 40)
-    held = []
+    kept, held = [], []
     with torch.no_grad():
         for token in ids(batch=1, seq=40).split(1, dim=1):
             ours(token, kv_cache=cache)
-            held.append(cache.k[0].shape[2])
-    assert held[:3] == [1, 2, 3] and set(held[3:]) == {3}
+            kept.append(cache.k[0].shape[2])
+            held.append(cache.k[0].untyped_storage().nbytes() // cache.k[0][:, :, :1].nbytes)
+    assert kept[:3] == [1, 2, 3] and set(kept[3:]) == {3}  # window - 1 positions visible to the next query
+    assert held[:4] == [1, 2, 3, 4] and set(held[4:]) == {4}  # in storage, as transformers: the window
     assert cache.k[1].shape[2] == 40
-    per_position = 2 * cache.k[0][:, :, :1].nbytes  # k and v of one position
-    assert cache.nbytes() == per_position * (3 + 40)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2", "gemma3_text", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("prompt", [3, 9])
+def test_kv_cache_bytes_equal_the_calculator(family, prompt, tmp_path):
+    # calculators.kv_cache_bytes counts what transformers' DynamicCache holds once generate(prompt, n)
+    # has run its prompt + n - 1 positions: every position on full layers, the window on sliding
+    # ones. Ours holds the same then (full layers are preallocated for exactly those positions).
+    from calculators import kv_cache_bytes, model_spec
+
+    _, ours = twins(family, tmp_path, **SLIDING.get(family, {}))
+    spec = model_spec(ours.config.to_hf_dict())
+    x, n = ids(batch=2, seq=prompt + 6), 7
+    cache = ours.new_cache(2, prompt + n - 1)  # what generate allocates
+    with torch.no_grad():
+        ours(x[:, :prompt], kv_cache=cache)
+        for step in range(prompt, prompt + n - 1):
+            ours(x[:, step:step + 1], kv_cache=cache)
+    assert cache.nbytes() == kv_cache_bytes(spec, 2, prompt + n - 1, dtype_bytes=4)
 
 
 SOFT_CAPS = [("gemma2", "attn_logit_softcapping"), ("gemma2", "final_logit_softcapping"),
