@@ -12,8 +12,9 @@ KEY_LAYOUTS says otherwise:
 - a tied head (lm_head.weight) is not in the file (transformers does not write it): it is the
   embedding; a file that carries it anyway has it ignored.
 A new family adds a row (GPT-NeoX's: prefix "gpt_neox.", head "embed_out", its attention mask
-buffers ignored; the Llama-like families of families.py share Llama's). Fused projections (Phi-3's qkv_proj, GPT-NeoX's query_key_value) keep
-transformers' name and row order, so that a peft adapter on them means the same here: nothing to map.
+buffers ignored; the Llama-like families of families.py share Llama's). Fused projections (Phi-3's
+qkv_proj, GPT-NeoX's query_key_value) keep transformers' name and row order, so that a peft adapter
+on them means the same here: nothing to map.
 
 The dense loader (hub.py) and every quantized format (quantized_formats.py) go through these
 functions, so a key means one thing to all of them.
