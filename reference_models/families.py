@@ -45,7 +45,8 @@ class Family:
     biases: str = "none"            # "config": attention_bias on q, k, v, o (Llama: also mlp_bias);
     #                                 "qkv": on q, k, v always (Qwen2); "none"
     sliding: str = "none"           # "none" | "all" (sliding_window on every layer) | "layers" (layer_types)
-    partial_rotary: bool = False    # partial_rotary_factor < 1 allowed (transformers' attention rotates a prefix)
+    partial_rotary: bool = False    # partial_rotary_factor < 1 allowed: transformers' attention rotates a prefix
+    #                                 (and concatenates the rest back, also when it is empty)
     rope_in_fp32: bool = False      # q and k rotated with fp32 cos/sin, then cast back (OLMo 2)
     longrope_refresh: bool = False  # generate recomputes the KV cache when longrope turns to its long factors (Phi-3)
     act_key: str = "hidden_act"     # the config key of the MLP activation

@@ -139,6 +139,7 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(c.hidden_size, kv_out, bias=c.attention_bias)
             self.v_proj = nn.Linear(c.hidden_size, kv_out, bias=c.attention_bias)
         self.o_proj = nn.Linear(q_out, c.hidden_size, bias=c.o_proj_bias)
+        self.split_rotary = family.partial_rotary
         self.qk_norm = family.qk_norm
         if self.qk_norm is not None:
             norm = NORMS[family.norm]
@@ -168,7 +169,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, H_kv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.split_rotary), apply_rotary(k, cos, sin, self.split_rotary)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = visible past + T
         y = causal_attention(q, k, v, scale=self.scale, impl=self.attn_impl,

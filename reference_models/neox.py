@@ -102,7 +102,7 @@ class Attention(nn.Module):
         # the fused output is laid out per head as [q | k | v], not as [all q | all k | all v]
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_dim).transpose(1, 2)  # (B, H, T, 3D)
         q, k, v = qkv.chunk(3, dim=-1)  # 3 x (B, H, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # only the first rotated dims turn
+        q, k = apply_rotary(q, cos, sin, split=True), apply_rotary(k, cos, sin, split=True)  # the first dims turn
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, D), S = past + T
         y = causal_attention(q, k, v, scale=self.head_dim ** -0.5, impl=self.attn_impl,

@@ -193,12 +193,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split: bool = False) -> torch.Tensor:
     """x (B, H, T, D) rotated by cos/sin (T, R); with R < D only the first R dimensions turn.
 
-    cos/sin in fp32 with a 16-bit x (OLMo 2) rotate in fp32 and cast back to x's dtype."""
+    cos/sin in fp32 with a 16-bit x (OLMo 2) rotate in fp32 and cast back to x's dtype. split=True
+    cuts the rotated part off and concatenates it back even when R == D, as transformers' Phi-3 and
+    GPT-NeoX do: the same values, and the contiguous layout their attention then receives."""
     rotary = cos.shape[-1]
-    if rotary == x.shape[-1]:
+    if rotary == x.shape[-1] and not split:
         return (x * cos + rotate_half(x) * sin).to(x.dtype)
     x_rot, x_pass = x[..., :rotary], x[..., rotary:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
