@@ -157,7 +157,7 @@ def unscale(grads, found_inf: Tensor, inv_scale: Tensor):
     for grad in grads:
         if isinstance(grad, HostGrad):
             grad.link.sync()
-            found = torch.zeros(1)
+            found = torch.zeros_like(found_inf, device="cpu")
             aten._amp_foreach_non_finite_check_and_unscale_.default(
                 [seg.view("grad") for seg in grad.pages.segments], found, inv_scale.cpu())
             found_inf.copy_(torch.maximum(found_inf, found.to(found_inf.device)))
