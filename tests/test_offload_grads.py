@@ -11,13 +11,9 @@ import torch
 
 from minilora.optim.host_grad import HostGrad
 from minilora.optim.offload import CPUOffloadAdamW
-from test_offload import batch, equal_params, in_pages, loss_fn, mlp, offload
+from test_offload import batch, equal_params, in_pages, loss_fn, mlp, offload, torch_adamw
 
 STEPS = 12
-
-
-def torch_adamw(params, fused, **kwargs):
-    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if fused else {"foreach": False}))
 
 
 def idiom_step(model, opt, sched, step, clip=0.5):
@@ -70,7 +66,7 @@ def test_torch_clip_grad_norm_on_bf16_params_clips_the_host_gradient():
         for m, p in zip(master.parameters(), ours.parameters()):
             m.copy_(p.float())
     ref_opt = torch.optim.AdamW(master.parameters(), lr=1e-2, foreach=False)
-    opt = CPUOffloadAdamW(ours.parameters(), lr=1e-2, page_size=50, master_weights="fp32")
+    opt = CPUOffloadAdamW(ours.parameters(), lr=1e-2, page_size=50, master_weights="fp32", fused=False)
     for step in range(6):
         for micro in range(2):
             x, y = batch(step, micro, dtype=torch.bfloat16)
@@ -98,7 +94,7 @@ def test_grad_scaler_unscale_clip_and_skipped_step_match_torch(staging):
     path), clip, step (skipped at the step whose gradients are not finite), update."""
     ref, ours = mlp(), mlp()
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
-    opt = offload(ours.parameters(), staging, lr=1e-2, page_size=37)
+    opt = offload(ours.parameters(), staging, lr=1e-2, page_size=37, fused=False)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2) for _ in range(2)]
     scales, before = [], None
     for step in range(6):
@@ -198,8 +194,8 @@ def test_fp32_params_in_host_memory_get_a_plain_view_of_the_pages():
     assert torch.equal(opt.host_grad(p).view(-1)[:3], torch.full((3,), 5.0))
 
 
-@pytest.mark.parametrize("staging", [False, True])
-def test_transformers_trainer_with_max_grad_norm_trains_like_torch_adamw(tmp_path, staging):
+@pytest.mark.parametrize("staging,fused", [(False, True), (True, False)])
+def test_transformers_trainer_with_max_grad_norm_trains_like_torch_adamw(tmp_path, staging, fused):
     """transformers.Trainer clips with torch.nn.utils.clip_grad_norm_ (through accelerate) between
     backward and step: with optimizers=(CPUOffloadAdamW(...), scheduler) it trains a tiny random
     Llama to the same parameters as with torch AdamW, bit for bit, logging the same norms (also
@@ -229,8 +225,8 @@ def test_transformers_trainer_with_max_grad_norm_trains_like_torch_adamw(tmp_pat
         norms = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
         return model, norms
 
-    ref, ref_norms = train("torch", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=False))
-    ours, norms = train("ours", lambda p: offload(p, staging, lr=1e-2, weight_decay=0.1, page_size=4096))
+    ref, ref_norms = train("torch", lambda p: torch_adamw(p, fused, lr=1e-2, weight_decay=0.1))
+    ours, norms = train("ours", lambda p: offload(p, staging, lr=1e-2, weight_decay=0.1, page_size=4096, fused=fused))
     assert len(norms) == 4 and norms == ref_norms
     assert min(norms) > 0.5   # every step clipped
     assert equal_params(ref, ours)

@@ -21,9 +21,17 @@ from torch import Tensor
 
 from minilora.optim.pages import STATES, ParamPages
 
-__all__ = ["pack", "check", "unpack", "check_hyperparameters"]
+__all__ = ["pack", "check", "unpack", "check_hyperparameters", "TORCH_FLAGS"]
 
 RAW = tuple(f"{name}_{kind}" for name in STATES for kind in ("code", "absmax"))
+# torch AdamW's group flags, written as those of the torch optimizer our kernel equals, so that
+# AdamW.load_state_dict picks that one (it takes a saved group's flags over its own)
+TORCH_FLAGS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+
+
+def torch_flags(fused: bool) -> dict:
+    return dict(amsgrad=False, maximize=False, foreach=None if fused else False, capturable=False,
+                differentiable=False, fused=True if fused else None, decoupled_weight_decay=True)
 
 
 def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> None:
@@ -41,11 +49,11 @@ def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> None
         raise ValueError(f"weight_decay must be >= 0{where}, got {weight_decay}")
 
 
-def pack(param_groups: list[dict], params: list[ParamPages], states) -> dict:
+def pack(param_groups: list[dict], params: list[ParamPages], states, fused: bool) -> dict:
     """The state dict of the parameters `params` (their host pages must be settled)."""
     groups, start = [], 0
     for group in param_groups:
-        packed = {k: v for k, v in group.items() if k != "params"}
+        packed = {k: v for k, v in group.items() if k != "params"} | torch_flags(fused)
         packed["params"] = list(range(start, start + len(group["params"])))
         start += len(group["params"])
         groups.append(packed)

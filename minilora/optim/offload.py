@@ -90,7 +90,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  page_size: int = 2**20, gpu_pages: int = 2, master_weights: str | None = None,
-                 state_bits: int = 32, *, fused: bool = False):
+                 state_bits: int = 32, *, fused: bool = True):
         checkpoint.check_hyperparameters(lr, betas, eps, weight_decay)
         check_layout_arguments(page_size, gpu_pages, master_weights, state_bits, fused)
         self.page_size, self.gpu_pages = page_size, gpu_pages
@@ -186,13 +186,29 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
                 return info.gather("grad").clone()
         raise ValueError(f"parameter of shape {tuple(param.shape)} is not a trainable parameter of this optimizer")
 
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
-        """torch.nn.utils.clip_grad_norm_ over this optimizer's trainable parameters, in its
-        parameter order (param groups in order); returns the total norm. The same as calling torch's
-        on that list: norms are stacked grouped by (device, dtype), the groups in order of first
-        appearance."""
-        return torch.nn.utils.clip_grad_norm_([info.tensor for info in self.trainable], max_norm, norm_type,
-                                              error_if_nonfinite)
+        """torch.nn.utils.clip_grad_norm_'s ops on this optimizer's gradients; returns the total norm.
+
+        One vector_norm per gradient (of the fp32 host values for a HostGrad), the norm of the
+        norms, then grad *= clamp(max_norm / (total + 1e-6), max=1). The norms are stacked grouped
+        by (device, dtype), the groups in the order their first parameter appears in the
+        optimizer's parameter order (param groups in order), and in that order within a group. For
+        parameters of one dtype this is torch's own order, bit for bit; for mixed dtypes torch's
+        grouping orders the groups otherwise, and the total may differ from torch's in the last bit.
+        """
+        params = [info.tensor for info in self.trainable if info.tensor.grad is not None]
+        if not params:
+            return torch.tensor(0.0)
+        kinds = list(dict.fromkeys((p.grad.device, p.grad.dtype) for p in params))
+        params.sort(key=lambda p: kinds.index((p.grad.device, p.grad.dtype)))
+        norms = [torch.linalg.vector_norm(p.grad, norm_type) for p in params]
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), norm_type)
+        if error_if_nonfinite and bool(total.isnan() | total.isinf()):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()}); "
+                               "pass error_if_nonfinite=False to clip anyway")
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
 
     # --------------------------------------------------------------------------------- step
 
@@ -256,7 +272,7 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         """torch AdamW's layout plus "cpu_offload" (see minilora/optim/checkpoint.py)."""
         if self.link is not None:
             self.link.sync()
-        return checkpoint.pack(self.param_groups, self.trainable, self.states)
+        return checkpoint.pack(self.param_groups, self.trainable, self.states, self.fused)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict from this class or from torch.optim.AdamW. Everything is checked
@@ -265,7 +281,8 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         if self.link is not None:
             self.link.sync()
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
+                          if k != "params" and k not in checkpoint.TORCH_FLAGS})
         for info in self.trainable:
             info.step = None
             self.state.pop(info.tensor, None)
