@@ -90,18 +90,23 @@ class HostGrad(Tensor):
             self.link.grad_to_host(self.pages, other, accumulate=func is aten.add_.Tensor)
             return
         self.link.sync()
-        n = self.pages.tensor.numel()
         for seg in self.pages.segments:
-            def piece(a):
-                if isinstance(a, HostGrad):
-                    a = a.host_value()
-                if not isinstance(a, Tensor) or a.dim() == 0:
-                    return a.cpu() if isinstance(a, Tensor) else a
-                if a.numel() != n:
-                    raise RuntimeError(f"{func} on a HostGrad takes scalars, 0-d tensors or tensors of the "
-                                       f"parameter's shape {tuple(self.shape)}, got shape {tuple(a.shape)}; {HOW}")
-                return a.detach().reshape(-1)[seg.lo:seg.hi].cpu()
-            func(seg.view("grad"), *[piece(a) for a in args], **{k: piece(v) for k, v in kwargs.items()})
+            func(seg.view("grad"), *[self.part(a, seg, func) for a in args],
+                 **{k: self.part(v, seg, func) for k, v in kwargs.items()})
+
+    def part(self, arg, seg, func):
+        """One argument of an elementwise op, for one segment: a scalar as it is, a 0-d tensor on the
+        host, a tensor of the parameter's shape sliced to the segment."""
+        if isinstance(arg, HostGrad):
+            arg = arg.host_value()
+        if not isinstance(arg, Tensor):
+            return arg
+        if arg.dim() == 0:
+            return arg.cpu()
+        if arg.shape != self.shape:
+            raise RuntimeError(f"{func} on a HostGrad takes scalars, 0-d tensors or tensors of the parameter's "
+                               f"shape {tuple(self.shape)}, got shape {tuple(arg.shape)}; {HOW}")
+        return arg.detach().reshape(-1)[seg.lo:seg.hi].cpu()
 
 
 def materialize(tree):
