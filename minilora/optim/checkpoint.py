@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from minilora.optim.pages import STATES, ParamPages
+from minilora.optim.pages import BLOCK_SIZE, STATES, ParamPages
 
 __all__ = ["pack", "check", "unpack", "check_hyperparameters", "TORCH_FLAGS"]
 
@@ -133,7 +133,7 @@ def check_entry(index: int, saved: dict, info: ParamPages, extra: dict | None) -
     n = info.tensor.numel()
     if extra is not None and info.quantized and all(key in extra for key in RAW):
         for key in RAW:
-            want = -(-n // 256) if key.endswith("absmax") else n
+            want = -(-n // BLOCK_SIZE) if key.endswith("absmax") else n
             if extra[key].numel() != want:
                 raise ValueError(f"state for parameter {index}: 8-bit {key} has {extra[key].numel()} elements, "
                                  f"expected {want}")
@@ -151,12 +151,12 @@ def unpack(entry: Entry, states) -> None:
     flat = {key: value.detach().to("cpu").reshape(-1) for key, value in {**entry.states, **extra}.items()
             if isinstance(value, Tensor)}
     for seg in info.segments:
-        blocks = slice(seg.lo // 256, -(-seg.hi // 256))
+        blocks = slice(seg.lo // BLOCK_SIZE, -(-seg.hi // BLOCK_SIZE))
         for name in STATES:
             if raw:
                 seg.view(name + "_code").copy_(flat[name + "_code"][seg.lo:seg.hi])
                 seg.view(name + "_absmax").copy_(flat[name + "_absmax"][blocks])
             else:
-                states.write(seg, name, flat[name][seg.lo:seg.hi].float().clone())
+                states.write(seg, name, flat[name][seg.lo:seg.hi].float())
         if info.master and "master" in flat:
             seg.view("master").copy_(flat["master"][seg.lo:seg.hi])
