@@ -40,6 +40,7 @@ class MomentStates:
             seg.view(name).copy_(value)
             return
         from minilora.quant.nf4 import quantize_blockwise_8bit
-        codes, absmax = quantize_blockwise_8bit(value, self.maps[name], BLOCK_SIZE, fused=self.compiled_encoder)
+        codes, absmax = quantize_blockwise_8bit(value, self.maps[name], BLOCK_SIZE,
+                                                backend="compiled" if self.compiled_encoder else "eager")
         seg.view(name + "_code").copy_(codes)
         seg.view(name + "_absmax").copy_(absmax)
