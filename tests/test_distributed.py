@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from minilora import distributed as D
+from minilora.train import load_checkpoint, save_checkpoint, train_distributed
 from reference_models import Llama, LlamaConfig
 
 WORLD = 2
@@ -37,7 +38,7 @@ def batch(rows: int = 4, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 64, (rows, seq + 1), generator=g)
 
 
-def _spawn(fn, *args, nprocs=WORLD):
+def spawn(fn, *args, nprocs=WORLD):
     port = D.free_port()
     mp.spawn(_entry, args=(nprocs, port, fn, args), nprocs=nprocs, join=True)
 
@@ -94,7 +95,7 @@ def _worker_equivalence(env, steps):
 
 
 def test_ddp_and_fsdp2_full_finetune_equal_single_process_on_concatenated_batch():
-    _spawn(_worker_equivalence, 3)
+    spawn(_worker_equivalence, 3)
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_wrap_model_needs_a_process_group():
 
 def test_fsdp2_rejects_mixed_trainable_dtypes_in_one_unit(monkeypatch):
     # checked before any collective, so no process group is needed to reach the error
-    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     model = tiny_llama()
     model.model.layers[1].mlp.up_proj.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"'block 1' mixes .*float32.*bfloat16|'block 1' mixes .*bfloat16.*float32"):
@@ -129,7 +130,7 @@ def test_strategy_none_is_refused_on_several_ranks():
     from minilora.train import TrainConfig
 
     with pytest.raises(ValueError, match=r"strategy 'none' on 2 ranks"):  # before any model is built
-        D.train_distributed(TrainConfig(data="unused.txt", model="nowhere"), "none", env=two_ranks)
+        train_distributed(TrainConfig(data="unused.txt", model="nowhere"), "none", env=two_ranks)
 
 
 def test_ddp_does_not_broadcast_buffers_every_forward():
@@ -211,7 +212,7 @@ def _worker_fsdp_lora(env, folder, steps):
         opt.step()
         opt.zero_grad(set_to_none=True)
     D.save_adapter_sharded(model, folder / "adapter")
-    D.save_checkpoint(model, opt, folder / "ckpt", step=steps)
+    save_checkpoint(folder / "ckpt", model, opt, {"step": steps})
     model.eval()
     with torch.no_grad():
         logits = model(ids[:, :-1])  # every rank runs the same batch: FSDP2 forward is collective
@@ -223,7 +224,7 @@ def _worker_fsdp_lora(env, folder, steps):
     # the same checkpoint resumed into a model sharded the other way takes the same step
     other = D.wrap_model(lora_llama(), "shard_grad_op", env)
     other_opt = adamw(other)
-    assert D.load_checkpoint(other, other_opt, folder / "ckpt")["step"] == steps
+    assert load_checkpoint(folder / "ckpt", other, other_opt)["step"] == steps
     _, loss = other(per_rank[:, :-1], per_rank[:, 1:])
     loss.backward()
     other_opt.step()
@@ -271,7 +272,7 @@ STEPS = 3
 def fsdp_lora_run(tmp_path_factory):
     """One 2-process FSDP2 LoRA run shared by the tests below (a spawn costs seconds)."""
     folder = tmp_path_factory.mktemp("fsdp_lora")
-    _spawn(_worker_fsdp_lora, str(folder), STEPS)
+    spawn(_worker_fsdp_lora, str(folder), STEPS)
     return folder
 
 
@@ -294,7 +295,7 @@ def test_fsdp2_lora_adapter_loads_in_one_process_and_resumes_on_another_world_si
     # resume the 2-process checkpoint on 1 process (no process group): the next step matches
     model = lora_llama()
     opt = adamw(model)
-    state = D.load_checkpoint(model, opt, folder / "ckpt")
+    state = load_checkpoint(folder / "ckpt", model, opt)
     assert state["step"] == STEPS and state["world_size"] == WORLD
     _, loss = model(ids[:, :-1], ids[:, 1:])
     loss.backward()
@@ -414,4 +415,4 @@ def test_load_adapter_sharded_needs_the_adapter_injected_first(tmp_path):
 def test_load_checkpoint_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     model = lora_llama()
     with pytest.raises(ValueError, match=r"is not a minilora checkpoint: trainer_state.json is missing"):
-        D.load_checkpoint(model, adamw(model), tmp_path)
+        load_checkpoint(tmp_path, model, adamw(model))

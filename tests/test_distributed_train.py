@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import minilora
 from minilora import distributed as D
-from minilora.train import TrainConfig, train
+from minilora.train import TrainConfig, train, train_distributed
 from reference_models import Llama, LlamaConfig
-from test_distributed import _spawn
+from test_distributed import spawn
 
-DATA = str(Path(D.__file__).parent / "data" / "corpus_eval.txt")
+DATA = str(Path(minilora.__file__).parent / "data" / "corpus_eval.txt")
 
 
 def byte_llama() -> Llama:
@@ -30,7 +31,7 @@ def config(out, batch_size: int, **kw) -> TrainConfig:
 
 
 def _worker(env, out):
-    summary = D.train_distributed(config(out, batch_size=2, save_every=2, eval_data=DATA,
+    summary = train_distributed(config(out, batch_size=2, save_every=2, eval_data=DATA,
                                          eval_every=1, eval_batches=1), "full_shard", byte_llama(), env)
     assert summary["world_size"] == 2 and summary["final_loss"] > 0
 
@@ -39,20 +40,20 @@ def test_two_ranks_then_resume_on_one_equal_one_process_training(tmp_path):
     import json
     import shutil
 
-    _spawn(_worker, str(tmp_path / "dist"))
+    spawn(_worker, str(tmp_path / "dist"))
     # as if the 2-rank run had stopped after its step-2 checkpoint: resume it on 1 rank
     checkpoints = tmp_path / "dist" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000002", "step-000003"]
     (checkpoints / "latest.json").write_text(json.dumps({"step": 2, "path": "step-000002"}))
     shutil.rmtree(tmp_path / "dist" / "adapter")
     with pytest.raises(ValueError, match=r"global batch of 4 sequences .* this run has 2; set --batch-size to 4"):
-        D.train_distributed(config(tmp_path / "dist", batch_size=2, resume=True), "none", byte_llama(),
+        train_distributed(config(tmp_path / "dist", batch_size=2, resume=True), "none", byte_llama(),
                             D.DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
     with pytest.raises(ValueError, match=r"trained with lr=0.01, this run has 0.02"):
-        D.train_distributed(config(tmp_path / "dist", batch_size=4, resume=True, lr=2e-2), "none", byte_llama(),
+        train_distributed(config(tmp_path / "dist", batch_size=4, resume=True, lr=2e-2), "none", byte_llama(),
                             D.DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
     one_rank = D.DistEnv(0, 1, 0, torch.device("cpu"), "gloo")  # no process group needed for "none"
-    D.train_distributed(config(tmp_path / "dist", batch_size=4, resume=True), "none", byte_llama(), one_rank)
+    train_distributed(config(tmp_path / "dist", batch_size=4, resume=True), "none", byte_llama(), one_rank)
     train(config(tmp_path / "single", batch_size=4), model=byte_llama())
     got = load_file(str(tmp_path / "dist" / "adapter" / "adapter_model.safetensors"))
     expected = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))

@@ -147,18 +147,18 @@ def test_fresh_run_refuses_an_out_with_an_earlier_runs_checkpoints(llama_dir, co
 
 
 def test_prune_never_deletes_the_checkpoint_latest_points_to_nor_later_steps(tmp_path):
-    from minilora.train.loop import _prune_checkpoints
+    from minilora.train.resume import prune_checkpoints
 
     for step in (1, 2, 3, 6, 8):
         (tmp_path / f"step-{step:06d}").mkdir()
     (tmp_path / "latest.json").write_text(json.dumps({"step": 2, "path": "step-000002"}))
-    _prune_checkpoints(tmp_path, keep=1, current=3)  # step 3 saved, latest.json not yet moved to it
+    prune_checkpoints(tmp_path, keep=1, current=3)  # step 3 saved, latest.json not yet moved to it
     assert sorted(p.name for p in tmp_path.glob("step-*")) == [
         "step-000002", "step-000003", "step-000006", "step-000008"]
     (tmp_path / "latest.json").write_text(json.dumps({"step": 3, "path": "step-000003"}))
-    _prune_checkpoints(tmp_path, keep=1, current=3)
+    prune_checkpoints(tmp_path, keep=1, current=3)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003", "step-000006", "step-000008"]
-    _prune_checkpoints(tmp_path, keep=0, current=8)  # 0 keeps all
+    prune_checkpoints(tmp_path, keep=0, current=8)  # 0 keeps all
     assert len(list(tmp_path.glob("step-*"))) == 3
 
 
