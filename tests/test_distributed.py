@@ -6,6 +6,7 @@ mp.spawn re-raises here with the worker's traceback.
 """
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -139,8 +140,10 @@ def test_ddp_does_not_broadcast_buffers_every_forward():
     try:
         model = qlora_llama()
         assert any(b.dtype == torch.uint8 for b in model.buffers())
-        ddp = D.wrap_model(model, "ddp", env)
-        assert ddp.broadcast_buffers is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch 2.13 deprecates broadcast_buffers=False with a FutureWarning
+            ddp = D.wrap_model(model, "ddp", env)
+        assert ddp.broadcast_buffers is False and ddp.forward_sync_buffers is False
         ids = batch(rows=2, seq=8)
         _, loss = ddp(ids[:, :-1], ids[:, 1:])
         loss.backward()
@@ -405,6 +408,33 @@ def test_init_distributed_without_torchrun_rendezvous_says_how_to_launch(monkeyp
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match=r"WORLD_SIZE=2 but MASTER_ADDR is not set: launch with torchrun"):
         D.init_distributed("gloo")
+
+
+def test_load_adapter_sharded_restores_the_adapter_and_leaves_other_parameters_alone(tmp_path):
+    # GPT-2 has biases and LayerNorms the adapter file does not hold (bias="none"): they must keep
+    # their values, as must a second adapter, while the saved one comes back exactly
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject
+    from minilora.lora.peft_io import save_adapter
+    from reference_models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj"]))
+    inject(model, LoRAConfig(r=2, alpha=4, target_modules=["c_fc"]), adapter_name="other")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # every tensor, lora_B included, distinct from its initial value
+    save_adapter(model, tmp_path / "adapter")
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name and ".default." in name:
+                p.zero_()
+    D.load_adapter_sharded(model, tmp_path / "adapter")
+    for name, p in model.named_parameters():
+        assert torch.equal(p, saved[name]), name
+    assert any(n.endswith(".bias") for n in saved) and any(".other." in n for n in saved)
 
 
 def test_load_adapter_sharded_needs_the_adapter_injected_first(tmp_path):

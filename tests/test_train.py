@@ -293,3 +293,122 @@ def test_bf16_autocast_trains(method, llama_dir, corpus, tmp_path):
                         eval_every=4, eval_fraction=0.1))
     assert result.summary["eval_loss"] < result.summary["eval_loss_start"]
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast, not a cast
+
+
+# ---- checkpoints written before format 2 still resume (minilora/train/legacy.py) -----------------------
+
+def _as_format_1(folder):
+    """Rewrite a format-2 checkpoint in the layout `python -m minilora.train` wrote before format 2:
+    trainable.safetensors as is; state.safetensors + state.json's "skeleton" hold {"optimizer": the
+    optimizer's state_dict(), "rng": {"torch", "python"}} with tensors under "s.<path>"."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    tensors = {"s." + k: v for k, v in load_file(str(folder / "optimizer.safetensors")).items()}
+    with safe_open(str(folder / "rng-rank0.safetensors"), "pt") as f:
+        tensors["s.rng.torch"] = f.get_tensor("torch")
+        version, internal, gauss = json.loads(f.metadata()["python"])
+    optimizer = json.loads(json.dumps(state["optimizer"]).replace('"__tensor__": "optimizer.', '"__tensor__": "s.optimizer.'))
+    rng = {"__dict__": [["torch", {"__tensor__": "s.rng.torch"}],
+                        ["python", {"__tuple__": [version, {"__tuple__": internal}, gauss]}]]}
+    save_file(tensors, str(folder / "state.safetensors"))
+    config = {k: v for k, v in state["config"].items() if k != "strategy"}  # a field format 2 added
+    (folder / "state.json").write_text(json.dumps({
+        "format": "minilora-train-checkpoint-1", "config": config, "sampler": state["sampler"],
+        "skeleton": {"__dict__": [["optimizer", optimizer], ["rng", rng]]}, "step": state["step"],
+        "history": state["history"], "tokens_seen": state["tokens_seen"], "elapsed": state["elapsed"]}))
+    for name in ("trainer_state.json", "optimizer.safetensors", "rng-rank0.safetensors"):
+        (folder / name).unlink()
+
+
+def _as_format_0(folder, cfg):
+    """Rewrite a format-2 checkpoint in the layout `torchrun -m minilora.distributed` wrote before format 2:
+    adapter/ in peft's format (or model.safetensors for full), optimizer.safetensors keyed
+    "<param name>.<state>" with the names in its metadata, trainer_state.json without "format" or RNG."""
+    from safetensors.torch import load_file, save_file
+
+    from minilora.lora.peft_io import save_adapter
+    from minilora.train import build_model
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    trainable = load_file(str(folder / "trainable.safetensors"))
+    if cfg.method == "full":
+        save_file(trainable, str(folder / "model.safetensors"))
+    else:
+        model, _ = build_model(cfg, device=torch.device("cpu"))
+        with torch.no_grad():
+            for name, value in trainable.items():
+                model.get_parameter(name).copy_(value)
+        save_adapter(model, folder / "adapter")
+    names = state["param_names"]
+    moments = {}
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+        _, _, index, what = key.split(".", 3)  # optimizer.state.<index>.<state>
+        moments[f"{names[0][int(index)]}.{what}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in torch.optim.AdamW([torch.zeros(1)]).state_dict()["param_groups"]]
+    save_file(moments, str(folder / "optimizer.safetensors"),
+              metadata={"param_groups": json.dumps(groups), "param_names": json.dumps(names)})
+    config = {k: v for k, v in state["config"].items() if k != "strategy"}
+    (folder / "trainer_state.json").write_text(json.dumps({
+        "step": state["step"], "world_size": 1, "history": state["history"], "sampler": state["sampler"],
+        "strategy": "ddp", "config": config, "global_batch": state["global_batch"]}))
+    for name in ("trainable.safetensors", "rng-rank0.safetensors"):
+        (folder / name).unlink()
+
+
+@pytest.mark.parametrize("layout, method, family, extra", [
+    ("format 1", "lora", "gpt", dict(lora_dropout=0.1)),    # holds the RNG states: dropout continues exactly
+    ("format 1", "lora", "llama", dict(optimizer="offload", grad_accum=2)),
+    ("format 0", "lora", "llama", dict(grad_accum=2)),       # no RNG states in it: no dropout here
+    ("format 0", "full", "llama", dict()),
+])
+def test_resume_from_a_checkpoint_written_before_format_2_is_bit_identical(layout, method, family, extra, corpus,
+                                                                            tmp_path):
+    model_dir = (_tiny_gpt if family == "gpt" else _tiny_llama)(tmp_path / "base")
+    kw = dict(method=method, steps=6, save_every=2, lr=3e-3, **extra)
+    whole = train(_cfg(model_dir, corpus, tmp_path / "whole", **kw))
+    with pytest.raises(_Crash):
+        train(_cfg(model_dir, corpus, tmp_path / "cut", **kw), on_step=_crash_at(4))
+    folder = tmp_path / "cut" / "checkpoints" / "step-000004"
+    if layout == "format 1":
+        _as_format_1(folder)
+    else:
+        _as_format_0(folder, _cfg(model_dir, corpus, tmp_path / "cut", **kw))
+    assert not (folder / "rng-rank0.safetensors").exists()
+    resumed = train(_cfg(model_dir, corpus, tmp_path / "cut", resume=True, **kw))
+    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+
+
+def test_resume_refuses_an_unknown_checkpoint_format_with_one_line(llama_dir, corpus, tmp_path, capsys):
+    common = ["--model", str(llama_dir), "--data", str(corpus), "--out", str(tmp_path), "--max-seq-len", "32",
+              "--batch-size", "2", "--steps", "2", "--save-every", "2", "--no-save-final", "--quiet"]
+    assert main(common) == 0
+    state_path = tmp_path / "checkpoints" / "step-000002" / "trainer_state.json"
+    state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "format": "minilora-train-checkpoint-9"}))
+    capsys.readouterr()
+    assert main(common + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds checkpoint format 'minilora-train-checkpoint-9'" in err, err
+    state_path.unlink()
+    assert main(common + ["--resume"]) == 2
+    assert "is not a minilora checkpoint: trainer_state.json is missing" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_global_batch(llama_dir, corpus, tmp_path):
+    train(_cfg(llama_dir, corpus, tmp_path, steps=2, save_every=2))
+    with pytest.raises(ValueError, match=r"global batch of 4 sequences \(batch_size x world_size\), this run has 2"):
+        train(_cfg(llama_dir, corpus, tmp_path, steps=2, save_every=2, batch_size=2, resume=True))
+
+
+def test_offload_optimizer_is_refused_under_ddp_and_fsdp2():
+    # its gradient hook copies and frees each gradient, possibly before DDP / FSDP2 have reduced it
+    for strategy in ("ddp", "full_shard", "shard_grad_op"):
+        with pytest.raises(ValueError, match=rf"optimizer must be 'adamw' under strategy '{strategy}', got 'offload'"):
+            TrainConfig(data="x.txt", optimizer="offload", strategy=strategy).validate()
+    TrainConfig(data="x.txt", optimizer="offload").validate()  # one process: fine
