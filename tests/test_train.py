@@ -79,6 +79,24 @@ def _crash_at(step):
     return on_step
 
 
+def _whole_then_cut_at_4(model_dir, corpus, tmp_path, kw):
+    """Train tmp_path/whole uninterrupted, and tmp_path/cut until the process "dies" after step 4."""
+    whole = train(_cfg(model_dir, corpus, tmp_path / "whole", **kw))
+    with pytest.raises(_Crash):
+        train(_cfg(model_dir, corpus, tmp_path / "cut", **kw), on_step=_crash_at(4))
+    return whole
+
+
+def _assert_same_training(whole, resumed):
+    """Bit for bit: every trainable tensor, and the loss of every step."""
+    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+
+
 @pytest.mark.parametrize("method, family, extra", [
     ("lora", "gpt", dict(lora_dropout=0.1)),
     ("full", "gpt", dict(grad_accum=2)),
@@ -88,17 +106,10 @@ def _crash_at(step):
 def test_resume_after_interruption_is_bit_identical(method, family, extra, corpus, tmp_path):
     model_dir = (_tiny_gpt if family == "gpt" else _tiny_llama)(tmp_path / "base")
     kw = dict(method=method, steps=6, save_every=2, lr=3e-3, **extra)
-    whole = train(_cfg(model_dir, corpus, tmp_path / "whole", **kw))
-    with pytest.raises(_Crash):
-        train(_cfg(model_dir, corpus, tmp_path / "cut", **kw), on_step=_crash_at(4))
+    whole = _whole_then_cut_at_4(model_dir, corpus, tmp_path, kw)
     assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 4
     resumed = train(_cfg(model_dir, corpus, tmp_path / "cut", resume=True, **kw))
-    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
-    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+    _assert_same_training(whole, resumed)
     # adapter-only checkpoints for LoRA/QLoRA: no base weights in them
     from safetensors.torch import load_file
 
@@ -367,9 +378,7 @@ def test_resume_from_a_checkpoint_written_before_format_2_is_bit_identical(layou
                                                                             tmp_path):
     model_dir = (_tiny_gpt if family == "gpt" else _tiny_llama)(tmp_path / "base")
     kw = dict(method=method, steps=6, save_every=2, lr=3e-3, **extra)
-    whole = train(_cfg(model_dir, corpus, tmp_path / "whole", **kw))
-    with pytest.raises(_Crash):
-        train(_cfg(model_dir, corpus, tmp_path / "cut", **kw), on_step=_crash_at(4))
+    whole = _whole_then_cut_at_4(model_dir, corpus, tmp_path, kw)
     folder = tmp_path / "cut" / "checkpoints" / "step-000004"
     if layout == "format 1":
         _as_format_1(folder)
@@ -377,12 +386,7 @@ def test_resume_from_a_checkpoint_written_before_format_2_is_bit_identical(layou
         _as_format_0(folder, _cfg(model_dir, corpus, tmp_path / "cut", **kw))
     assert not (folder / "rng-rank0.safetensors").exists()
     resumed = train(_cfg(model_dir, corpus, tmp_path / "cut", resume=True, **kw))
-    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
-    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+    _assert_same_training(whole, resumed)
 
 
 def test_resume_refuses_an_unknown_checkpoint_format_with_one_line(llama_dir, corpus, tmp_path, capsys):
@@ -412,3 +416,14 @@ def test_offload_optimizer_is_refused_under_ddp_and_fsdp2():
         with pytest.raises(ValueError, match=rf"optimizer must be 'adamw' under strategy '{strategy}', got 'offload'"):
             TrainConfig(data="x.txt", optimizer="offload", strategy=strategy).validate()
     TrainConfig(data="x.txt", optimizer="offload").validate()  # one process: fine
+
+
+def test_a_distributed_strategy_takes_cuda_local_rank_not_a_numbered_device():
+    from minilora.train.strategy import Strategy
+
+    # refused before any process group is joined
+    with pytest.raises(ValueError, match=r"device must be auto, cpu or cuda under strategy 'ddp' "
+                                         r"\(each rank takes cuda:LOCAL_RANK\), got 'cuda:1'"):
+        Strategy.start(TrainConfig(data="x.txt", strategy="ddp", device="cuda:1"))
+    with pytest.raises(ValueError, match=r"strategy must be one of none, ddp, full_shard, shard_grad_op, got 'zero9'"):
+        TrainConfig(data="x.txt", strategy="zero9").validate()

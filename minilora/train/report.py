@@ -32,8 +32,8 @@ def progress_line(record: dict, steps: int, tokens_per_s: float, eta_s: float) -
 
 
 def summarize(cfg, strategy, history, n_trainable, n_total, tokens, seconds, train_seconds, run_tokens) -> dict:
-    """`tokens` and `seconds` cover the whole run (before a resume too); tokens/s counts this
-    process's training compute only (`run_tokens` in `train_seconds`: eval and checkpoints excluded)."""
+    """`tokens` and `seconds` cover the whole run (before a resume too); tokens/s is this session's
+    tokens (every rank's) over its training time (`train_seconds`: eval and checkpoints excluded)."""
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
     summary = {"method": cfg.method, "strategy": strategy.name, "world_size": strategy.world_size,

@@ -15,6 +15,7 @@ so N ranks with batch_size b take the steps one process takes with batch_size N*
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,6 @@ class Strategy:
     def start(cls, cfg: TrainConfig, env: D.DistEnv | None = None) -> "Strategy":
         """The strategy cfg.strategy names, on `env` or, for ddp / FSDP2, on the process group
         torchrun describes (joined here: gloo for --device cpu, else NCCL where CUDA exists)."""
-        import os
-
         world = env.world_size if env is not None else int(os.environ.get("WORLD_SIZE", "1"))
         name = D.check_strategy(cfg.strategy, world)
         if env is None and name == "none":
