@@ -77,9 +77,10 @@ def _crash_at(step):
 
 def _worker_resume(env, out):
     out = Path(out)
-    for strategy in ("ddp", "full_shard"):
+    for strategy, method in (("ddp", "qlora"), ("full_shard", "lora")):
         # dropout (each rank its own RNG stream), micro-batches (no_sync) and clipping all take part
-        kw = dict(batch_size=2, steps=4, save_every=2, grad_accum=2, lora_dropout=0.1, strategy=strategy)
+        kw = dict(batch_size=2, steps=4, save_every=2, grad_accum=2, lora_dropout=0.1, strategy=strategy,
+                  method=method)
         whole = train(config(out / strategy / "whole", **kw), byte_llama(), env=env)
         with pytest.raises(_Crash):
             train(config(out / strategy / "cut", **kw), byte_llama(), on_step=_crash_at(2), env=env)
