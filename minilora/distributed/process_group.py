@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "free_port", "init_distributed", "shutdown", "barrier", "rank", "sum_over_ranks"]
+__all__ = ["DistEnv", "free_port", "init_distributed", "shutdown", "barrier", "rank", "world_size",
+           "sum_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,11 @@ def barrier() -> None:
 def rank() -> int:
     """This process's rank; 0 without a process group."""
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks in the process group; 1 without one."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def sum_over_ranks(values: list[float]) -> list[float]:

@@ -61,16 +61,19 @@ def save_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torc
         save_safetensors_atomic(trainable, folder / "trainable.safetensors")
     tensors: dict = {}
     skeleton = flatten(optimizer.state_dict(), "optimizer", tensors)
-    tensors = {k: D.full_tensor(v).detach().cpu() for k, v in tensors.items()}  # collective for DTensors
+    full = {}
+    for key, value in tensors.items():
+        value = D.full_tensor(value)  # for a DTensor, a collective: every rank, one tensor at a time
+        if main:
+            full[key] = value.detach().cpu()
     if main:
-        save_safetensors_atomic(tensors, folder / "optimizer.safetensors")
+        save_safetensors_atomic(full, folder / "optimizer.safetensors")
     rng, rng_meta = rng_tensors(rng_state())
     save_safetensors_atomic(rng, folder / f"rng-rank{D.rank()}.safetensors", metadata=rng_meta)
     D.barrier()
     if main:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         write_json_atomic(folder / "trainer_state.json", {
-            "format": FORMAT, **state, "world_size": world, "param_names": param_names(model, optimizer),
+            "format": FORMAT, **state, "world_size": D.world_size(), "param_names": param_names(model, optimizer),
             "optimizer": skeleton})
         # The pointer goes last: until it is replaced, resume uses the previous complete checkpoint.
         write_json_atomic(folder.parent / "latest.json", {"step": state["step"], "path": folder.name})
@@ -98,8 +101,7 @@ def read_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torc
             raise ValueError(f"{folder} holds checkpoint format {state['format']!r}; this minilora reads "
                              f"{FORMAT!r} and the two layouts before it")
         rng = None
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if state["world_size"] == world:  # RNG streams are per rank: only the same ranks continue them
+        if state["world_size"] == D.world_size():  # RNG streams are per rank: only the same ranks continue them
             with safe_open(str(folder / f"rng-rank{D.rank()}.safetensors"), "pt") as f:
                 rng = rng_from_tensors({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
         optimizer_state = unflatten(state.pop("optimizer"), load_file(str(folder / "optimizer.safetensors")))

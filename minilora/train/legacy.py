@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minilora import distributed as D
+
 from .state import Checkpoint, unflatten
 
 __all__ = ["read_format_1", "read_format_0"]
@@ -37,19 +39,16 @@ def read_format_1(folder: Path) -> Checkpoint:
         raise ValueError(f"{folder} is not a minilora checkpoint: state.json has format {saved.get('format')!r}")
     restored = unflatten(saved.pop("skeleton"), load_file(str(folder / "state.safetensors")))
     state = {**saved, "world_size": 1, "global_batch": saved["config"]["batch_size"]}
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return Checkpoint(state, load_file(str(folder / "trainable.safetensors")), restored["optimizer"], None,
-                      restored["rng"] if world == 1 else None)
+                      restored["rng"] if D.world_size() == 1 else None)
 
 
 def read_format_0(folder: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
     """`model` (with its adapter injected) and `optimizer` give what the files do not hold: the
-    parameter names of the peft adapter file, and the optimizer's param_groups (hyperparameters;
-    the resume checks have compared them with the run's already)."""
+    parameter names of the peft adapter file, and the optimizer's param_groups (this run's own
+    hyperparameters, which check_resume_settings requires to be the checkpoint's)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from minilora import distributed as D
 
     if (folder / "adapter").is_dir():
         full = D.read_adapter_sharded(model, folder / "adapter")
