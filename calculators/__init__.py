@@ -9,6 +9,7 @@ from .distributed import (STRATEGIES, deepspeed_zero2_estimate, deepspeed_zero3_
                           fsdp_rank0_elements, parse_strategy)
 from .fit import fits, largest_fitting, methods_that_fit
 from .gpus import GPU, GPUS, gpu_from_text, parse_size
+from .kv_cache import kv_bytes_per_position, kv_cache_bytes, kv_cache_positions
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_tensors, lora_trainable_parameters, parse_targets
 from .memory import (Breakdown, Term, TrainingSetup, inference_memory, model_state_bytes, nf4_bytes,
                      training_memory)
@@ -21,6 +22,7 @@ __all__ = [
     "STRATEGIES", "deepspeed_zero2_estimate", "deepspeed_zero3_estimate", "fsdp_rank0_elements", "parse_strategy",
     "fits", "largest_fitting", "methods_that_fit",
     "GPU", "GPUS", "gpu_from_text", "parse_size",
+    "kv_bytes_per_position", "kv_cache_bytes", "kv_cache_positions",
     "DEFAULT_TARGETS", "LoRASpec", "lora_layers", "lora_tensors", "lora_trainable_parameters", "parse_targets",
     "Breakdown", "Term", "TrainingSetup", "inference_memory", "model_state_bytes", "nf4_bytes", "training_memory",
     "FAMILIES", "PRESETS", "ConfigError", "ModelSpec", "count_parameters", "linear_layers", "load_config",

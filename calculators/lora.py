@@ -20,20 +20,22 @@ fuses w1 and w3: so the count is NOT the per-expert transformers-4 count. We cou
 from __future__ import annotations
 
 import math
-
 import re
 from dataclasses import dataclass
 
-from .models import Linear, ModelSpec, linear_layers
+from .parameters import Linear, linear_layers
+from .spec import ModelSpec
 
 __all__ = ["LoRASpec", "DEFAULT_TARGETS", "parse_targets", "lora_layers", "lora_trainable_parameters",
            "lora_tensors"]
 
-# peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (phi3 has no entry there: we pick its
-# fused qkv_proj, the analogue of q_proj + v_proj).
-DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-                   "mixtral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-                   "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "phi3": ["qkv_proj"]}
+# peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (peft/utils/constants.py). peft has
+# no entry for phi3, olmo2, olmo3, granite or ministral (it asks for target_modules): we pick the
+# analogue of q_proj + v_proj, phi3's fused qkv_proj.
+_QV = ["q_proj", "v_proj"]
+DEFAULT_TARGETS = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "phi3": ["qkv_proj"],
+                   **{family: list(_QV) for family in ("llama", "granite", "mistral", "ministral", "mixtral", "qwen2",
+                                                 "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3")}}
 
 _REGEX_CHARS = set("*+?()[]{}|^$\\")
 

@@ -1,104 +1,35 @@
-"""Model shapes from a Hugging Face config: every parameter tensor, every linear layer, exact counts.
+"""Reading a model: a preset name, a config.json or a config dict -> ModelSpec.
 
-A `ModelSpec` is read from a transformers-style config dict (a built-in preset, a config.json file,
-or a folder holding one). `parameter_tensors(spec)` lists every parameter tensor the transformers
-model of that family creates, with the module names transformers uses (so LoRA target matching
-sees the names peft sees), and `count_parameters(spec)` is their sum, equal digit for digit to
-`sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())` (tied weights once).
+`model_spec` reads a Hugging Face config the way transformers' configuration class for its
+model_type does (families.py holds each class's defaults and rules): the older keys the hub's
+config.json files carry (rope_theta, rope_scaling, rotary_pct, rope_local_base_freq,
+sliding_window_pattern) and the ones transformers 5 writes (rope_parameters, per layer-type
+rope_parameters, layer_types). What the calculator would otherwise have to ignore is refused
+with one line naming the field and its value: an unknown rope_type, a sliding window on a family
+whose attention has none, layer_types a family does not read, bidirectional attention.
 
-Families and what is special about each (transformers 5 layouts):
-  gpt2     learned positions, LayerNorm with bias, fused c_attn (h -> 3h), 4h GELU MLP, all biases,
-           Conv1D layers (peft treats them as linear), lm_head tied to wte by default.
-  llama    RMSNorm (weight only), q/k/v/o with optional attention_bias (all four), SwiGLU MLP
-           (gate/up/down) with optional mlp_bias, GQA (num_key_value_heads), optional head_dim.
-  mistral  llama without biases.       qwen2   llama with bias on q/k/v only (not o).
-  mixtral  mistral attention; per layer a router (E, h) and experts stored as 3-D parameters
-           gate_up_proj (E, 2I, h) and down_proj (E, h, I): not nn.Linear, so LoRA cannot target them.
-  gemma    llama with an explicit head_dim and tied embeddings by default.
-  gemma2   gemma plus pre/post feed-forward norms: four RMSNorms per layer.
-  phi3     fused qkv_proj (h -> (n_heads + 2 n_kv) * head_dim) and gate_up_proj (h -> 2I).
+The parameter layout lives in parameters.py and the KV cache in kv_cache.py; the names are
+re-exported here because this is where callers have always found them.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import dataclass
 
+from .families import FAMILIES, ROPE_TYPES, Family
+from .parameters import Linear, Tensor, count_parameters, linear_layers, parameter_tensors
 from .presets import PRESETS
+from .spec import FULL, SLIDING, ModelSpec
 
 __all__ = ["ModelSpec", "Tensor", "Linear", "FAMILIES", "PRESETS", "load_config", "model_spec",
            "parameter_tensors", "linear_layers", "count_parameters", "ConfigError"]
 
-FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma", "gemma2", "phi3")
+_MISSING = object()
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 class ConfigError(ValueError):
     """A model name, config file or config dict that cannot describe a supported model."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    family: str                 # transformers' model_type
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    max_positions: int
-    tie_word_embeddings: bool
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    num_experts: int = 0        # mixtral: experts per layer (0 = dense MLP)
-    experts_per_token: int = 0
-
-    @property
-    def gated_mlp(self) -> bool:  # SwiGLU / GeGLU: three projections, two saved (B, T, I) inputs
-        return self.family != "gpt2"
-
-    @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str            # full parameter name, e.g. "model.layers.0.self_attn.q_proj.weight"
-    shape: tuple
-    kind: str            # embedding | linear | bias | norm | router | experts | head
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class Linear:
-    name: str            # module name, e.g. "model.layers.0.self_attn.q_proj"
-    in_features: int
-    out_features: int
-    bias: bool
-
-
-# Keys a config.json must hold to size the model (no silent defaults for the sizes that matter).
-_REQUIRED = {
-    "gpt2": ("vocab_size", "n_embd", "n_layer", "n_head"),
-    "default": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size"),
-}
-# transformers' own defaults for the optional keys, per family (configuration_<family>.py).
-_TIE_DEFAULT = {"gpt2": True, "gemma": True, "gemma2": True}
-_KV_DEFAULT = {"mistral": 8, "mixtral": 8, "qwen2": 32, "gemma": 16, "gemma2": 4}
-_POS_DEFAULT = {"gpt2": 1024, "llama": 2048, "mistral": 131072, "mixtral": 131072, "qwen2": 32768,
-                "gemma": 8192, "gemma2": 8192, "phi3": 4096}
 
 
 def load_config(model: str) -> dict:
@@ -123,147 +54,194 @@ def load_config(model: str) -> dict:
     return config
 
 
-def _positive_int(config: dict, key: str, where: str) -> int:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
-    return value
-
-
 def model_spec(config: dict | str, name: str | None = None) -> ModelSpec:
     """Config dict (or anything `load_config` accepts) -> ModelSpec, with transformers' defaults."""
     if isinstance(config, str):
         name = name or config
         config = load_config(config)
-    family = config.get("model_type")
-    name = name or config.get("_name_or_path") or str(family)
-    if family not in FAMILIES:
-        raise ConfigError(f"{name}: model_type must be one of {', '.join(FAMILIES)}, got {family!r}")
-    missing = [k for k in _REQUIRED.get(family, _REQUIRED["default"]) if config.get(k) is None]
+    model_type = config.get("model_type")
+    name = name or config.get("_name_or_path") or str(model_type)
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        inner = config.get("text_config")
+        hint = (f"; its text_config (model_type {inner.get('model_type')!r}) describes the language model"
+                if isinstance(inner, dict) else "")
+        raise ConfigError(f"{name}: model_type must be one of {', '.join(FAMILIES)}, got {model_type!r}{hint}")
+    required = ("vocab_size", "n_embd", "n_layer", "n_head") if family.layout == "gpt2" else _REQUIRED
+    missing = [k for k in required if config.get(k) is None]
     if missing:
-        raise ConfigError(f"{name}: config is missing {', '.join(missing)} (model_type {family})")
+        raise ConfigError(f"{name}: config is missing {', '.join(missing)} (model_type {model_type})")
+    reader = _Reader(config, family, name)
+    sizes = _sizes(reader)
+    layer_types, window = _attention(reader, sizes["num_layers"])
+    return ModelSpec(name=name, family=model_type, layer_types=layer_types, sliding_window=window,
+                     **sizes, **_features(reader), **_rope(reader, sizes["head_dim"]))
 
-    def get(key, default):
-        value = config.get(key)
-        return default if value is None else value
 
-    if family == "gpt2":
-        hidden = _positive_int(config, "n_embd", name)
-        heads = _positive_int(config, "n_head", name)
-        inner = get("n_inner", 4 * hidden)
-        sizes = dict(vocab_size=_positive_int(config, "vocab_size", name), hidden_size=hidden,
-                     num_layers=_positive_int(config, "n_layer", name), num_heads=heads,
-                     num_kv_heads=heads, head_dim=hidden // heads, intermediate_size=inner,
-                     max_positions=get("n_positions", 1024), qkv_bias=True, o_bias=True, mlp_bias=True)
+class _Reader:
+    """A config seen through its family: older key names mapped, the class's defaults filled in."""
+
+    def __init__(self, config: dict, family: Family, name: str):
+        self.family, self.name, self.model_type = family, name, config.get("model_type")
+        self.config = dict(config)
+        for old, new in family.renames.items():
+            if old in config and new not in config:
+                self.config[new] = config[old]
+
+    def get(self, key: str, default=None):
+        """The config's value; the family's default when the key is absent (a null stays null)."""
+        value = self.config.get(key, _MISSING)
+        if value is _MISSING:
+            return self.family.defaults.get(key, default)
+        return value
+
+    def key(self, key: str) -> str:
+        """The name the config itself uses for `key` (gpt2's n_embd for hidden_size)."""
+        return next((old for old, new in self.family.renames.items() if new == key and old in self.config), key)
+
+    def positive_int(self, key: str, value=_MISSING, minimum: int = 1) -> int:
+        value = self.get(key) if value is _MISSING else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"{self.name}: {self.key(key)} must be {allowed}, got {value!r}")
+        return value
+
+    def refuse(self, what: str):
+        raise ConfigError(f"{self.name}: {what} (model_type {self.model_type})")
+
+
+def _sizes(r: _Reader) -> dict:
+    fam = r.family
+    hidden, heads = r.positive_int("hidden_size"), r.positive_int("num_attention_heads")
+    own_head_dim = fam.layout in ("gpt2", "gpt_neox")  # heads sized hidden // heads, no GQA
+    if own_head_dim:
+        if hidden % heads:
+            r.refuse(f"{r.key('hidden_size')} ({hidden}) must be a multiple of "
+                     f"{r.key('num_attention_heads')} ({heads})")
+        for key, value in (("head_dim", hidden // heads), ("num_key_value_heads", heads)):
+            if r.config.get(key) not in (None, value):
+                r.refuse(f"{key}={r.config[key]!r} is not read: this family uses {value}")
+        kv, head_dim = heads, hidden // heads
     else:
-        hidden = _positive_int(config, "hidden_size", name)
-        heads = _positive_int(config, "num_attention_heads", name)
-        kv = get("num_key_value_heads", _KV_DEFAULT.get(family, heads))
-        head_dim = get("head_dim", 256 if family in ("gemma", "gemma2") else hidden // heads)
-        attention_bias = bool(get("attention_bias", False))
-        sizes = dict(vocab_size=_positive_int(config, "vocab_size", name), hidden_size=hidden,
-                     num_layers=_positive_int(config, "num_hidden_layers", name), num_heads=heads,
-                     num_kv_heads=kv, head_dim=head_dim,
-                     intermediate_size=_positive_int(config, "intermediate_size", name),
-                     max_positions=get("max_position_embeddings", _POS_DEFAULT[family]),
-                     qkv_bias=family == "qwen2" or (family in ("llama", "gemma", "gemma2") and attention_bias),
-                     o_bias=family in ("llama", "gemma", "gemma2") and attention_bias,
-                     mlp_bias=family == "llama" and bool(get("mlp_bias", False)))
-        if family == "mixtral":
-            experts = {"num_local_experts": 8, "num_experts_per_tok": 2}
-            for key, default in experts.items():
-                experts[key] = _positive_int({key: get(key, default)}, key, name)
-            if experts["num_experts_per_tok"] > experts["num_local_experts"]:
-                raise ConfigError(f"{name}: num_experts_per_tok ({experts['num_experts_per_tok']}) must be at most "
-                                  f"num_local_experts ({experts['num_local_experts']})")
-            sizes.update(num_experts=experts["num_local_experts"], experts_per_token=experts["num_experts_per_tok"])
-    for key in ("num_kv_heads", "head_dim", "intermediate_size", "max_positions"):
-        if isinstance(sizes[key], bool) or not isinstance(sizes[key], int) or sizes[key] <= 0:
-            raise ConfigError(f"{name}: {key} must be a positive integer, got {sizes[key]!r}")
-    if sizes["num_heads"] % sizes["num_kv_heads"]:
-        raise ConfigError(f"{name}: num_attention_heads ({sizes['num_heads']}) must be a multiple of "
-                          f"num_key_value_heads ({sizes['num_kv_heads']})")
-    if family == "gpt2" and hidden % heads:
-        raise ConfigError(f"{name}: n_embd ({hidden}) must be a multiple of n_head ({heads})")
-    tie = bool(get("tie_word_embeddings", _TIE_DEFAULT.get(family, False)))
-    return ModelSpec(name=name, family=family, tie_word_embeddings=tie, **sizes)
+        kv = r.get("num_key_value_heads")
+        kv = heads if kv is None else kv
+        head_dim = r.get("head_dim")
+        head_dim = hidden // heads if head_dim is None else head_dim
+    inter = r.get("intermediate_size")
+    sizes = dict(vocab_size=r.positive_int("vocab_size"), hidden_size=hidden,
+                 num_layers=r.positive_int("num_hidden_layers"), num_heads=heads,
+                 num_kv_heads=r.positive_int("num_key_value_heads", kv), head_dim=r.positive_int("head_dim", head_dim),
+                 intermediate_size=r.positive_int("intermediate_size", 4 * hidden if inter is None else inter),
+                 max_positions=r.positive_int("max_position_embeddings"),
+                 tie_word_embeddings=bool(r.get("tie_word_embeddings", False)))
+    if heads % sizes["num_kv_heads"]:
+        r.refuse(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({sizes['num_kv_heads']})")
+    attention_bias = _bias(r, fam.attention_bias, "attention_bias")
+    sizes.update(qkv_bias=attention_bias or fam.attention_bias == "qkv", o_bias=attention_bias,
+                 mlp_bias=_bias(r, fam.mlp_bias, "mlp_bias"))
+    if fam.experts:
+        experts = r.positive_int("num_local_experts")
+        per_token = r.positive_int("num_experts_per_tok")
+        if per_token > experts:
+            raise ConfigError(f"{r.name}: num_experts_per_tok ({per_token}) must be at most "
+                              f"num_local_experts ({experts})")
+        sizes.update(num_experts=experts, experts_per_token=per_token)
+    return sizes
 
 
-def linear_layers(spec: ModelSpec) -> list[Linear]:
-    """Every module peft can wrap with LoRA (nn.Linear / Conv1D), in model order, lm_head last."""
-    h, inter = spec.hidden_size, spec.intermediate_size
-    out = []
-    for i in range(spec.num_layers):
-        if spec.family == "gpt2":
-            p = f"transformer.h.{i}"
-            out += [Linear(f"{p}.attn.c_attn", h, 3 * h, True), Linear(f"{p}.attn.c_proj", h, h, True),
-                    Linear(f"{p}.mlp.c_fc", h, inter, True), Linear(f"{p}.mlp.c_proj", inter, h, True)]
-            continue
-        p = f"model.layers.{i}"
-        if spec.family == "phi3":
-            out.append(Linear(f"{p}.self_attn.qkv_proj", h, spec.q_size + 2 * spec.kv_size, False))
-        else:
-            out += [Linear(f"{p}.self_attn.q_proj", h, spec.q_size, spec.qkv_bias),
-                    Linear(f"{p}.self_attn.k_proj", h, spec.kv_size, spec.qkv_bias),
-                    Linear(f"{p}.self_attn.v_proj", h, spec.kv_size, spec.qkv_bias)]
-        out.append(Linear(f"{p}.self_attn.o_proj", spec.q_size, h, spec.o_bias))
-        if spec.family == "phi3":
-            out += [Linear(f"{p}.mlp.gate_up_proj", h, 2 * inter, False),
-                    Linear(f"{p}.mlp.down_proj", inter, h, False)]
-        elif spec.num_experts == 0:
-            out += [Linear(f"{p}.mlp.gate_proj", h, inter, spec.mlp_bias),
-                    Linear(f"{p}.mlp.up_proj", h, inter, spec.mlp_bias),
-                    Linear(f"{p}.mlp.down_proj", inter, h, spec.mlp_bias)]
-    out.append(Linear("lm_head", h, spec.vocab_size, False))
-    return out
+def _bias(r: _Reader, rule: str, key: str) -> bool:
+    """A family's bias rule (families.Family.attention_bias / mlp_bias) applied to the config."""
+    return rule == "always" or (rule == "config" and bool(r.get(key, False)))
 
 
-def parameter_tensors(spec: ModelSpec) -> list[Tensor]:
-    """Every parameter tensor (tied lm_head listed once, as the embedding)."""
-    h = spec.hidden_size
-    gpt2 = spec.family == "gpt2"
-    emb = "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"
-    tensors = [Tensor(emb, (spec.vocab_size, h), "embedding")]
-    if gpt2:
-        tensors.append(Tensor("transformer.wpe.weight", (spec.max_positions, h), "embedding"))
-
-    def norm(name):  # LayerNorm has weight and bias; RMSNorm a weight only
-        tensors.append(Tensor(f"{name}.weight", (h,), "norm"))
-        if gpt2:
-            tensors.append(Tensor(f"{name}.bias", (h,), "norm"))
-
-    by_layer = {}
-    for lin in linear_layers(spec)[:-1]:
-        by_layer.setdefault(lin.name.split(".")[2], []).append(lin)
-    for i in range(spec.num_layers):
-        p = f"transformer.h.{i}" if gpt2 else f"model.layers.{i}"
-        norm(f"{p}.ln_1" if gpt2 else f"{p}.input_layernorm")
-        linears = by_layer.get(str(i), [])
-        n_attn = 2 if gpt2 else (2 if spec.family == "phi3" else 4)
-        for lin in linears[:n_attn]:
-            _add_linear(tensors, lin)
-        norm(f"{p}.ln_2" if gpt2 else f"{p}.post_attention_layernorm")
-        if spec.family == "gemma2":
-            norm(f"{p}.pre_feedforward_layernorm")
-            norm(f"{p}.post_feedforward_layernorm")
-        for lin in linears[n_attn:]:
-            _add_linear(tensors, lin)
-        if spec.num_experts:
-            e, inter = spec.num_experts, spec.intermediate_size
-            tensors += [Tensor(f"{p}.mlp.gate.weight", (e, h), "router"),
-                        Tensor(f"{p}.mlp.experts.gate_up_proj", (e, 2 * inter, h), "experts"),
-                        Tensor(f"{p}.mlp.experts.down_proj", (e, h, inter), "experts")]
-    norm("transformer.ln_f" if gpt2 else "model.norm")
-    if not spec.tie_word_embeddings:
-        tensors.append(Tensor("lm_head.weight", (spec.vocab_size, h), "head"))
-    return tensors
+def _attention(r: _Reader, num_layers: int) -> tuple[tuple, int | None]:
+    """Which layers use sliding-window attention, and the window, as transformers decides them."""
+    fam, window = r.family, r.get("sliding_window")
+    given = r.config.get("layer_types")
+    if r.get("use_bidirectional_attention"):
+        r.refuse(f"use_bidirectional_attention={r.config['use_bidirectional_attention']!r} makes it an encoder, "
+                 "not a causal LM")
+    if fam.sliding == "none" and window is not None:
+        r.refuse(f"sliding_window={window!r} is not read: this family has no sliding-window attention")
+    if fam.sliding == "qwen" and not r.get("use_sliding_window", False):
+        window = None  # Qwen2Config/Qwen3Config drop the window unless use_sliding_window is set
+    derived = [_slides(r, i, window) for i in range(num_layers)]
+    if given is not None and not fam.reads_layer_types and list(given) != derived:
+        how = "has no sliding-window attention" if fam.sliding == "none" else "slides every layer by sliding_window"
+        r.refuse(f"layer_types={given!r} is not read: this family {how}")
+    if given is None or not fam.reads_layer_types:
+        given = derived
+    known = isinstance(given, (list, tuple)) and all(t in (FULL, SLIDING) for t in given)
+    if not known or len(given) != num_layers:
+        r.refuse(f"layer_types must list {FULL!r} or {SLIDING!r} for each of the {num_layers} layers, got {given!r}")
+    if SLIDING not in given:
+        return tuple(given), None
+    if window is None:
+        r.refuse(f"layer_types has sliding layers but sliding_window is {window!r}")
+    return tuple(given), r.positive_int("sliding_window", window)
 
 
-def _add_linear(tensors: list, lin: Linear) -> None:
-    tensors.append(Tensor(f"{lin.name}.weight", (lin.out_features, lin.in_features), "linear"))
-    if lin.bias:
-        tensors.append(Tensor(f"{lin.name}.bias", (lin.out_features,), "bias"))
+def _slides(r: _Reader, i: int, window) -> str:
+    fam = r.family
+    if window is None or fam.sliding == "none":
+        return FULL
+    if fam.sliding == "qwen":
+        return SLIDING if i >= r.positive_int("max_window_layers", minimum=0) else FULL
+    if fam.sliding == "pattern":
+        pattern = r.positive_int("sliding_window_pattern", r.get("sliding_window_pattern", fam.pattern)
+                                 if fam.reads_pattern else fam.pattern)
+        return SLIDING if (i + 1) % pattern else FULL
+    return SLIDING
 
 
-def count_parameters(spec: ModelSpec) -> int:
-    return sum(t.numel for t in parameter_tensors(spec))
+def _features(r: _Reader) -> dict:
+    fam = r.family
+    return dict(norm=fam.norm, norm_layout=fam.norm_layout, qk_norm=fam.qk_norm, fused_qkv=fam.fused_qkv,
+                fused_gate_up=fam.fused_gate_up, gated_mlp=fam.gated_mlp, scaled_embeddings=fam.scaled_embeddings,
+                parallel_residual=fam.layout == "gpt_neox" and bool(r.get("use_parallel_residual")),
+                activation=str(r.get(fam.activation_key, r.family.defaults.get("hidden_act", "silu"))),
+                attn_softcap=r.get("attn_logit_softcapping") if fam.softcapping else None,
+                final_softcap=r.get("final_logit_softcapping") if fam.softcapping else None)
+
+
+def _rope(r: _Reader, head_dim: int) -> dict:
+    """rope_type, theta and rotary dims, with transformers' priority: rope_scaling, rope_parameters
+    (flat, or per layer type), then the top-level rope_theta / partial_rotary_factor."""
+    fam = r.family
+    if fam.layout == "gpt2":
+        return dict(rotary_dim=0, rope_type=None, rope_theta=None, local_rope_theta=None)
+    key = "rope_scaling" if r.config.get("rope_scaling") else "rope_parameters"
+    params = r.config.get(key) or {}
+    if not isinstance(params, dict):
+        r.refuse(f"{key} must be a JSON object, got {params!r}")
+    per_layer_type = any(k in (FULL, SLIDING) for k in params)
+    if per_layer_type and not fam.local_rope:
+        r.refuse(f"{key} is given per layer type ({', '.join(params)}), which this family does not read")
+    full = dict(params.get(FULL) or {}) if per_layer_type else dict(params)
+    local = None
+    if fam.local_rope:
+        sliding = (params.get(SLIDING) or {}) if per_layer_type else {}
+        _check_rope_type(r, f"{key}.{SLIDING}", sliding)
+        local = _theta(r, f"{key}.{SLIDING}.rope_theta", sliding.get("rope_theta", r.get("local_rope_theta")))
+    rope_type = _check_rope_type(r, f"{key}.{FULL}" if per_layer_type else key, full)
+    factor = full.get("partial_rotary_factor", r.get("partial_rotary_factor", 1.0))
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        r.refuse(f"{r.key('partial_rotary_factor')} must be in (0, 1], got {factor!r}")
+    theta = _theta(r, "rope_theta", full.get("rope_theta", r.get("rope_theta", 10000.0)))
+    return dict(rotary_dim=int(head_dim * factor), rope_type=rope_type, rope_theta=theta, local_rope_theta=local)
+
+
+def _theta(r: _Reader, where: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        r.refuse(f"{where} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_rope_type(r: _Reader, where: str, params: dict) -> str:
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if r.model_type == "phi3" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # Phi3Config renames the types its checkpoints were published with
+    allowed = r.family.rope_types
+    if rope_type not in allowed:
+        r.refuse(f"{where} rope_type must be one of {', '.join(allowed)}, got {rope_type!r}")
+    return rope_type

@@ -1,7 +1,10 @@
 """Readable reference transformers that load and save real Hugging Face checkpoints.
 
 `GPT` (the GPT-2 family) and `Llama` (LLaMA, Mistral, Qwen2) use transformers' module names, so
-state-dict keys and LoRA target_modules mean the same thing here and in peft.
+state-dict keys and LoRA target_modules mean the same thing here and in peft. How a checkpoint's
+keys map to ours is checkpoint_keys.py; folders with a quantization_config load through the format
+registered in quantized_formats.py (this package imports nothing from minilora; minilora registers
+bitsandbytes' 4-bit format there).
 """
 from .gpt import GPT, GPTConfig
 from .hub import config_from_hf, from_hf_config, load_pretrained, save_pretrained

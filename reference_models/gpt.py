@@ -4,7 +4,7 @@ qkv projection, a GELU MLP, biases everywhere, and an lm_head tied to the token 
 Module names are transformers' (`transformer.h.0.attn.c_attn`, ...) so that state-dict keys and
 LoRA target_modules mean the same thing here and in peft. transformers stores GPT-2's
 projections as Conv1D with weight (in, out); here they are plain nn.Linear with weight
-(out, in), and hub.py transposes on load and save.
+(out, in), and checkpoint_keys.py transposes on load and save.
 """
 from __future__ import annotations
 

@@ -1,34 +1,27 @@
 """Load and save Hugging Face checkpoint folders (config.json + safetensors) for the reference models.
 
-How checkpoint keys map, plainly:
-- keys are the same names as our modules (we use transformers' names), except
-- GPT-2's attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj weights are Conv1D (in, out) in the
-  file and nn.Linear (out, in) here: transposed on load and on save;
-- a tied lm_head.weight is not in the file (transformers does not write it); it is the
-  embedding; if a file does carry it anyway, it is ignored;
-- buffers that older checkpoints saved but that are not weights (GPT-2's attn.bias causal mask and
-  attn.masked_bias, rotary inv_freq) are skipped.
+How checkpoint keys map to ours (prefixes, GPT-2's Conv1D transposes, skipped buffers, the tied
+lm_head) is checkpoint_keys.py; a folder with a quantization_config is read and written by the
+format registered for it (quantized_formats.py: minilora registers bitsandbytes' 4-bit format).
 Weights are read from safetensors only: nothing here ever unpickles.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from .checkpoint_keys import checkpoint_tensors, match_state, model_keys
 from .files import save_safetensors_atomic, write_text_atomic
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
+from .quantized_formats import format_for_config, format_for_model
 
 __all__ = ["load_pretrained", "save_pretrained", "from_hf_config", "config_from_hf"]
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-IGNORED_KEYS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -166,49 +159,6 @@ def _read_config(folder: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # load
 
-def _is_conv1d(model: nn.Module, key: str) -> bool:
-    return isinstance(model, GPT) and key.endswith(CONV1D_SUFFIXES)
-
-
-def _add_prefix(model: nn.Module, tensors: dict) -> dict:
-    # A checkpoint of the bare transformer (GPT2Model / LlamaModel, e.g. the original "gpt2" upload)
-    # has keys without the "transformer." / "model." prefix.
-    prefix = "transformer." if isinstance(model, GPT) else "model."
-    if any(k.startswith(prefix) for k in tensors):
-        return tensors
-    return {(k if k.startswith("lm_head.") else prefix + k): v for k, v in tensors.items()}
-
-
-def _match_state(model: nn.Module, tensors: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
-    """Check names and shapes against the model; return a state dict in our layout."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tied = model.config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight")
-    tensors = _add_prefix(model, {k: v for k, v in tensors.items() if not IGNORED_KEYS.search(k)})
-    if tied:
-        tensors.pop("lm_head.weight", None)  # some files carry the tied copy; the embedding is the truth
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match {type(model).__name__}: missing tensors {missing[:10]}"
-                         f"{' ...' if len(missing) > 10 else ''}, unexpected tensors {unexpected[:10]}"
-                         f"{' ...' if len(unexpected) > 10 else ''}")
-    state = {}
-    for key, t in tensors.items():
-        if _is_conv1d(model, key) and t.dim() == 2:
-            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
-        if t.shape != expected[key]:
-            layout = " (Conv1D, stored transposed)" if _is_conv1d(model, key) else ""
-            want = tuple(expected[key])[::-1] if layout else tuple(expected[key])
-            raise ValueError(f"tensor {key!r}{layout} has shape {tuple(t.T.shape if layout else t.shape)} in the "
-                             f"checkpoint, the config needs {want}")
-        if t.is_floating_point() and dtype is not None:
-            t = t.to(dtype)
-        state[key] = t.contiguous()
-    return state
-
-
 def _stored_dtype(tensors: dict) -> torch.dtype:
     return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
 
@@ -217,67 +167,44 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", attn_i
     """Load a transformers checkpoint folder (config.json + model.safetensors or a sharded index).
 
     dtype=None keeps the dtype stored in the file; the model is returned in eval mode on `device`.
+    A folder with a quantization_config loads through the format registered for it.
     """
     folder = Path(path)
     hf = _read_config(folder)
     config = dataclasses.replace(config_from_hf(hf), attn_impl=attn_impl)
     cls = GPT if isinstance(config, GPTConfig) else Llama
+    qconfig = hf.get("quantization_config")
+    quantized = format_for_config(qconfig) if qconfig else None
     tensors = _read_weights(folder)
     with torch.device("meta"):
         model = cls(config)  # shapes only, no memory, no random init
-    qconfig = hf.get("quantization_config")
-    if qconfig:
-        _load_quantized(model, tensors, qconfig, dtype or _stored_dtype(tensors))
+    if quantized:
+        quantized.load(model, tensors, qconfig, dtype or _stored_dtype(tensors))
     else:
-        state = _match_state(model, tensors, dtype)
-        model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
-    return model.to(device).eval()
-
-
-def _load_quantized(model, tensors, qconfig: dict, dtype) -> None:
-    # The seam for 4-bit bitsandbytes checkpoints: minilora.quant.qlora owns the format (packed weights,
-    # absmax, quant_map ...) and fills the meta-device model in place (swapping in its 4-bit
-    # linears). `tensors` are the file's, untouched: transformers' names, GPT-2 Conv1D layout.
-    # Imported only here, so that reference_models never depends on minilora otherwise.
-    method = qconfig.get("quant_method")
-    if method != "bitsandbytes" or not qconfig.get("load_in_4bit"):
-        raise ValueError(f"only 4-bit bitsandbytes quantization_config is supported, got quant_method={method!r}, "
-                         f"load_in_4bit={qconfig.get('load_in_4bit')!r}")
-    try:
-        from minilora.quant.qlora import load_bnb_4bit_state
-    except ImportError as exc:
-        raise NotImplementedError(f"loading a 4-bit checkpoint needs minilora.quant.qlora.load_bnb_4bit_state: {exc}") from exc
-    load_bnb_4bit_state(model, tensors, qconfig, dtype)
+        model.load_state_dict(match_state(model, model_keys(model, tensors), dtype), strict=False, assign=True)
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise ValueError(f"4-bit checkpoint left tensors unloaded: {left[:10]}")
+        raise ValueError(f"checkpoint left tensors unloaded: {left[:10]}")
+    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------
 # save
 
 def save_pretrained(model: GPT | Llama, path) -> Path:
-    """Write config.json and model.safetensors that transformers' from_pretrained loads."""
+    """Write config.json and model.safetensors that transformers' from_pretrained loads (a model with
+    quantized layers in their registered format, with its quantization_config)."""
     if not isinstance(model, (GPT, Llama)):
         raise TypeError(f"save_pretrained expects a reference_models GPT or Llama, got {type(model).__name__}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     hf = model.config.to_hf_dict()
-    if any(getattr(type(m), "is_quantized_4bit", False) for m in model.modules()):
-        from minilora.quant.qlora import bnb_4bit_state_dict
-
-        tensors, qconfig = bnb_4bit_state_dict(model)
-        hf["quantization_config"] = qconfig
+    quantized = format_for_model(model)
+    if quantized:
+        tensors, hf["quantization_config"] = quantized.save(model)
     else:
-        tensors = {}
-        for key, t in model.state_dict().items():
-            if key == "lm_head.weight" and model.config.tie_word_embeddings:
-                continue  # tied: the embedding is the one copy (transformers writes it the same way)
-            if _is_conv1d(model, key):
-                t = t.t()  # Linear (out, in) -> Conv1D (in, out)
-            tensors[key] = t.detach().to("cpu").contiguous().clone()
+        tensors = checkpoint_tensors(model)
     hf["dtype"] = str(_stored_dtype(tensors)).removeprefix("torch.")
     save_safetensors_atomic(tensors, folder / SINGLE_FILE, metadata={"format": "pt"})
     write_text_atomic(folder / "config.json", json.dumps(hf, indent=2, sort_keys=True) + "\n")

@@ -10,10 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from minilora.quant.nf4 import nf4_codebook, quantize_4bit
-from minilora.quant.qlora import (
-    LinearNF4, bnb_4bit_state_dict, prepare_for_kbit_training, quant_state_from_dict, quantize_model,
-)
-from reference_models import GPT, GPTConfig
+from minilora.quant.bnb_format import Bnb4bitFormat, quant_state_from_dict
+from minilora.quant.qlora import LinearNF4, prepare_for_kbit_training, quantize_model
+from reference_models import GPT, GPTConfig, save_pretrained
 
 
 
@@ -236,13 +235,14 @@ def test_qlora_unload_requantize_keeps_4bit_with_stated_error():
     assert err.mean() < 0.1 * merged_dense.abs().mean()
 
 
-def test_bnb_4bit_state_dict_refuses_mixed_layers_and_plain_models():
+def test_4bit_save_refuses_mixed_layers_and_plain_models(tmp_path):
     model = quantize_model(tiny_gpt())
     model.transformer.h[1].mlp.c_fc = LinearNF4.from_linear(nn.Linear(64, 256), quant_type="fp4")
     with pytest.raises(ValueError, match="one quantization_config per checkpoint"):
-        bnb_4bit_state_dict(model)
+        save_pretrained(model, tmp_path / "mixed")  # save_pretrained goes through the registered format
+    assert list((tmp_path / "mixed").iterdir()) == []  # refused before anything is written
     with pytest.raises(ValueError, match="has no LinearNF4 layers"):
-        bnb_4bit_state_dict(tiny_gpt())
+        Bnb4bitFormat(LinearNF4).save(tiny_gpt())
 
 
 # ------------------------------------------------------------------ dtype / device / misuse

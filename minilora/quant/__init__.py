@@ -1,2 +1,3 @@
-"""Quantization: NF4 / FP4 blockwise codes bit-identical to bitsandbytes (nf4.py, bnb_cuda.py) and
-the 4-bit linear layer QLoRA trains on (qlora.py)."""
+"""Quantization: NF4 / FP4 blockwise codes bit-identical to bitsandbytes (nf4.py, bnb_cuda.py),
+the 4-bit linear layer QLoRA trains on (qlora.py) and bitsandbytes' 4-bit checkpoint format
+(bnb_format.py), which qlora.py registers with reference_models on import."""

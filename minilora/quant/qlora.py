@@ -1,5 +1,4 @@
-"""QLoRA's frozen 4-bit base: LinearNF4, quantize_model, prepare_for_kbit_training, and the
-transformers + bitsandbytes 4-bit checkpoint format.
+"""QLoRA's frozen 4-bit base: LinearNF4, quantize_model and prepare_for_kbit_training.
 
     x (..., in) --cast--> compute_dtype --@ dequantize(W_4bit).T (+ bias)--> (..., out) --cast--> x.dtype
 
@@ -8,37 +7,27 @@ dequantizes again in backward (QLoRA, Dettmers et al. 2023, section 3), so a fro
 costs 4.127 bits per weight in memory during training, and still passes input gradients through
 to LoRA adapters and earlier layers.
 
-State-dict keys are bitsandbytes' Linear4bit ones (what transformers saves for a model loaded
-with BitsAndBytesConfig(load_in_4bit=True)), prefix `<module>.`:
-    weight                               uint8 ((n + 1) // 2, 1)   packed codes
-    weight.absmax                        fp32 (blocks,) | uint8 (blocks,) when double quantized
-    weight.quant_map                     fp32 (16,)     the codebook
-    weight.nested_absmax                 fp32 (ceil(blocks / 256),)        double quant only
-    weight.nested_quant_map              fp32 (256,)    the dynamic map    double quant only
-    weight.quant_state.bitsandbytes__nf4 uint8 JSON: quant_type, blocksize, dtype, shape
-                                         (+ nested_blocksize, nested_dtype, nested_offset)
+LinearNF4's state dict is bitsandbytes' Linear4bit one (what transformers saves for a model loaded
+with BitsAndBytesConfig(load_in_4bit=True)); the format, and the folders that hold it, are
+bnb_format.py. Importing this module registers that format with reference_models, so that
+load_pretrained reads 4-bit folders into LinearNF4 layers and save_pretrained writes them.
 """
 from __future__ import annotations
-
-import json
-import re
 
 import torch
 from torch import nn
 
+from reference_models.quantized_formats import register_quantized_format
+
 from ..lora.layer import autocast_dtype
-from .nf4 import QuantState4bit, _dynamic_on, _tables, dequantize_4bit, quantize_4bit
+from .bnb_format import STORABLE, Bnb4bitFormat, quant_state_from_dict, quant_state_to_dict
+from .nf4 import QuantState4bit, dequantize_4bit, quantize_4bit
 
-__all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training", "load_bnb_4bit_state",
-           "bnb_4bit_state_dict", "quant_state_to_dict", "quant_state_from_dict"]
-
-_QS_KEY = re.compile(r"^(?P<prefix>.+)\.weight\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STORABLE = ("nf4", "fp4")  # what bitsandbytes' state-dict format holds; "int4" lives only in minilora.quant.nf4
+__all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training"]
 
 
 def _check_storable(quant_type: str) -> None:
-    if quant_type not in _STORABLE:
+    if quant_type not in STORABLE:
         raise ValueError(f"LinearNF4 supports quant_type nf4 or fp4 (bitsandbytes' state-dict format stores only "
                          f"those), got {quant_type!r}; int4 is available in minilora.quant.nf4.quantize_4bit for comparison")
 
@@ -236,78 +225,6 @@ class LinearNF4(nn.Module):
                 missing_keys.append(prefix + "bias")
 
 
-# --------------------------------------------------------------------- quant state <-> tensors
-
-def quant_state_to_dict(state: QuantState4bit) -> dict[str, torch.Tensor]:
-    """bitsandbytes QuantState.as_dict(packed=True) under `weight.*`, plus `weight` itself."""
-    if state.quant_type not in _STORABLE:
-        raise ValueError(f"bitsandbytes' format stores nf4 or fp4, got quant_type {state.quant_type!r}")
-    out = {"weight": state.packed, "weight.absmax": state.absmax, "weight.quant_map": state.codebook}
-    meta = {"quant_type": state.quant_type, "blocksize": state.block_size,
-            "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
-    if state.double_quant:
-        out["weight.nested_absmax"] = state.absmax2
-        out["weight.nested_quant_map"] = _dynamic_on(state.absmax.device).clone()  # the cache is shared
-        meta.update(nested_blocksize=state.dq_block_size, nested_dtype="float32", nested_offset=state.offset.item())
-    # bitsandbytes' pack_dict_to_tensor: json.dumps with default separators, as uint8 bytes
-    out[f"weight.quant_state.bitsandbytes__{state.quant_type}"] = torch.tensor(
-        list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-    return out
-
-
-def quant_state_from_dict(tensors: dict[str, torch.Tensor], prefix: str = "") -> QuantState4bit:
-    """The inverse: keys `weight`, `weight.absmax`, ... (prefix stripped) -> QuantState4bit."""
-    where = prefix or "<module>."
-    packed_keys = [k for k in tensors if k.startswith("weight.quant_state.")]
-    if len(packed_keys) != 1 or not _QS_KEY.match("m." + packed_keys[0]):
-        raise ValueError(f"{where}weight needs exactly one weight.quant_state.bitsandbytes__nf4|fp4 entry, "
-                         f"got {packed_keys}")
-    try:
-        meta = json.loads(bytes(tensors[packed_keys[0]].cpu().tolist()).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{where}{packed_keys[0]} is not a JSON quant state: {exc}") from exc
-    quant_type = packed_keys[0].rsplit("__", 1)[1]
-    for field in ("quant_type", "blocksize", "dtype", "shape"):
-        if field not in meta:
-            raise ValueError(f"{where}{packed_keys[0]} lacks {field!r} (has {sorted(meta)})")
-    if meta["quant_type"] != quant_type:
-        raise ValueError(f"{where}quant_state says quant_type {meta['quant_type']!r} under key {packed_keys[0]!r}")
-    if meta["dtype"] not in _DTYPE_NAMES:
-        raise ValueError(f"{where}quant_state dtype must be one of {sorted(_DTYPE_NAMES)}, got {meta['dtype']!r}")
-    for key in ("weight", "weight.absmax", "weight.quant_map"):
-        if key not in tensors:
-            raise ValueError(f"{where}{key} is missing from the 4-bit state dict")
-    if not torch.equal(tensors["weight.quant_map"].cpu().float(), _tables(quant_type, torch.device("cpu"))[0]):
-        raise ValueError(f"{where}weight.quant_map is not the {quant_type} codebook; custom codebooks are not supported")
-    nested = "nested_offset" in meta
-    if nested:
-        for key in ("weight.nested_absmax", "weight.nested_quant_map"):
-            if key not in tensors:
-                raise ValueError(f"{where}{key} is missing but the quant state is double quantized")
-        if not torch.equal(tensors["weight.nested_quant_map"].cpu().float(), _dynamic_on(torch.device("cpu"))):
-            raise ValueError(f"{where}weight.nested_quant_map is not bitsandbytes' signed dynamic map")
-    shape = torch.Size(meta["shape"])
-    n, block_size = shape.numel(), meta["blocksize"]
-    packed, absmax = tensors["weight"], tensors["weight.absmax"]
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)  # quant_storage other than uint8 holds the same bytes
-    if packed.numel() != (n + 1) // 2:
-        raise ValueError(f"{where}weight has {packed.numel()} bytes, quant_state shape {tuple(shape)} needs {(n + 1) // 2}")
-    blocks = -(-n // block_size)
-    if absmax.numel() != blocks or absmax.dtype != (torch.uint8 if nested else torch.float32):
-        raise ValueError(f"{where}weight.absmax is {absmax.dtype} with {absmax.numel()} entries, expected "
-                         f"{'uint8' if nested else 'float32'} with ceil({n}/{block_size}) = {blocks}")
-    state = QuantState4bit(packed.reshape(-1, 1), absmax, shape, _DTYPE_NAMES[meta["dtype"]], block_size, quant_type)
-    if nested:
-        state.absmax2 = tensors["weight.nested_absmax"].float()
-        state.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)  # as bitsandbytes' from_dict
-        state.dq_block_size = int(meta.get("nested_blocksize", 256))
-        if state.absmax2.numel() != -(-blocks // state.dq_block_size):
-            raise ValueError(f"{where}weight.nested_absmax has {state.absmax2.numel()} entries, expected "
-                             f"ceil({blocks}/{state.dq_block_size})")
-    return state
-
-
 # -------------------------------------------------------------------------------- model level
 
 def quantize_model(model: nn.Module, skip=("lm_head",), quant_type: str = "nf4", double_quant: bool = True,
@@ -370,87 +287,5 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
     return model
 
 
-def _is_conv1d_key(model: nn.Module, key: str) -> bool:
-    from reference_models import hub
-
-    return hub._is_conv1d(model, key)
-
-
-def load_bnb_4bit_state(model: nn.Module, tensors: dict[str, torch.Tensor], quantization_config: dict, dtype) -> None:
-    """The reference_models.hub seam: fill a (meta-device) model from a transformers +
-    bitsandbytes 4-bit checkpoint, building LinearNF4 layers straight from the stored bytes."""
-    from reference_models import hub
-
-    tensors = hub._add_prefix(model, {k: v for k, v in tensors.items() if not hub.IGNORED_KEYS.search(k)})
-    compute = quantization_config.get("bnb_4bit_compute_dtype") or dtype
-    compute_dtype = _DTYPE_NAMES.get(compute, compute) if isinstance(compute, str) else compute
-    # a quantized module is one with a quant_state or an absmax entry (a missing quant_state is
-    # then reported by quant_state_from_dict instead of as unexpected keys)
-    prefixes = sorted({m.group("prefix") for m in map(_QS_KEY.match, tensors) if m}
-                      | {k[:-len(".weight.absmax")] for k in tensors if k.endswith(".weight.absmax")})
-    for prefix in prefixes:
-        try:
-            target = model.get_submodule(prefix)
-        except AttributeError:
-            raise ValueError(f"4-bit checkpoint has {prefix}.weight but {type(model).__name__} has no module {prefix!r}")
-        if type(target) is not nn.Linear:
-            raise ValueError(f"4-bit weight {prefix}.weight targets a {type(target).__name__}, expected nn.Linear")
-        own = {k[len(prefix) + 1:]: tensors.pop(k) for k in list(tensors)
-               if k == prefix + ".weight" or k.startswith(prefix + ".weight.")}
-        state = quant_state_from_dict(own, prefix + ".")
-        if tuple(state.shape) != (target.out_features, target.in_features):
-            raise ValueError(f"{prefix}.weight quant_state has shape {tuple(state.shape)}, the model needs "
-                             f"({target.out_features}, {target.in_features})")
-        bias = tensors.pop(prefix + ".bias", None)
-        if (bias is None) != (target.bias is None):
-            raise ValueError(f"{prefix}.bias is {'missing' if bias is None else 'unexpected'} in the 4-bit checkpoint")
-        model.set_submodule(prefix, LinearNF4.from_state(state, bias, compute_dtype))
-    if not prefixes:
-        raise ValueError("quantization_config says 4-bit but the checkpoint has no weight.quant_state.bitsandbytes__* keys")
-    # everything else is an ordinary tensor, in the file's layout
-    expected = {k: v.shape for k, v in model.state_dict().items() if v.is_meta}
-    if getattr(model.config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
-        tensors.pop("lm_head.weight", None)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"4-bit checkpoint does not match {type(model).__name__}: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}")
-    state = {}
-    for key, t in tensors.items():
-        if _is_conv1d_key(model, key) and t.dim() == 2:
-            t = t.t()
-        if t.shape != expected[key]:
-            raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}, the model needs {tuple(expected[key])}")
-        state[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
-    model.load_state_dict(state, strict=False, assign=True)
-
-
-def bnb_4bit_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, quantization_config) as transformers + bitsandbytes save a 4-bit model."""
-    layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no LinearNF4 layers to save in 4-bit format")
-    kinds = {(m.quant_type, m.double_quant, m.compute_dtype) for m in layers}
-    if len(kinds) != 1:
-        raise ValueError(f"one quantization_config per checkpoint: layers differ in (quant_type, double_quant, "
-                         f"compute_dtype): {sorted(map(str, kinds))}")
-    quant_type, double_quant, compute_dtype = kinds.pop()
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    tensors = {}
-    for key, t in model.state_dict().items():
-        if key == "lm_head.weight" and tied:
-            continue
-        if _is_conv1d_key(model, key) and t.dim() == 2 and t.is_floating_point():
-            t = t.t()  # a GPT-2 Conv1D weight left unquantized is stored (in, out)
-        tensors[key] = t.detach().to("cpu").contiguous().clone()
-    skipped = sorted({n for n, m in model.named_modules() if type(m) is nn.Linear})
-    skipped = None if set(skipped) <= {"lm_head"} else skipped  # transformers always keeps the head
-    config = {
-        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
-        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
-        "bnb_4bit_use_double_quant": double_quant, "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skipped, "llm_int8_threshold": 6.0,
-        "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
-    }
-    return tensors, config
+# reference_models.load_pretrained / save_pretrained read and write 4-bit folders through this
+register_quantized_format(Bnb4bitFormat(LinearNF4))

@@ -56,6 +56,7 @@ def build_model(cfg: TrainConfig, model=None, device=None):
     """
     device = device or resolve_device(cfg)
     if model is None:
+        import minilora.quant.qlora  # noqa: F401 (registers bitsandbytes' 4-bit format: 4-bit folders load too)
         from reference_models import load_pretrained
 
         if not cfg.model:
