@@ -48,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--bf16-linear", action="store_true", help="also time bf16 linears on CPU (slow)")
     parser.add_argument("--compile", action="store_true",
-                        help="also time the opt-in torch.compile'd fused dequantize (CUDA)")
+                        help="also time dequantize_4bit(backend='compiled'), torch.compile'd (CUDA)")
     parser.add_argument("--peak-gbs", type=float, default=None,
                         help="device memory bandwidth, GB/s (CUDA; default: a device-to-device copy, measured)")
     args = parser.parse_args(argv)
@@ -92,19 +92,9 @@ def main(argv=None):
             "torchao": lambda: ao_bf16.get_original_weight(),
         },
     }
-    if args.compile and device == "cuda":  # the opt-in fused kernel (minilora/_dequant_fused.py)
-        from minilora.quant import nf4 as _nf4
-
-        def fused(state):
-            def run():
-                _nf4.FUSED_CUDA_DEQUANTIZE = True
-                try:
-                    return dequantize_4bit(state)
-                finally:
-                    _nf4.FUSED_CUDA_DEQUANTIZE = False
-            return run
-        ops[("dequantize", "fp32")]["minilora fused"] = fused(ours)
-        ops[("dequantize", "bf16")]["minilora fused"] = fused(ours_bf16)
+    if args.compile and device == "cuda":  # backend="compiled": dequantize_nibbles through torch.compile
+        ops[("dequantize", "fp32")]["minilora compiled"] = lambda: dequantize_4bit(ours, backend="compiled")
+        ops[("dequantize", "bf16")]["minilora compiled"] = lambda: dequantize_4bit(ours_bf16, backend="compiled")
     rows = []
     for (op, dtype), fns in ops.items():
         t = timeit_interleaved(fns, repeats=repeats, warmup=1)

@@ -5,7 +5,7 @@ bitsandbytes' own CPU path.
 
 For each case (shape, dtype, quant type, block size, double quantization) it counts the bytes
 that differ: packed 4-bit codes, 8-bit absmax codes, absmax2 and offset; for minilora once per
-reciprocal mode (minilora.quant.nf4.CUDA_RECIPROCAL: "ieee" = correctly rounded 1/absmax, "approx" =
+reciprocal mode ("ieee" = kernel="cuda-ieee", a correctly rounded 1/absmax; "approx" = kernel="cuda",
 the GPU's rcp.approx, what bitsandbytes' --use_fast_math build computes), and for bitsandbytes'
 CPU path on the same values. A row of zeros is bit-identity. Also the plain 8-bit blockwise
 quantizer (bitsandbytes.functional.quantize_blockwise, dynamic map, block 256).
@@ -17,6 +17,9 @@ import sys
 import torch
 
 from bench._harness import report
+
+# the column prefix of each rounding minilora reproduces: its 1/absmax, and the `kernel` that asks for it
+RECIPROCAL_KERNELS = {"ieee": "cuda-ieee", "approx": "cuda"}
 
 
 def _count(a, b) -> int:
@@ -70,7 +73,7 @@ def dump(w: torch.Tensor, quant_type: str, block_size: int = 64, limit: int = 12
     from minilora.quant import bnb_cuda, nf4
 
     packed, _ = F.quantize_4bit(w, blocksize=block_size, quant_type=quant_type, compress_statistics=False)
-    ours = nf4.quantize_4bit(w, quant_type, block_size, False)
+    ours = nf4.quantize_4bit(w, quant_type, block_size, False, kernel="cuda")
     theirs, mine = _unpack(packed, w.numel()), _unpack(ours.packed, w.numel())
     bad = torch.nonzero(theirs != mine).view(-1)[:limit]
     flat = w.reshape(-1).float()
@@ -78,7 +81,7 @@ def dump(w: torch.Tensor, quant_type: str, block_size: int = 64, limit: int = 12
     print(f"{quant_type} {w.dtype}: {int((theirs != mine).sum())} codes differ; first {len(bad)}:")
     for i in bad.tolist():
         a = absmax[i // block_size:i // block_size + 1]
-        r_ieee, r_apx = (1.0 / a), _bnb_cuda.reciprocal(a, "approx")
+        r_ieee, r_apx = (1.0 / a), bnb_cuda.reciprocal(a, "approx")
         x = flat[i:i + 1]
         print(f"  i={i} x={x.item()!r} ({x.item().hex()}) absmax={a.item()!r} rcp ieee={r_ieee.item().hex()} "
               f"approx={r_apx.item().hex()} x*rcp ieee={(x * r_ieee).item()!r} approx={(x * r_apx).item()!r} "
@@ -89,8 +92,6 @@ def main(argv=None) -> int:
     if "--dump" in (argv if argv is not None else sys.argv[1:]):
         g = torch.Generator(device="cuda").manual_seed(0)
         big = torch.randn(4096, 4096, device="cuda", generator=g)
-        from minilora.quant import nf4
-        nf4.CUDA_RECIPROCAL = "approx"
         dump(big, "nf4")
         dump(big.to(torch.bfloat16), "fp4")
         return 0
@@ -107,9 +108,8 @@ def main(argv=None) -> int:
         theirs = _bnb_parts(packed, qs)
         row = {"case": name, "dtype": str(w.dtype).removeprefix("torch."), "type": quant_type,
                "block": block_size, "dq": dq, "elements": w.numel()}
-        for mode in ("ieee", "approx"):
-            nf4.CUDA_RECIPROCAL = mode
-            ours = _ours_parts(nf4.quantize_4bit(w, quant_type, block_size, dq))
+        for mode, kernel in RECIPROCAL_KERNELS.items():
+            ours = _ours_parts(nf4.quantize_4bit(w, quant_type, block_size, dq, kernel=kernel))
             for part, a, b in zip(("packed", "absmax", "absmax2", "offset"), ours, theirs):
                 row[f"{mode}:{part}"] = _count(a, b)
         cpu_packed, cpu_qs = F.quantize_4bit(w.cpu(), blocksize=block_size, quant_type=quant_type,
@@ -124,9 +124,8 @@ def main(argv=None) -> int:
         codes, absmax = F.quantize_blockwise(x, blocksize=256)
         row = {"case": f"8-bit {name}", "dtype": "float32", "type": "dynamic", "block": 256, "dq": False,
                "elements": x.numel()}
-        for mode in ("ieee", "approx"):
-            nf4.CUDA_RECIPROCAL = mode
-            ours_codes, ours_absmax = nf4.quantize_blockwise_8bit(x, block_size=256)
+        for mode, kernel in RECIPROCAL_KERNELS.items():
+            ours_codes, ours_absmax = nf4.quantize_blockwise_8bit(x, block_size=256, kernel=kernel)
             row[f"{mode}:packed"] = _count(ours_codes, codes)
             row[f"{mode}:absmax"] = _count(ours_absmax, absmax.absmax if hasattr(absmax, "absmax") else absmax)
         print(row, flush=True)

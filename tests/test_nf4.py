@@ -1,4 +1,5 @@
-"""minilora.quant.nf4 against bitsandbytes on CPU: codebooks, packed bytes, scales, dequantization.
+"""minilora.quant.nf4 (with codebooks.py and blockwise.py) against bitsandbytes on CPU: codebooks,
+packed bytes, scales, dequantization.
 
 bitsandbytes has two CPU code paths for the 8-bit step of double quantization: its pure-PyTorch
 kernel (backends/default/ops.py, exact nearest rounding) which we match byte for byte, and its
@@ -13,7 +14,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora.quant import nf4
+from minilora.quant import blockwise
+from minilora.quant.blockwise import log_grid, nearest_codes_8bit
+from minilora.quant.codebooks import GRID_CELLS, codebook_tables, nearest_codes
 from minilora.quant.nf4 import (
     QuantState4bit, dequantize_4bit, dequantize_blockwise_8bit, dynamic_map, fp4_codebook, int4_codebook,
     nf4_codebook, quantization_error, quantize_4bit, quantize_blockwise_8bit,
@@ -163,7 +166,7 @@ def test_non_contiguous_inputs_quantize_as_their_contiguous_copy(make, dtype):
 def test_chunked_quantization_equals_one_pass(monkeypatch, block_size):
     x = torch.randn(37, 1000)  # 37000 elements: several chunks and a partial last block
     whole = quantize_4bit(x, "nf4", block_size, True)
-    monkeypatch.setattr(nf4, "_CHUNK", 4096)
+    monkeypatch.setattr(blockwise, "CHUNK_ELEMENTS", 4096)
     chunked = quantize_4bit(x, "nf4", block_size, True)
     for name in ("packed", "absmax", "absmax2", "offset"):
         assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
@@ -299,17 +302,18 @@ def test_all_zero_blocks_dequantize_to_zero():
 def test_grid_code_lookup_equals_bucketize_at_and_around_every_midpoint(quant_type):
     # quantize_4bit finds codes with a lookup grid instead of bucketize; ties must still go to
     # the lower value, and values just past +-1 (fp32 rounding of x * (1/absmax)) to the end codes.
-    code, midpoints, order, _, grid = nf4._tables(quant_type, torch.device("cpu"))
+    tables = codebook_tables(quant_type, torch.device("cpu"))
+    midpoints, order = tables.midpoints, tables.order
     up, down = torch.full_like(midpoints, 2.0), torch.full_like(midpoints, -2.0)
     near = [midpoints, torch.nextafter(midpoints, up), torch.nextafter(midpoints, down)]
-    edges = torch.linspace(-1, 1, nf4._GRID + 1)  # grid cell borders and their neighbours
+    edges = torch.linspace(-1, 1, GRID_CELLS + 1)  # grid cell borders and their neighbours
     near += [edges, torch.nextafter(edges, torch.full_like(edges, 2.0)), torch.nextafter(edges, -torch.ones_like(edges) * 2)]
     x = torch.cat(near + [torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1,
                           torch.tensor([1.0000001, -1.0000001, 0.0, -0.0])])
     expected = torch.bucketize(x, midpoints, out_int32=True)
     if order is not None:
         expected = order[expected.long()].int()
-    assert torch.equal(nf4._nearest_codes(x, grid).int(), expected)
+    assert torch.equal(nearest_codes(x, tables.grid).int(), expected)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -317,8 +321,6 @@ def test_8bit_log_grid_codes_equal_bucketize_at_every_midpoint_and_its_neighbour
     # The 8-bit quantizer looks codes up on a logarithmic grid; at each midpoint (a tie goes to
     # the lower code), one ulp either side of it, the map's own values, signed zeros, the ends and
     # random values across six decades, it must pick exactly what bucketize picks.
-    from minilora.quant.nf4 import _code8_tables, _nearest_codes_8bit
-
     code = dynamic_map(signed)
     mids = (code[:-1] + code[1:]) / 2
     g = torch.Generator().manual_seed(0)
@@ -327,12 +329,10 @@ def test_8bit_log_grid_codes_equal_bucketize_at_every_midpoint_and_its_neighbour
         torch.tensor([0.0, -0.0, 1.0, -1.0, 1.0000001, -1.0000001, 1e-30, -1e-30]),
         (torch.rand(1 << 16, generator=g) * 2 - 1) * torch.logspace(-6, 0, 1 << 16),
     ])
-    tables = _code8_tables(tuple(code.tolist()), torch.device("cpu"))
-    assert torch.equal(_nearest_codes_8bit(probe, tables), torch.bucketize(probe, mids).to(torch.uint8))
+    grid = log_grid(tuple(code.tolist()), torch.device("cpu"))
+    assert torch.equal(nearest_codes_8bit(probe, grid), torch.bucketize(probe, mids).to(torch.uint8))
 
 
 def test_8bit_quantizer_rejects_an_unsorted_map():
-    from minilora.quant.nf4 import quantize_blockwise_8bit
-
     with pytest.raises(ValueError, match="code must be sorted in increasing order"):
         quantize_blockwise_8bit(torch.randn(512), code=dynamic_map(True).flip(0))

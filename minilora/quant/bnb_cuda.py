@@ -1,12 +1,16 @@
 """bitsandbytes' CUDA quantization kernels, rounding for rounding, in PyTorch ops.
 
 bitsandbytes' CPU path and its CUDA kernel (`kQuantizeBlockwise` in csrc) do not round alike, so
-their bytes differ on some inputs. `minilora.quant.nf4` reproduces the CPU path on CPU tensors and,
-through this module, the CUDA kernel on CUDA tensors (or wherever `kernel="cuda"` is asked for).
-What the kernel does differently:
+their bytes differ on some inputs. The quantizers (minilora/quant/nf4.py, blockwise.py) take
+`kernel`, which rounding to reproduce (`resolve_kernel`): "auto" (what bitsandbytes runs on the
+tensor's device), "cpu", "cuda" (this module), or "cuda-ieee". What the CUDA kernel does differently:
 
   * every block, the partial last one too, is scaled by x * (1/absmax); the reciprocal is
-    computed once per block in fp32 (`reciprocal`); an all-zero block gives 0 * inf = NaN;
+    computed once per block in fp32 (`reciprocal`): bitsandbytes builds with nvcc --use_fast_math,
+    which emits the GPU's approximate rcp.approx.ftz.f32 ("cuda"); "cuda-ieee" is the same kernel
+    with a correctly rounded reciprocal (a build without fast math), which is also what "cuda"
+    computes on a CPU tensor, where the GPU instruction does not exist (equal for most absmax
+    values, not all); an all-zero block gives 0 * inf = NaN;
   * 4-bit codes come from a decision tree of fp32 thresholds (`x > t` goes up, NaN goes to code
     0). NF4's thresholds are the midpoints; FP4's are short decimal literals, some of which are
     a few ulps off the midpoints, and FP4 codes |x| with the sign bit set for x < 0;
@@ -22,10 +26,28 @@ from functools import lru_cache
 
 import torch
 
+__all__ = ["KERNELS", "RECIPROCAL", "resolve_kernel", "fp32_from_decimal", "thresholds", "reciprocal", "scale_blocks",
+           "codes_4bit", "codes_8bit"]
+
+KERNELS = ("auto", "cpu", "cuda", "cuda-ieee")
+# how each CUDA rounding computes 1/absmax (see `reciprocal`)
+RECIPROCAL = {"cuda": "approx", "cuda-ieee": "ieee"}
+
+
+def resolve_kernel(kernel, device: torch.device) -> str:
+    """The rounding a call reproduces: "cpu", "cuda" or "cuda-ieee" ("auto": bitsandbytes' kernel
+    on `device`; "cuda" on a CPU tensor: "cuda-ieee", the GPU's approximate reciprocal needs a GPU)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        return "cuda" if device.type == "cuda" else "cpu"
+    return "cuda-ieee" if kernel == "cuda" and device.type != "cuda" else kernel
+
+
 # dQuantizeNF4's thresholds, in code order of the values they separate, and dQuantizeFP4's on |x|:
 # the decimal literals of csrc, which nvcc rounds straight to fp32. Four NF4 literals lie within
 # 1e-17 of a tie between two fp32 values, where going through a double first rounds the other way,
-# so they are kept as text and rounded exactly (_fp32).
+# so they are kept as text and rounded exactly (fp32_from_decimal).
 _NF4_THRESHOLDS = (
     "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
     "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
@@ -37,7 +59,7 @@ _FP4_THRESHOLDS = ("0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.416
 _FP4_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 
 
-def _fp32(literal: str) -> float:
+def fp32_from_decimal(literal: str) -> float:
     """The fp32 value nearest to a decimal literal (ties to even), as a C compiler reads `literal`f."""
     exact = Fraction(literal)
     guess = torch.tensor(float(exact), dtype=torch.float32)
@@ -50,8 +72,15 @@ def _fp32(literal: str) -> float:
 @lru_cache(maxsize=None)
 def _table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if values and isinstance(values[0], str):
-        values = tuple(_fp32(v) for v in values)
+        values = tuple(fp32_from_decimal(v) for v in values)
     return torch.tensor(values, dtype=dtype).to(device)
+
+
+def thresholds(quant_type: str, device=torch.device("cpu")) -> torch.Tensor:
+    """The fp32 thresholds of the kernel's decision tree: NF4's on x, FP4's on |x| (shared: read only)."""
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bitsandbytes' CUDA kernel has no {quant_type!r} quantizer; it has nf4 and fp4")
+    return _table(_NF4_THRESHOLDS if quant_type == "nf4" else _FP4_THRESHOLDS, torch.float32, torch.device(device))
 
 
 def reciprocal(absmax: torch.Tensor, mode: str = "ieee") -> torch.Tensor:
@@ -95,10 +124,10 @@ def codes_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     nan = torch.isnan(scaled)
     if quant_type == "nf4":
         # the tree sends x up past every threshold it exceeds: the code is the count of those
-        codes = torch.bucketize(scaled, _table(_NF4_THRESHOLDS, torch.float32, scaled.device))
+        codes = torch.bucketize(scaled, thresholds("nf4", scaled.device))
         return codes.masked_fill_(nan, 0).to(torch.uint8)
     if quant_type == "fp4":
-        count = torch.bucketize(scaled.abs(), _table(_FP4_THRESHOLDS, torch.float32, scaled.device))
+        count = torch.bucketize(scaled.abs(), thresholds("fp4", scaled.device))
         codes = torch.index_select(_table(_FP4_CODES, torch.uint8, scaled.device), 0, count.view(-1))
         codes = codes.view_as(count) | ((scaled < 0).to(torch.uint8) << 3)
         return codes.masked_fill_(nan, 0)

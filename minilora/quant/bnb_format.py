@@ -30,7 +30,7 @@ from torch import nn
 from reference_models.checkpoint_keys import HEAD, checkpoint_tensors, match_state, model_keys
 from reference_models.quantized_formats import BNB_4BIT
 
-from .nf4 import QuantState4bit, _dynamic_on, _tables
+from .nf4 import QuantState4bit, codebook, dynamic_map
 
 __all__ = ["STORABLE", "quant_state_to_dict", "quant_state_from_dict", "Bnb4bitFormat"]
 
@@ -50,7 +50,7 @@ def quant_state_to_dict(state: QuantState4bit) -> dict[str, torch.Tensor]:
             "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
     if state.double_quant:
         out["weight.nested_absmax"] = state.absmax2
-        out["weight.nested_quant_map"] = _dynamic_on(state.absmax.device).clone()  # the cache is shared
+        out["weight.nested_quant_map"] = dynamic_map(signed=True, device=state.absmax.device)
         meta.update(nested_blocksize=state.dq_block_size, nested_dtype="float32", nested_offset=state.offset.item())
     # bitsandbytes' pack_dict_to_tensor: json.dumps with default separators, as uint8 bytes
     out[f"weight.quant_state.bitsandbytes__{state.quant_type}"] = torch.tensor(
@@ -84,13 +84,13 @@ def _check_maps(tensors: dict[str, torch.Tensor], quant_type: str, nested: bool,
     for key in ("weight", "weight.absmax", "weight.quant_map"):
         if key not in tensors:
             raise ValueError(f"{where}{key} is missing from the 4-bit state dict")
-    if not torch.equal(tensors["weight.quant_map"].cpu().float(), _tables(quant_type, torch.device("cpu"))[0]):
+    if not torch.equal(tensors["weight.quant_map"].cpu().float(), codebook(quant_type)):
         raise ValueError(f"{where}weight.quant_map is not the {quant_type} codebook; custom codebooks are not supported")
     if nested:
         for key in ("weight.nested_absmax", "weight.nested_quant_map"):
             if key not in tensors:
                 raise ValueError(f"{where}{key} is missing but the quant state is double quantized")
-        if not torch.equal(tensors["weight.nested_quant_map"].cpu().float(), _dynamic_on(torch.device("cpu"))):
+        if not torch.equal(tensors["weight.nested_quant_map"].cpu().float(), dynamic_map(signed=True)):
             raise ValueError(f"{where}weight.nested_quant_map is not bitsandbytes' signed dynamic map")
 
 
