@@ -17,7 +17,7 @@ from torch import nn
 
 from reference_models.files import save_safetensors_atomic, write_json_atomic
 from .layer import LoRAConfig
-from .model import _inject, in_modules_to_save, lora_layers, suffix_match
+from .model import in_modules_to_save, inject_with_undo, lora_layers, suffix_match
 
 __all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "config_from_peft", "CONFIG_NAME",
            "WEIGHTS_NAME"]
@@ -142,7 +142,7 @@ def load_adapter(model: nn.Module, folder, adapter_name: str = "default") -> dic
                                     f"{WEIGHTS_NAME}; .bin adapters are not read: no unpickling)")
     config = config_from_peft(json.loads((folder / CONFIG_NAME).read_text()))
     tensors = load_file(str(folder / WEIGHTS_NAME))
-    _, undo = _inject(model, config, adapter_name)
+    _, undo = inject_with_undo(model, config, adapter_name)
     try:
         _copy_tensors(model, tensors, adapter_name, config)
     except Exception:  # leave the model as it was
