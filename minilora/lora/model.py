@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 # peft's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = (("q_proj", "v_proj"), ("c_attn",))
+DEFAULT_TARGETS = (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
