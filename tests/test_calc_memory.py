@@ -106,7 +106,7 @@ def test_offload_host_bytes_exact(state_bits, dtype):
                                               master_weights=master is not None))
     mem = opt.memory_bytes()
     assert mem["cpu"] == s.host
-    assert mem["device"] == s.weights + sum(b.nbytes for b in opt._staging)
+    assert mem["device"] == s.weights + opt.link.staging_bytes
 
 
 def test_nf4_bits_per_parameter():

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from minilora.quant import bnb_cuda
-from minilora.quant.backends import COMPILED, resolve_backend, run_compiled
+from minilora.quant.backends import resolve_backend, run_compiled
 from minilora.quant.blockwise import (
     FLOAT_DTYPES, check_block_size, check_finite, check_input, chunk_elements, dequantize_blockwise_8bit,
     quantize_blockwise_8bit, scale_blocks,
@@ -47,8 +47,6 @@ __all__ = [
     "quantize_blockwise_8bit", "dequantize_blockwise_8bit", "quantization_error",
 ]
 
-# kept until tests/test_offload.py switches to backend="eager": the record of compiled paths that fell back
-_FUSED_BROKEN = COMPILED.unavailable
 
 
 # ---------------------------------------------------------------------------------- 4-bit state
