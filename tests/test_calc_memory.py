@@ -11,20 +11,16 @@ from hypothesis import given, strategies as st
 from calculators import (LoRASpec, TrainingSetup, deepspeed_zero2_estimate, deepspeed_zero3_estimate,
                          fsdp_rank0_elements, model_spec, model_state_bytes, nf4_bytes, parameter_tensors,
                          training_memory)
-from reference_models import Llama, LlamaConfig, GPT, GPTConfig
+from factories import tiny_gpt, tiny_llama
 
 
 def tiny(family, dtype):
-    torch.manual_seed(0)
     if family == "llama":
-        cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
-                          o_proj_bias=False, model_type="qwen2")
-        model = Llama(cfg)
+        model = tiny_llama(0, vocab_size=101, hidden_size=64, intermediate_size=96, attention_bias=True,
+                           o_proj_bias=False, model_type="qwen2")
     else:
-        cfg = GPTConfig(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-        model = GPT(cfg)
-    return model.to(dtype), model_spec(cfg.to_hf_dict())
+        model = tiny_gpt(0, vocab_size=101, n_positions=64, n_embd=64)
+    return model.to(dtype), model_spec(model.config.to_hf_dict())
 
 
 def unique_nbytes(tensors):
