@@ -45,25 +45,25 @@ LORA = dict(lora_r=16, lora_alpha=32, lora_targets="all-linear")
 
 def build_point(model_kw: dict, method: str, grad_ckpt: bool, device: torch.device):
     """The model and optimizer as minilora.train builds them for `method`."""
-    from minilora.train import loop as T
+    from minilora.train import TrainConfig, build_model, make_optimizer
     from reference_models import Llama, LlamaConfig
 
-    cfg = T.TrainConfig(data="(random ids)", method=method, grad_checkpointing=grad_ckpt, lr=1e-4, **LORA,
+    cfg = TrainConfig(data="(random ids)", method=method, grad_checkpointing=grad_ckpt, lr=1e-4, **LORA,
                         precision="auto" if device.type == "cuda" else "fp32")
     torch.manual_seed(0)
     with torch.device(device):  # built in place: a 1B model never passes through host memory
         model = Llama(LlamaConfig(**model_kw, max_position_embeddings=8192)).to(WEIGHT_DTYPE[method])
-    model, _ = T.build_model(cfg, model, device)
+    model, _ = build_model(cfg, model, device)
     model.set_gradient_checkpointing(grad_ckpt)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = T._make_optimizer(cfg, params, device)
+    optimizer = make_optimizer(cfg, params, device)
     return cfg, model, optimizer
 
 
 def train_step(cfg, model, optimizer, ids: torch.Tensor) -> float:
-    from minilora.train import loop as T
+    from minilora.train import autocast
 
-    with T._autocast(cfg, ids.device):
+    with autocast(cfg, ids.device):
         _, loss = model(ids[:, :-1], ids[:, 1:])
     loss.backward()
     optimizer.step()

@@ -1,8 +1,10 @@
-"""Reference models vs transformers: forward and forward+backward tokens/s, same shapes, same weights.
+"""Reference models vs transformers: forward and forward+backward tokens/s, same shapes, same weights
+(GPT-2, Llama and Qwen3).
 
     .venv/bin/python -m bench.models            # CPU: 4 layers, width 384, vocab 8192, batch 4 x 256, fp32
                                                 # CUDA: 8 layers, width 2048, vocab 32000, batch 8 x 1024, bf16
     .venv/bin/python -m bench.models --quick    # small shapes, a few seconds
+    .venv/bin/python -m bench.models --clock cpu  # 1 thread, CPU time: for a machine shared with others
 
 Each pair (ours, transformers) runs interleaved in one process, so machine load slows both
 alike; `ratio` is ours / transformers in tokens/s (> 1 means ours is faster). Both sides load the
@@ -11,8 +13,10 @@ same saved folder in the same dtype (fp32 on CPU, bf16 on CUDA) with SDPA attent
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import tempfile
+import time
 
 import torch
 
@@ -21,6 +25,7 @@ from bench._harness import report, timeit_interleaved
 CPU_SHAPES = dict(layers=4, width=384, vocab=8192, batch=4, seq=256)
 CUDA_SHAPES = dict(layers=8, width=2048, vocab=32000, batch=8, seq=1024)   # ~0.5B parameters, 8k tokens a step
 QUICK_SHAPES = dict(layers=2, width=128, vocab=2048, batch=2, seq=64)
+FAMILIES = ("gpt2", "llama", "qwen3")  # GPT-2 and LLaMA, and Qwen3 for the families of issue 14
 
 
 def kv_heads(heads: int) -> int:
@@ -35,10 +40,11 @@ def hf_model(family: str, width: int, layers: int, vocab: int, seq: int, dtype: 
         config = tf.GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=width, n_layer=layers,
                                n_head=width // 64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                bos_token_id=0, eos_token_id=0)
-    else:
-        config = tf.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 8 // 3 // 64 * 64,
-                                num_hidden_layers=layers, num_attention_heads=width // 64,
-                                num_key_value_heads=kv_heads(width // 64), max_position_embeddings=seq)
+    else:  # Llama, or Qwen3 (the same shapes plus its per-head q/k RMSNorms)
+        cls = {"llama": tf.LlamaConfig, "qwen3": tf.Qwen3Config}[family]
+        config = cls(vocab_size=vocab, hidden_size=width, intermediate_size=width * 8 // 3 // 64 * 64,
+                     num_hidden_layers=layers, num_attention_heads=width // 64, head_dim=64,
+                     num_key_value_heads=kv_heads(width // 64), max_position_embeddings=seq)
     torch.manual_seed(0)
     # built (randomly initialised) on the CPU in the benchmark's dtype, saved, then loaded by both sides
     return tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
@@ -76,8 +82,8 @@ def bench_pair(family: str, args) -> list[dict]:
     tokens = args.batch * args.seq
     for mode, make in (("forward", fwd), ("forward+backward", fwd_bwd)):
         # warm-up >= 2 on CUDA: the first calls pick cuBLAS / SDPA kernels and grow the caching allocator
-        t = timeit_interleaved({"ours": make(ours, False), "transformers": make(hf, True)},
-                               repeats=args.repeats, warmup=args.warmup)
+        t = args.timer({"ours": make(ours, False), "transformers": make(hf, True)},
+                       repeats=args.repeats, warmup=args.warmup)
         rows.append({"model": family, "mode": mode, "ours tok/s": tokens / t["ours"],
                      "transformers tok/s": tokens / t["transformers"], "ratio": t["transformers"] / t["ours"]})
         print(rows[-1], flush=True)
@@ -98,15 +104,24 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; 3 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: wall-clock; cpu: process CPU time on 1 thread (robust on a shared machine; CPU only)")
     p.add_argument("--note", default="ours and transformers interleaved in one run; the load average at start is in machine.loadavg")
     # hidden: run the CUDA set-up (bf16) on another device, to smoke-test that path without a GPU
     p.add_argument("--device", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.timer = timeit_interleaved
+    if args.clock == "cpu":
+        args.threads = 1
+        args.timer = functools.partial(timeit_interleaved, clock=time.process_time)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = args.device.type == "cuda"
+    if cuda and args.clock == "cpu":
+        p.error("--clock cpu measures host CPU time, which says nothing about CUDA kernels; use --clock wall")
     args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     defaults = QUICK_SHAPES if args.quick else CUDA_SHAPES if cuda else CPU_SHAPES
     for k, v in defaults.items():
@@ -114,12 +129,13 @@ def main(argv=None):
             setattr(args, k, v)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.warmup = 2 if cuda else 1
-    rows = bench_pair("gpt2", args) + bench_pair("llama", args)
+    rows = [row for family in args.families for row in bench_pair(family, args)]
     shapes = {k: getattr(args, k) for k in ("layers", "width", "vocab", "batch", "seq", "repeats")}
-    shapes["llama"] = "intermediate 8/3 * width rounded to 64, heads width/64, kv heads: a divisor of heads near heads/3"
+    shapes["llama"] = shapes["qwen3"] = ("intermediate 8/3 * width rounded to 64, heads width/64 (head_dim 64), "
+                                         "kv heads: a divisor of heads near heads/3")
     report("models" + ("-quick" if args.quick else ""), rows, extra={
         "shapes": shapes, "note": args.note, "dtype": str(args.dtype).removeprefix("torch."),
-        "device": args.device.type, "warmup": args.warmup, "attn": "sdpa"})
+        "device": args.device.type, "warmup": args.warmup, "attn": "sdpa", "clock": args.clock})
 
 
 if __name__ == "__main__":

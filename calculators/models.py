@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from .families import FAMILIES, ROPE_TYPES, Family
+from .families import FAMILIES, Family
 from .parameters import Linear, Tensor, count_parameters, linear_layers, parameter_tensors
 from .presets import PRESETS
 from .spec import FULL, SLIDING, ModelSpec

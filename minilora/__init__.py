@@ -42,18 +42,20 @@ _EXPORTS = {
     "prepare_for_kbit_training": "quant.qlora",
     # optimizers (minilora/optim/offload.py)
     "CPUOffloadAdamW": "optim.offload",
-    # training (minilora/train/loop.py, data.py, tokenizer.py); the `train` function stays in
-    # minilora.train so that it does not shadow the module
-    "TrainConfig": "train.loop",
+    # training (minilora/train/: config.py, loop.py, checkpoint.py, data.py, tokenizer.py); the
+    # `train` function stays in minilora.train so that it does not shadow the module
+    "TrainConfig": "train.config",
     "evaluate": "train.loop",
+    "train_distributed": "train.loop",
+    "save_checkpoint": "train.checkpoint",
+    "load_checkpoint": "train.checkpoint",
     "ByteTokenizer": "train.tokenizer",
     "load_tokenizer": "train.tokenizer",
     "load_dataset": "train.data",
-    # several GPUs (minilora/distributed.py)
+    # several GPUs (minilora/distributed/)
     "init_distributed": "distributed",
     "wrap_model": "distributed",
     "save_adapter_sharded": "distributed",
-    "train_distributed": "distributed",
 }
 
 __all__ = sorted(_EXPORTS)

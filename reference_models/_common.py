@@ -29,22 +29,33 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
+    """Keys and values of every layer, kept as transformers' DynamicCache keeps them.
 
-    `length` is how many positions are filled; a forward pass with the cache writes its T new
-    positions at [length, length + T) in every layer and then advances `length`.
+    A full-attention layer keeps every position, in a buffer preallocated for `max_len` positions.
+    A sliding-window layer (window w) keeps only its last w - 1 positions, the most that a later
+    query can see besides its own (transformers' DynamicSlidingWindowLayer): its memory stops
+    growing at the window. `length` is how many positions have gone through the model; a forward
+    pass with the cache adds its T new positions to every layer and then advances `length`.
+    nbytes() is what the tensors' storage holds (calculators.kv_cache_bytes counts the same).
     """
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, device):
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int, device,
+                 sliding_windows: list[int | None] | None = None):
         self.shape = (batch, n_kv_head, max_len, head_dim)
         self.device = device
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.windows = list(sliding_windows) if sliding_windows is not None else [None] * n_layer
+        if len(self.windows) != n_layer:
+            raise ValueError(f"sliding_windows needs one entry per layer ({n_layer}), got {len(self.windows)}")
         self.max_len = max_len
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        # k, v: (B, H_kv, T, D) -> all keys/values so far (B, H_kv, length + T, D)
+        """k, v (B, H_kv, T, D) of the new positions -> the keys and values attention sees now:
+        every position so far (full layer) or the kept w - 1 and the new T (sliding layer)."""
+        if self.windows[layer] is not None:
+            return self._update_sliding(layer, k, v, self.windows[layer] - 1)
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
@@ -54,6 +65,21 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def _update_sliding(self, layer: int, k, v, keep: int):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        else:  # a copy, as transformers' concatenation with its empty cache (k, v may view a fused projection)
+            k, v = k.clone(), v.clone()
+        first = max(k.shape[2] - keep, 0)
+        # views, as transformers keeps them: their storage is this call's concatenation, so a sliding
+        # layer holds w positions after a decode step (and a whole long prompt until the next step)
+        self.k[layer], self.v[layer] = k[:, :, first:], v[:, :, first:]
+        return k, v
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds now (a full layer's preallocated buffer counts whole)."""
+        return sum(t.untyped_storage().nbytes() for t in self.k + self.v if t is not None)
 
 
 def causal_mask(t_q: int, t_kv: int, device, sliding_window: int | None = None) -> torch.Tensor:
@@ -70,12 +96,15 @@ def causal_mask(t_q: int, t_kv: int, device, sliding_window: int | None = None) 
 
 
 def causal_attention(q, k, v, *, scale: float, impl: str, dropout_p: float = 0.0,
-                     sliding_window: int | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal self-attention with grouped-query support.
 
-    q: (B, H, T, D); k, v: (B, H_kv, S, D) with S >= T (S > T when a KV cache holds the past);
-    returns (B, H, T, D). "eager" materialises the (B, H, T, S) attention matrix, softmax in fp32
-    like transformers' eager path; "sdpa" lets F.scaled_dot_product_attention pick a kernel.
+    q: (B, H, T, D); k, v: (B, H_kv, S, D) with S >= T (S > T when a KV cache holds the past; the
+    last query is always at the last key's position); returns (B, H, T, D). "eager" materialises
+    the (B, H, T, S) attention matrix, softmax in fp32 like transformers' eager path; "sdpa" lets
+    F.scaled_dot_product_attention pick a kernel. `softcap` (Gemma 2) squashes the scores to
+    softcap * tanh(scores / softcap) before the mask; SDPA has no such step, so soft-capped
+    attention always takes the eager path (as transformers runs Gemma 2).
     """
     t, s = q.shape[2], k.shape[2]
     n_rep = q.shape[1] // k.shape[1]
@@ -85,7 +114,7 @@ def causal_attention(q, k, v, *, scale: float, impl: str, dropout_p: float = 0.0
     mask = None
     if windowed or (t > 1 and s != t):
         mask = causal_mask(t, s, q.device, sliding_window if windowed else None)
-    if impl == "sdpa":
+    if impl == "sdpa" and softcap is None:
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t > 1,
                                                   scale=scale, enable_gqa=n_rep > 1)
@@ -93,6 +122,8 @@ def causal_attention(q, k, v, *, scale: float, impl: str, dropout_p: float = 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     att = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if softcap is not None:
+        att = torch.tanh(att / softcap) * softcap
     if mask is None and t > 1:
         mask = causal_mask(t, s, q.device)
     if mask is not None:
@@ -147,13 +178,35 @@ def check_generate_args(idx, max_new_tokens, temperature, top_k) -> None:
 
 
 class CausalLM(nn.Module):
-    """What both families share around their blocks: checkpointing switch, loss, generation.
+    """What every model shares around its blocks: weight init and tying, checkpointing switch,
+    loss, generation.
 
-    A subclass defines `_forward(idx, cache) -> logits`, `_new_cache(batch, max_len)` and
-    `max_len` (the longest sequence it can position, or None).
+    A subclass defines `_forward(idx, cache) -> logits`, `new_cache(batch, max_len)`,
+    `get_input_embeddings()`, an `lm_head` and a `config` with tie_word_embeddings.
     """
 
     gradient_checkpointing = False
+    max_len: int | None = None  # the longest sequence it can position (None: RoPE has no hard limit)
+    cache_refresh_length: int | None = None  # generate() rebuilds the KV cache when it holds this many positions
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def init_weights(self) -> None:
+        """Linear and embedding weights ~ N(0, 0.02), biases 0 (transformers' initializer_range), then tie."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.get_input_embeddings().weight  # (V, C), one tensor
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward instead of keeping its activations (per block,
@@ -189,9 +242,14 @@ class CausalLM(nn.Module):
         if self.max_len is not None and total > self.max_len:
             raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
                              f"exceeds the {self.max_len} positions this model has")
-        cache = self._new_cache(idx.shape[0], total) if use_cache else None
+        # the last sampled token is never fed back: the cache needs total - 1 positions
+        cache = self.new_cache(idx.shape[0], total - 1) if use_cache else None
         step_input = idx
         for _ in range(max_new_tokens):
+            if cache is not None and cache.length == self.cache_refresh_length:
+                # Phi-3's longrope turns to its long factors past this length: the keys cached with
+                # the short ones are recomputed, as transformers' Phi-3 generate does
+                cache, step_input = self.new_cache(idx.shape[0], total - 1), idx
             logits = self._forward(step_input if use_cache else idx, cache)
             nxt = sample_next(logits[:, -1, :], temperature, top_k)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)

@@ -7,13 +7,14 @@ KEY_LAYOUTS says otherwise:
 - GPT-2's attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj weights are Conv1D (in, out) in the
   file and nn.Linear (out, in) here: transposed on load and on save;
 - buffers that older checkpoints saved but that are not weights (GPT-2's attn.bias causal mask and
-  attn.masked_bias, rotary inv_freq) are skipped;
+  attn.masked_bias, GPT-NeoX's attention.bias and attention.masked_bias, rotary inv_freq) are skipped;
 - a family's file may name the head otherwise (ours is always lm_head);
 - a tied head (lm_head.weight) is not in the file (transformers does not write it): it is the
   embedding; a file that carries it anyway has it ignored.
-A new family adds a row (GPT-NeoX's would be: prefix "gpt_neox.", head "embed_out", its attention
-mask buffers ignored). Fused projections (Phi-3's qkv_proj, GPT-NeoX's query_key_value) keep
-transformers' name and row order, so that a peft adapter on them means the same here: nothing to map.
+A new family adds a row (GPT-NeoX's: prefix "gpt_neox.", head "embed_out", its attention mask
+buffers ignored; the Llama-like families of families.py share Llama's). Fused projections (Phi-3's
+qkv_proj, GPT-NeoX's query_key_value) keep transformers' name and row order, so that a peft adapter
+on them means the same here: nothing to map.
 
 The dense loader (hub.py) and every quantized format (quantized_formats.py) go through these
 functions, so a key means one thing to all of them.
@@ -27,6 +28,7 @@ from torch import nn
 
 from .gpt import GPT
 from .llama import Llama
+from .neox import GPTNeoX
 
 __all__ = ["KeyLayout", "KEY_LAYOUTS", "HEAD", "key_layout", "is_transposed", "model_keys", "match_state",
            "checkpoint_tensors"]
@@ -48,7 +50,10 @@ KEY_LAYOUTS: dict[type[nn.Module], KeyLayout] = {
     GPT: KeyLayout("transformer.", transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                                                "mlp.c_proj.weight"),
                    ignored=("attn.bias", "attn.masked_bias")),
-    Llama: KeyLayout("model.", ignored=("rotary_emb.inv_freq",)),  # also Mistral and Qwen2
+    Llama: KeyLayout("model.", ignored=("rotary_emb.inv_freq",)),  # every family in families.py
+    # Pythia's files carry the causal mask buffers; transformers 5 names the head embed_out in the file
+    GPTNeoX: KeyLayout("gpt_neox.", head="embed_out",
+                       ignored=("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")),
 }
 
 

@@ -131,9 +131,8 @@ class GPT(CausalLM):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.tie_weights()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight  # (V, C), one tensor
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
 
     @staticmethod
     def _init_weights(module):
@@ -146,7 +145,8 @@ class GPT(CausalLM):
     def max_len(self) -> int:
         return self.config.n_positions
 
-    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` positions (generate, chunked prefill)."""
         c = self.config
         w = self.transformer.wte.weight
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.head_dim, w.device)

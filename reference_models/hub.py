@@ -14,14 +14,16 @@ from pathlib import Path
 import torch
 
 from .checkpoint_keys import checkpoint_tensors, match_state, model_keys
+from .families import FAMILIES, llama_kwargs_from_hf
 from .files import save_safetensors_atomic, write_text_atomic
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
+from .neox import GPTNeoX, GPTNeoXConfig
 from .quantized_formats import format_for_config, format_for_model
 
 __all__ = ["load_pretrained", "save_pretrained", "from_hf_config", "config_from_hf"]
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", *FAMILIES)
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -37,66 +39,30 @@ def _gpt2_config(d: dict) -> GPTConfig:
     return GPTConfig(**{k: d[k] for k in names if k in d})
 
 
-def _rope_theta(d: dict) -> float:
-    # transformers >= 5 writes rope_parameters {"rope_type", "rope_theta"}; 4.x wrote rope_theta and
-    # rope_scaling. Only the original (unscaled) RoPE is implemented.
-    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: ['default'] (plain RoPE with rope_theta)")
-    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
-
-
-# What transformers' config classes assume for a key that config.json leaves out, where it differs
-# from LlamaConfig's defaults (LlamaConfig follows transformers' LlamaConfig). Mistral and Qwen2
-# are the same architecture with other defaults; reading them with Llama's would build another model.
-_FAMILY_DEFAULTS = {
-    "llama": {},
-    "mistral": {"intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32},
-    "qwen2": {"vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
-              "max_position_embeddings": 32768, "max_window_layers": 28},
-}
-
-
-def _llama_config(d: dict) -> LlamaConfig:
-    mt = d["model_type"]
-    d = {**_FAMILY_DEFAULTS[mt], **d}
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
-            "attention_dropout", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-    kw = {k: d[k] for k in keys if k in d}
-    kw.update(model_type=mt, rope_theta=_rope_theta(d))
-    if mt == "llama":
-        kw.update(attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False))
-    elif mt == "mistral":
-        kw.update(sliding_window=d.get("sliding_window", 4096))
-    else:  # qwen2: q/k/v carry biases, o_proj does not
-        kw.update(attention_bias=True, o_proj_bias=False)
-        layer_types = d.get("layer_types") or []
-        sliding = [t == "sliding_attention" for t in layer_types] if layer_types else \
-            [bool(d.get("use_sliding_window")) and i >= d["max_window_layers"]
-             for i in range(d.get("num_hidden_layers", 32))]
-        if any(sliding) and not all(sliding):
-            raise ValueError("Qwen2 with sliding-window attention on only some layers is not supported "
-                             f"(layer_types={layer_types or 'derived from use_sliding_window/max_window_layers'})")
-        kw.update(sliding_window=d.get("sliding_window") if any(sliding) else None)
-    return LlamaConfig(**kw)
-
-
-def config_from_hf(d: dict) -> GPTConfig | LlamaConfig:
-    """A transformers config dict (config.json) -> GPTConfig or LlamaConfig."""
+def config_from_hf(d: dict) -> GPTConfig | LlamaConfig | GPTNeoXConfig:
+    """A transformers config dict (config.json) -> the config of the model that reads it:
+    GPTConfig (gpt2), GPTNeoXConfig (gpt_neox) or LlamaConfig (the families in families.py)."""
     if not isinstance(d, dict):
         raise TypeError(f"config must be a dict (config.json content), got {type(d).__name__}")
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unknown model_type {mt!r}; supported: {list(SUPPORTED_MODEL_TYPES)}")
-    return _gpt2_config(d) if mt == "gpt2" else _llama_config(d)
+    if mt == "gpt2":
+        return _gpt2_config(d)
+    if mt == "gpt_neox":
+        return GPTNeoXConfig.from_hf_dict(d)
+    return LlamaConfig(**llama_kwargs_from_hf(d))
 
 
-def from_hf_config(d: dict, attn_impl: str = "sdpa") -> GPT | Llama:
-    """Build a randomly initialised GPT or Llama from a transformers config dict."""
+def _model_class(config) -> type:
+    """The model class a config builds."""
+    return {GPTConfig: GPT, LlamaConfig: Llama, GPTNeoXConfig: GPTNeoX}[type(config)]
+
+
+def from_hf_config(d: dict, attn_impl: str = "sdpa") -> GPT | Llama | GPTNeoX:
+    """Build a randomly initialised model from a transformers config dict."""
     config = dataclasses.replace(config_from_hf(d), attn_impl=attn_impl)
-    return (GPT if isinstance(config, GPTConfig) else Llama)(config)
+    return _model_class(config)(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +129,8 @@ def _stored_dtype(tensors: dict) -> torch.dtype:
     return next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
 
 
-def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", attn_impl: str = "sdpa") -> GPT | Llama:
+def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu",
+                    attn_impl: str = "sdpa") -> GPT | Llama | GPTNeoX:
     """Load a transformers checkpoint folder (config.json + model.safetensors or a sharded index).
 
     dtype=None keeps the dtype stored in the file; the model is returned in eval mode on `device`.
@@ -172,7 +139,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", attn_i
     folder = Path(path)
     hf = _read_config(folder)
     config = dataclasses.replace(config_from_hf(hf), attn_impl=attn_impl)
-    cls = GPT if isinstance(config, GPTConfig) else Llama
+    cls = _model_class(config)
     qconfig = hf.get("quantization_config")
     quantized = format_for_config(qconfig) if qconfig else None
     tensors = _read_weights(folder)
@@ -192,11 +159,11 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", attn_i
 # ---------------------------------------------------------------------------------------------
 # save
 
-def save_pretrained(model: GPT | Llama, path) -> Path:
+def save_pretrained(model: GPT | Llama | GPTNeoX, path) -> Path:
     """Write config.json and model.safetensors that transformers' from_pretrained loads (a model with
     quantized layers in their registered format, with its quantization_config)."""
-    if not isinstance(model, (GPT, Llama)):
-        raise TypeError(f"save_pretrained expects a reference_models GPT or Llama, got {type(model).__name__}")
+    if not isinstance(model, (GPT, Llama, GPTNeoX)):
+        raise TypeError(f"save_pretrained expects a reference_models GPT, Llama or GPTNeoX, got {type(model).__name__}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     hf = model.config.to_hf_dict()

@@ -1,10 +1,14 @@
-"""LLaMA in one file: RMSNorm, rotary positions (RoPE) with rope_theta, a SwiGLU MLP,
-grouped-query attention (num_key_value_heads), optional q/k/v biases (Qwen2), optional head_dim,
-tied or untied embeddings. Mistral and Qwen2 checkpoints are this architecture with other
-defaults (see hub.from_hf_config).
+"""LLaMA in one file, and the families that are LLaMA with changes (Mistral, Qwen2, Qwen3, Gemma 2,
+Gemma 3, Phi-3, OLMo 2: what each one changes is the table in families.py).
 
-Module names are transformers' (`model.layers.0.self_attn.q_proj`, ...), so state-dict keys
-and LoRA target_modules mean the same thing here and in peft.
+The model: token embeddings, then blocks of grouped-query attention with rotary positions (RoPE,
+rope.py) and a gated MLP, each wrapped in RMSNorms and a residual add, then a final norm and the
+lm_head. A family picks its norm, where the norms sit around each sublayer, q/k norms, fused
+projections and a scaled embedding from its table row; sizes, RoPE scaling, sliding windows,
+soft-capping and biases come from its config.
+
+Module names are transformers' (`model.layers.0.self_attn.q_proj`, Phi-3's `qkv_proj` ...), so
+state-dict keys and LoRA target_modules mean the same thing here and in peft.
 """
 from __future__ import annotations
 
@@ -14,10 +18,13 @@ import torch
 from torch import nn
 
 from ._common import ACTIVATIONS, ATTN_IMPLS, CausalLM, KVCache, causal_attention, check_choice
+from .families import FAMILIES, Family, llama_hf_dict
+from .norms import NORMS
+from .rope import Rope, apply_rotary, check_rope_parameters
 
 __all__ = ["LlamaConfig", "Llama"]
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -33,17 +40,25 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": 8.0, ...} (rope.py); None: plain RoPE
+    partial_rotary_factor: float = 1.0  # Phi-3: rotate only this fraction of each head
+    rope_local_base_freq: float | None = None  # Gemma 3: rope_theta of the sliding layers (plain RoPE)
     hidden_act: str = "silu"
     attention_bias: bool = False  # bias on q, k, v (and on o unless o_proj_bias says otherwise)
     o_proj_bias: bool | None = None  # None means attention_bias (Llama); Qwen2: q/k/v bias, no o bias
     mlp_bias: bool = False
     attention_dropout: float = 0.0
-    sliding_window: int | None = None  # Mistral: each query sees only the last `sliding_window` keys
+    sliding_window: int | None = None  # a sliding layer's query sees only the last `sliding_window` keys
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention";
+    #   None: every layer slides when sliding_window is set (Mistral), else none does
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2 power, not head_dim's
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2/3: logits -> cap * tanh(logits / cap)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
-    model_type: str = "llama"  # which transformers class to_hf_dict targets: llama | mistral | qwen2
+    model_type: str = "llama"  # the family (families.py): its structure and the transformers class to_hf_dict targets
     attn_impl: str = "sdpa"  # "sdpa" | "eager" (eager materialises the (B, H, T, T) matrix)
 
     def __post_init__(self):
@@ -69,105 +84,97 @@ class LlamaConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
         check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
-        check_choice("model_type", self.model_type, MODEL_TYPES)
+        check_choice("model_type", self.model_type, FAMILIES)
         check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+        self._check_layer_types()
+        if self.partial_rotary_factor != 1.0 and not self.family.partial_rotary:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor}: model_type {self.model_type!r} "
+                             "rotates whole heads (partial rotary: phi3)")
+        check_rope_parameters(self.rope_parameters("full_attention"), self.head_dim, "rope_scaling")
+
+    def _check_layer_types(self) -> None:
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types needs one entry per layer ({self.num_hidden_layers}), "
+                             f"got {len(self.layer_types)}")
+        for kind in self.layer_types:
+            check_choice("layer_types entry", kind, LAYER_TYPES)
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    def rope_parameters(self, layer_type: str) -> dict:
+        """The RoPE of a layer type, as rope.Rope takes it."""
+        if layer_type == "sliding_attention" and self.rope_local_base_freq is not None:
+            return {"rope_type": "default", "rope_theta": self.rope_local_base_freq,
+                    "partial_rotary_factor": self.partial_rotary_factor}
+        return {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta,
+                "partial_rotary_factor": self.partial_rotary_factor}
 
     def to_hf_dict(self) -> dict:
-        """A transformers config dict for model_type (llama, mistral or qwen2).
+        """A transformers config dict for model_type's class (families.py).
 
         Raises ValueError when the settings cannot be expressed by that transformers class
-        (e.g. q/k/v bias without o bias is Qwen2's layout, not Llama's).
-        """
-        sizes = dict(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
-            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=self.rms_norm_eps,
-            hidden_act=self.hidden_act, attention_dropout=self.attention_dropout,
-            tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            # both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta
-            rope_theta=self.rope_theta,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-        )
-        bias = (self.attention_bias, self.o_proj_bias, self.mlp_bias)
-        layouts = {"llama": [(b, b, m) for b in (False, True) for m in (False, True)],
-                   "mistral": [(False, False, False)], "qwen2": [(True, False, False)]}
-        if bias not in layouts[self.model_type]:
-            raise ValueError(
-                f"model_type {self.model_type!r} cannot express attention_bias={bias[0]}, o_proj_bias={bias[1]}, "
-                f"mlp_bias={bias[2]}; allowed (attention_bias, o_proj_bias, mlp_bias): {layouts[self.model_type]}")
-        if self.model_type == "llama":
-            if self.sliding_window is not None:
-                raise ValueError("model_type 'llama' has no sliding_window; use model_type 'mistral', "
-                                 f"got sliding_window={self.sliding_window}")
-            sizes.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-        elif self.model_type == "mistral":
-            sizes.update(sliding_window=self.sliding_window)
-        else:
-            sizes.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
-                         max_window_layers=0 if self.sliding_window is not None else self.num_hidden_layers)
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-        return dict(model_type=self.model_type, architectures=[arch[self.model_type]], **sizes)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # Normalise in fp32 then cast back before the weight, exactly as transformers does, so
-        # bf16 logits agree too.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    # (head_dim/2,) fp32, the same expression and dtype transformers uses, so angles agree bitwise
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
-
-
-def rope_cos_sin(inv_freq, positions, dtype):
-    # positions (T,) -> cos, sin (T, head_dim), angles in fp32, then cast to the compute dtype
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D): transformers' "half split" layout
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x):
-    # RoPE rotates pairs (x[i], x[i + D/2]) (transformers' convention, not interleaved pairs)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        (e.g. q/k/v bias without o bias is Qwen2's layout, not Llama's)."""
+        return llama_hf_dict(self)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
-        c = config
+        c, family = config, config.family
         self.n_head, self.n_kv_head, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
+        q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.fused = family.fused
+        if self.fused:  # Phi-3: one projection, split into q, k, v
+            self.qkv_proj = nn.Linear(c.hidden_size, q_out + 2 * kv_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=c.attention_bias)
+            self.k_proj = nn.Linear(c.hidden_size, kv_out, bias=c.attention_bias)
+            self.v_proj = nn.Linear(c.hidden_size, kv_out, bias=c.attention_bias)
+        self.o_proj = nn.Linear(q_out, c.hidden_size, bias=c.o_proj_bias)
+        self.split_rotary = family.partial_rotary
+        self.qk_norm = family.qk_norm
+        if self.qk_norm is not None:
+            norm = NORMS[family.norm]
+            self.q_norm = norm(c.head_dim if self.qk_norm == "head" else q_out, c.rms_norm_eps)
+            self.k_norm = norm(c.head_dim if self.qk_norm == "head" else kv_out, c.rms_norm_eps)
+        self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+        self.softcap = c.attn_logit_softcapping
         self.attention_dropout = c.attention_dropout
-        self.sliding_window = c.sliding_window
+        self.sliding_window = c.sliding_window if c.layer_types[layer] == "sliding_attention" else None
         self.attn_impl = c.attn_impl
+
+    def project(self, x):
+        # x (B, T, C) -> q (B, T, H*D), k and v (B, T, H_kv*D)
+        if self.fused:
+            kv = self.n_kv_head * self.head_dim
+            return self.qkv_proj(x).split([self.n_head * self.head_dim, kv, kv], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, layer: int, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self.project(x)
+        if self.qk_norm == "proj":  # OLMo 2: over all heads at once, before the split
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: each head on its own
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q, k = apply_rotary(q, cos, sin, self.split_rotary), apply_rotary(k, cos, sin, self.split_rotary)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = past + T
-        y = causal_attention(q, k, v, scale=self.head_dim ** -0.5, impl=self.attn_impl,
+            k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = visible past + T
+        y = causal_attention(q, k, v, scale=self.scale, impl=self.attn_impl,
                              dropout_p=self.attention_dropout if self.training else 0.0,
-                             sliding_window=self.sliding_window)  # (B, H, T, D)
+                             sliding_window=self.sliding_window, softcap=self.softcap)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -175,69 +182,111 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         c = config
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.fused = c.family.fused
+        if self.fused:  # Phi-3: gate and up in one projection
+            self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+            self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.act = ACTIVATIONS[c.hidden_act]
 
     def forward(self, x):
-        # SwiGLU (Shazeer 2020): act(gate) * up, then project down
+        # a gated MLP (SwiGLU, Shazeer 2020): act(gate) * up, then project down
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x (B, T, I)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """Pre-norm (Llama): x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    norms = ("input_layernorm", "post_attention_layernorm")
+
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layer_type = config.layer_types[layer]
+        self.self_attn = Attention(config, layer)
         self.mlp = MLP(config)
+        for name in self.norms:
+            setattr(self, name, NORMS[config.family.norm](config.hidden_size, config.rms_norm_eps))
 
     def forward(self, x, cos, sin, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, self.layer, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class SandwichBlock(Block):
+    """Gemma: each sublayer between two norms, x + norm(f(norm(x)))."""
+
+    norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, self.layer, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class PostNormBlock(Block):
+    """OLMo 2: no norm on the way in; each sublayer's output is normed, x + norm(f(x))."""
+
+    norms = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, self.layer, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(x))
+
+
+BLOCKS = {"pre": Block, "sandwich": SandwichBlock, "post": PostNormBlock}
+
+
 class Llama(CausalLM):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
+        family = config.family
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.model.layers = nn.ModuleList(BLOCKS[family.residual](config, i) for i in range(config.num_hidden_layers))
+        self.model.norm = NORMS[family.norm](config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
-        # (and it is not part of the checkpoint).
-        self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-        self.tie_weights()
+        self.embed_scale = config.hidden_size ** 0.5 if family.scaled_embedding else None
+        # one RoPE per layer type (Gemma 3's sliding layers have their own base)
+        self.rope = {kind: Rope(config.rope_parameters(kind), config.head_dim, config.max_position_embeddings)
+                     for kind in sorted(set(config.layer_types))}
+        self.init_weights()
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight  # (V, C), one tensor
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     @property
-    def max_len(self) -> None:
-        return None  # RoPE has no hard limit; max_position_embeddings is what it was trained on
+    def cache_refresh_length(self) -> int | None:
+        scaling = self.config.rope_scaling or {}
+        if self.config.family.longrope_refresh and scaling.get("rope_type") == "longrope":
+            return scaling["original_max_position_embeddings"]
+        return None
 
-    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` positions (generate, chunked prefill)."""
         c = self.config
-        w = self.model.embed_tokens.weight
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, w.device)
+        windows = [block.self_attn.sliding_window for block in self.model.layers]
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
+                       self.model.embed_tokens.weight.device, sliding_windows=windows)
 
     def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(past, past + T, device=idx.device), x.dtype)
+        if self.embed_scale is not None:  # Gemma: sqrt(C) rounded to fp32, then to the compute dtype (transformers')
+            x = x * torch.tensor(self.embed_scale).to(x.dtype)
+        positions = torch.arange(past, past + T, device=idx.device)
+        rope_dtype = torch.float32 if self.config.family.rope_in_fp32 else x.dtype
+        rope = {kind: r.cos_sin(positions, rope_dtype) for kind, r in self.rope.items()}  # each (T, rotated D) x 2
         for block in self.model.layers:
-            x = self._run_block(block, x, cos, sin, cache)
+            x = self._run_block(block, x, *rope[block.layer_type], cache)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.model.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -108,5 +108,5 @@ def test_a_family_row_that_renames_the_head_maps_it_both_ways(monkeypatch, bare)
 
 
 def test_a_model_without_a_key_layout_is_named():
-    with pytest.raises(TypeError, match=r"no checkpoint key layout for Sequential; known: \['GPT', 'Llama'\]"):
+    with pytest.raises(TypeError, match=r"no checkpoint key layout for Sequential; known: \['GPT', 'Llama', 'GPTNeoX'\]"):
         key_layout(nn.Sequential())

@@ -6,6 +6,7 @@ mp.spawn re-raises here with the worker's traceback.
 """
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -13,23 +14,20 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from minilora import distributed as D
-from reference_models import Llama, LlamaConfig
+from minilora.train import load_checkpoint, save_checkpoint, train_distributed
+import factories
+from reference_models import Llama
 
 WORLD = 2
 
 
 def tiny_llama(seed: int = 0) -> Llama:
     # every dim 0 (vocab 64, hidden 32, kv 2*8, mlp 64) divides by 2: shards are even, no padding
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_impl="sdpa")
-    return Llama(cfg)
+    return factories.tiny_llama(seed, attn_impl="sdpa")
 
 
 def odd_llama() -> Llama:
-    torch.manual_seed(0)
-    return Llama(LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2))
+    return factories.tiny_llama(0, vocab_size=67)
 
 
 def batch(rows: int = 4, seq: int = 12, seed: int = 1) -> torch.Tensor:
@@ -37,7 +35,7 @@ def batch(rows: int = 4, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 64, (rows, seq + 1), generator=g)
 
 
-def _spawn(fn, *args, nprocs=WORLD):
+def spawn(fn, *args, nprocs=WORLD):
     port = D.free_port()
     mp.spawn(_entry, args=(nprocs, port, fn, args), nprocs=nprocs, join=True)
 
@@ -94,7 +92,7 @@ def _worker_equivalence(env, steps):
 
 
 def test_ddp_and_fsdp2_full_finetune_equal_single_process_on_concatenated_batch():
-    _spawn(_worker_equivalence, 3)
+    spawn(_worker_equivalence, 3)
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -111,7 +109,7 @@ def test_wrap_model_needs_a_process_group():
 
 def test_fsdp2_rejects_mixed_trainable_dtypes_in_one_unit(monkeypatch):
     # checked before any collective, so no process group is needed to reach the error
-    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     model = tiny_llama()
     model.model.layers[1].mlp.up_proj.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"'block 1' mixes .*float32.*bfloat16|'block 1' mixes .*bfloat16.*float32"):
@@ -129,7 +127,7 @@ def test_strategy_none_is_refused_on_several_ranks():
     from minilora.train import TrainConfig
 
     with pytest.raises(ValueError, match=r"strategy 'none' on 2 ranks"):  # before any model is built
-        D.train_distributed(TrainConfig(data="unused.txt", model="nowhere"), "none", env=two_ranks)
+        train_distributed(TrainConfig(data="unused.txt", model="nowhere"), "none", env=two_ranks)
 
 
 def test_ddp_does_not_broadcast_buffers_every_forward():
@@ -138,8 +136,10 @@ def test_ddp_does_not_broadcast_buffers_every_forward():
     try:
         model = qlora_llama()
         assert any(b.dtype == torch.uint8 for b in model.buffers())
-        ddp = D.wrap_model(model, "ddp", env)
-        assert ddp.broadcast_buffers is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch 2.13 deprecates broadcast_buffers=False with a FutureWarning
+            ddp = D.wrap_model(model, "ddp", env)
+        assert ddp.broadcast_buffers is False and ddp.forward_sync_buffers is False
         ids = batch(rows=2, seq=8)
         _, loss = ddp(ids[:, :-1], ids[:, 1:])
         loss.backward()
@@ -211,7 +211,7 @@ def _worker_fsdp_lora(env, folder, steps):
         opt.step()
         opt.zero_grad(set_to_none=True)
     D.save_adapter_sharded(model, folder / "adapter")
-    D.save_checkpoint(model, opt, folder / "ckpt", step=steps)
+    save_checkpoint(folder / "ckpt", model, opt, {"step": steps})
     model.eval()
     with torch.no_grad():
         logits = model(ids[:, :-1])  # every rank runs the same batch: FSDP2 forward is collective
@@ -223,7 +223,7 @@ def _worker_fsdp_lora(env, folder, steps):
     # the same checkpoint resumed into a model sharded the other way takes the same step
     other = D.wrap_model(lora_llama(), "shard_grad_op", env)
     other_opt = adamw(other)
-    assert D.load_checkpoint(other, other_opt, folder / "ckpt")["step"] == steps
+    assert load_checkpoint(folder / "ckpt", other, other_opt)["step"] == steps
     _, loss = other(per_rank[:, :-1], per_rank[:, 1:])
     loss.backward()
     other_opt.step()
@@ -271,7 +271,7 @@ STEPS = 3
 def fsdp_lora_run(tmp_path_factory):
     """One 2-process FSDP2 LoRA run shared by the tests below (a spawn costs seconds)."""
     folder = tmp_path_factory.mktemp("fsdp_lora")
-    _spawn(_worker_fsdp_lora, str(folder), STEPS)
+    spawn(_worker_fsdp_lora, str(folder), STEPS)
     return folder
 
 
@@ -294,7 +294,7 @@ def test_fsdp2_lora_adapter_loads_in_one_process_and_resumes_on_another_world_si
     # resume the 2-process checkpoint on 1 process (no process group): the next step matches
     model = lora_llama()
     opt = adamw(model)
-    state = D.load_checkpoint(model, opt, folder / "ckpt")
+    state = load_checkpoint(folder / "ckpt", model, opt)
     assert state["step"] == STEPS and state["world_size"] == WORLD
     _, loss = model(ids[:, :-1], ids[:, 1:])
     loss.backward()
@@ -406,6 +406,33 @@ def test_init_distributed_without_torchrun_rendezvous_says_how_to_launch(monkeyp
         D.init_distributed("gloo")
 
 
+def test_load_adapter_sharded_restores_the_adapter_and_leaves_other_parameters_alone(tmp_path):
+    # GPT-2 has biases and LayerNorms the adapter file does not hold (bias="none"): they must keep
+    # their values, as must a second adapter, while the saved one comes back exactly
+    from minilora.lora.layer import LoRAConfig
+    from minilora.lora.model import inject
+    from minilora.lora.peft_io import save_adapter
+    from reference_models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    inject(model, LoRAConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj"]))
+    inject(model, LoRAConfig(r=2, alpha=4, target_modules=["c_fc"]), adapter_name="other")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # every tensor, lora_B included, distinct from its initial value
+    save_adapter(model, tmp_path / "adapter")
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name and ".default." in name:
+                p.zero_()
+    D.load_adapter_sharded(model, tmp_path / "adapter")
+    for name, p in model.named_parameters():
+        assert torch.equal(p, saved[name]), name
+    assert any(n.endswith(".bias") for n in saved) and any(".other." in n for n in saved)
+
+
 def test_load_adapter_sharded_needs_the_adapter_injected_first(tmp_path):
     with pytest.raises(ValueError, match=r"has no adapter 'default' to load into; inject it first"):
         D.load_adapter_sharded(tiny_llama(), tmp_path)
@@ -414,4 +441,4 @@ def test_load_adapter_sharded_needs_the_adapter_injected_first(tmp_path):
 def test_load_checkpoint_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     model = lora_llama()
     with pytest.raises(ValueError, match=r"is not a minilora checkpoint: trainer_state.json is missing"):
-        D.load_checkpoint(model, adamw(model), tmp_path)
+        load_checkpoint(tmp_path, model, adamw(model))

@@ -35,7 +35,8 @@ def test_unknown_model_type_lists_supported(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["model_type"] = "bert"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unknown model_type 'bert'; supported: \['gpt2', 'llama', 'mistral', 'qwen2'\]"):
+    with pytest.raises(ValueError, match=r"unknown model_type 'bert'; supported: \['gpt2', 'gpt_neox', 'llama', 'mistral', "
+                                         r"'qwen2', 'qwen3', 'gemma2', 'gemma3_text', 'phi3', 'olmo2'\]"):
         load_pretrained(tmp_path)
 
 
@@ -111,10 +112,11 @@ def test_sharded_index_with_missing_shard(tmp_path):
 
 def test_unsupported_rope_scaling_and_gpt2_variants():
     base = dict(model_type="llama", hidden_size=32, num_attention_heads=4)
-    with pytest.raises(ValueError, match=r"rope_type 'llama3' is not supported; supported: \['default'\]"):
+    with pytest.raises(ValueError, match=r"rope_type 'llama3' needs \['factor', 'low_freq_factor', 'high_freq_factor'\]"):
         config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}})
-    with pytest.raises(ValueError, match=r"rope_type 'linear' is not supported"):
-        config_from_hf({**base, "rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    with pytest.raises(ValueError, match=r"rope_type 'mrope' is not supported; supported: \['default', 'linear', "
+                                         r"'dynamic', 'yarn', 'llama3', 'longrope'\]"):
+        config_from_hf({**base, "rope_theta": 1e4, "rope_scaling": {"type": "mrope", "factor": 2.0}})
     with pytest.raises(ValueError, match=r"scale_attn_by_inverse_layer_idx"):
         config_from_hf({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True})
     with pytest.raises(TypeError, match=r"config must be a dict \(config\.json content\), got list"):
@@ -128,9 +130,9 @@ def test_old_style_rope_theta_and_qwen2_layout():
     cfg = config_from_hf(dict(model_type="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                               num_hidden_layers=2))
     assert (cfg.attention_bias, cfg.o_proj_bias, cfg.sliding_window) == (True, False, None)
-    with pytest.raises(ValueError, match=r"sliding-window attention on only some layers is not supported"):
-        config_from_hf(dict(model_type="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                            num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, sliding_window=8))
+    cfg = config_from_hf(dict(model_type="qwen2", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                              num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, sliding_window=8))
+    assert (cfg.sliding_window, cfg.layer_types) == (8, ["full_attention"] * 2 + ["sliding_attention"] * 2)
 
 
 def test_old_gpt2_checkpoint_without_prefix_with_mask_buffers_and_tied_head(tmp_path):
@@ -182,7 +184,7 @@ def test_save_is_atomic_and_overwrites(tmp_path):
 
 
 def test_save_rejects_other_modules_and_failed_write_leaves_old_file(tmp_path, monkeypatch):
-    with pytest.raises(TypeError, match=r"expects a reference_models GPT or Llama, got Linear"):
+    with pytest.raises(TypeError, match=r"expects a reference_models GPT, Llama or GPTNeoX, got Linear"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path)
     model = Llama(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                               num_attention_heads=2))

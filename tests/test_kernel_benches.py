@@ -4,7 +4,6 @@ through the code a GPU run takes, at tiny shapes, writing nothing. The measureme
 for a GPU (bench/results/)."""
 import pytest
 
-from bench import _harness
 from bench import lora_profile
 from bench import nf4 as nf4_bench
 from minilora.quant.backends import load_triton_kernels
@@ -12,7 +11,11 @@ from minilora.quant.backends import load_triton_kernels
 
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(_harness, "RESULTS", tmp_path)
+    def report(*args, **kwargs):
+        raise AssertionError("a dry run must not write results")
+
+    for bench in (lora_profile, nf4_bench):
+        monkeypatch.setattr(bench, "report", report)
     monkeypatch.setattr(lora_profile, "RESULTS", tmp_path)
     return tmp_path
 

@@ -78,8 +78,6 @@ def test_compiled_cpu_8bit_encoder_bit_identical_to_eager(signed):
     for backend in ("compiled", "auto"):
         got = quantize_blockwise_8bit(x, code, 256, backend=backend)
         assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1]), backend
-    fused = quantize_blockwise_8bit(x, code, 256, fused=True)  # the spelling offload.py uses today
-    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
     assert "8-bit encoder" not in backends.COMPILED.unavailable, "the compiled encoder fell back (see the warning)"
 
 
@@ -89,7 +87,7 @@ def broken_compile(fn, **options):
     return run
 
 
-@pytest.mark.parametrize("spelling", [{"backend": "compiled"}, {"fused": True}])
+@pytest.mark.parametrize("spelling", [{"backend": "compiled"}])
 def test_a_compiled_8bit_encoder_that_cannot_be_built_warns_once_and_the_eager_path_serves(monkeypatch, spelling):
     monkeypatch.setattr(backends, "COMPILED", CompiledPaths())
     monkeypatch.setattr(torch, "compile", broken_compile)

@@ -178,7 +178,7 @@ def test_4bit_folder_loaded_without_minilora_says_what_to_import_and_imports_not
 
 BUILD_MODEL = """
 import sys
-from minilora.train.loop import TrainConfig, build_model
+from minilora.train import TrainConfig, build_model
 model, _ = build_model(TrainConfig(model=sys.argv[1], method="lora", device="cpu"))
 print(sum(type(m).__name__ == "LinearNF4" for m in model.modules()))
 """

@@ -15,7 +15,9 @@ from reference_models import GPT, GPTConfig, Llama, LlamaConfig, from_hf_config,
 FP32_TOL = 1e-5
 
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-              "qwen2": "Qwen2ForCausalLM"}
+              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+              "gpt_neox": "GPTNeoXForCausalLM"}
 
 
 def ids(batch=2, seq=17, vocab=128, seed=0):
@@ -194,7 +196,7 @@ def test_eager_matches_sdpa_and_transformers_eager(family, tmp_path):
         assert max_diff(eager(x), hf_eager(x).logits) <= FP32_TOL
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_checkpointing_gives_same_gradients(family, tmp_path):
     _, ours = load_both(family, tmp_path)
     x = ids()
@@ -276,9 +278,9 @@ def test_generate_and_forward_argument_errors():
         model(prompt, torch.zeros(1, 2, dtype=torch.long))
 
 
-@settings(max_examples=6)
+@settings(max_examples=10)
 @given(
-    family=st.sampled_from(["llama", "mistral", "qwen2"]),
+    family=st.sampled_from(["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"]),
     n_kv=st.sampled_from([1, 2, 4]),
     head_dim=st.sampled_from([4, 8, 12]),
     layers=st.integers(1, 2),
@@ -324,7 +326,7 @@ def test_prefill_in_chunks_through_the_cache_equals_one_pass(tmp_path_factory, f
     save_tiny(family, folder, **({"sliding_window": 3} if family == "mistral" else {}))
     model = load_pretrained(folder, attn_impl=impl)
     x = ids(batch=2, seq=sum(chunks))
-    cache = model._new_cache(2, x.shape[1])
+    cache = model.new_cache(2, x.shape[1])
     with torch.no_grad():
         full = model(x)
         pieces, start = [], 0

@@ -5,29 +5,25 @@ import json
 import pytest
 import torch
 
+from factories import tiny_gpt, tiny_llama
 from minilora.train import TrainConfig, lr_at, main, train
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 
 def _tiny_llama(folder, seed=0):
-    from reference_models import Llama, LlamaConfig, save_pretrained
+    from reference_models import save_pretrained
 
-    torch.manual_seed(seed)
-    model = Llama(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                              bos_token_id=256, eos_token_id=257))
+    model = tiny_llama(seed, vocab_size=259, max_position_embeddings=256, bos_token_id=256, eos_token_id=257)
     save_pretrained(model, folder)
     return folder
 
 
 def _tiny_gpt(folder, seed=0):
-    from reference_models import GPT, GPTConfig, save_pretrained
+    from reference_models import save_pretrained
 
-    torch.manual_seed(seed)
-    # dropout on: an exact resume must also restore the RNG that draws the dropout masks
-    model = GPT(GPTConfig(vocab_size=259, n_positions=256, n_embd=32, n_layer=2, n_head=4,
-                          bos_token_id=256, eos_token_id=257))
+    # dropout on (GPTConfig's defaults): an exact resume must also restore the RNG that draws the masks
+    model = tiny_gpt(seed, vocab_size=259, n_positions=256, bos_token_id=256, eos_token_id=257)
     save_pretrained(model, folder)
     return folder
 
@@ -79,6 +75,24 @@ def _crash_at(step):
     return on_step
 
 
+def _whole_then_cut_at_4(model_dir, corpus, tmp_path, kw):
+    """Train tmp_path/whole uninterrupted, and tmp_path/cut until the process "dies" after step 4."""
+    whole = train(_cfg(model_dir, corpus, tmp_path / "whole", **kw))
+    with pytest.raises(_Crash):
+        train(_cfg(model_dir, corpus, tmp_path / "cut", **kw), on_step=_crash_at(4))
+    return whole
+
+
+def _assert_same_training(whole, resumed):
+    """Bit for bit: every trainable tensor, and the loss of every step."""
+    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+
+
 @pytest.mark.parametrize("method, family, extra", [
     ("lora", "gpt", dict(lora_dropout=0.1)),
     ("full", "gpt", dict(grad_accum=2)),
@@ -88,17 +102,10 @@ def _crash_at(step):
 def test_resume_after_interruption_is_bit_identical(method, family, extra, corpus, tmp_path):
     model_dir = (_tiny_gpt if family == "gpt" else _tiny_llama)(tmp_path / "base")
     kw = dict(method=method, steps=6, save_every=2, lr=3e-3, **extra)
-    whole = train(_cfg(model_dir, corpus, tmp_path / "whole", **kw))
-    with pytest.raises(_Crash):
-        train(_cfg(model_dir, corpus, tmp_path / "cut", **kw), on_step=_crash_at(4))
+    whole = _whole_then_cut_at_4(model_dir, corpus, tmp_path, kw)
     assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 4
     resumed = train(_cfg(model_dir, corpus, tmp_path / "cut", resume=True, **kw))
-    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
-    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+    _assert_same_training(whole, resumed)
     # adapter-only checkpoints for LoRA/QLoRA: no base weights in them
     from safetensors.torch import load_file
 
@@ -147,18 +154,18 @@ def test_fresh_run_refuses_an_out_with_an_earlier_runs_checkpoints(llama_dir, co
 
 
 def test_prune_never_deletes_the_checkpoint_latest_points_to_nor_later_steps(tmp_path):
-    from minilora.train.loop import _prune_checkpoints
+    from minilora.train.resume import prune_checkpoints
 
     for step in (1, 2, 3, 6, 8):
         (tmp_path / f"step-{step:06d}").mkdir()
     (tmp_path / "latest.json").write_text(json.dumps({"step": 2, "path": "step-000002"}))
-    _prune_checkpoints(tmp_path, keep=1, current=3)  # step 3 saved, latest.json not yet moved to it
+    prune_checkpoints(tmp_path, keep=1, current=3)  # step 3 saved, latest.json not yet moved to it
     assert sorted(p.name for p in tmp_path.glob("step-*")) == [
         "step-000002", "step-000003", "step-000006", "step-000008"]
     (tmp_path / "latest.json").write_text(json.dumps({"step": 3, "path": "step-000003"}))
-    _prune_checkpoints(tmp_path, keep=1, current=3)
+    prune_checkpoints(tmp_path, keep=1, current=3)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003", "step-000006", "step-000008"]
-    _prune_checkpoints(tmp_path, keep=0, current=8)  # 0 keeps all
+    prune_checkpoints(tmp_path, keep=0, current=8)  # 0 keeps all
     assert len(list(tmp_path.glob("step-*"))) == 3
 
 
@@ -293,3 +300,126 @@ def test_bf16_autocast_trains(method, llama_dir, corpus, tmp_path):
                         eval_every=4, eval_fraction=0.1))
     assert result.summary["eval_loss"] < result.summary["eval_loss_start"]
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # autocast, not a cast
+
+
+# ---- checkpoints written before format 2 still resume (minilora/train/legacy.py) -----------------------
+
+def _as_format_1(folder):
+    """Rewrite a format-2 checkpoint in the layout `python -m minilora.train` wrote before format 2:
+    trainable.safetensors as is; state.safetensors + state.json's "skeleton" hold {"optimizer": the
+    optimizer's state_dict(), "rng": {"torch", "python"}} with tensors under "s.<path>"."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    tensors = {"s." + k: v for k, v in load_file(str(folder / "optimizer.safetensors")).items()}
+    with safe_open(str(folder / "rng-rank0.safetensors"), "pt") as f:
+        tensors["s.rng.torch"] = f.get_tensor("torch")
+        version, internal, gauss = json.loads(f.metadata()["python"])
+    optimizer = json.loads(json.dumps(state["optimizer"]).replace('"__tensor__": "optimizer.', '"__tensor__": "s.optimizer.'))
+    rng = {"__dict__": [["torch", {"__tensor__": "s.rng.torch"}],
+                        ["python", {"__tuple__": [version, {"__tuple__": internal}, gauss]}]]}
+    save_file(tensors, str(folder / "state.safetensors"))
+    config = {k: v for k, v in state["config"].items() if k != "strategy"}  # a field format 2 added
+    (folder / "state.json").write_text(json.dumps({
+        "format": "minilora-train-checkpoint-1", "config": config, "sampler": state["sampler"],
+        "skeleton": {"__dict__": [["optimizer", optimizer], ["rng", rng]]}, "step": state["step"],
+        "history": state["history"], "tokens_seen": state["tokens_seen"], "elapsed": state["elapsed"]}))
+    for name in ("trainer_state.json", "optimizer.safetensors", "rng-rank0.safetensors"):
+        (folder / name).unlink()
+
+
+def _as_format_0(folder, cfg):
+    """Rewrite a format-2 checkpoint in the layout `torchrun -m minilora.distributed` wrote before format 2:
+    adapter/ in peft's format (or model.safetensors for full), optimizer.safetensors keyed
+    "<param name>.<state>" with the names in its metadata, trainer_state.json without "format" or RNG."""
+    from safetensors.torch import load_file, save_file
+
+    from minilora.lora.peft_io import save_adapter
+    from minilora.train import build_model
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    trainable = load_file(str(folder / "trainable.safetensors"))
+    if cfg.method == "full":
+        save_file(trainable, str(folder / "model.safetensors"))
+    else:
+        model, _ = build_model(cfg, device=torch.device("cpu"))
+        with torch.no_grad():
+            for name, value in trainable.items():
+                model.get_parameter(name).copy_(value)
+        save_adapter(model, folder / "adapter")
+    names = state["param_names"]
+    moments = {}
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+        _, _, index, what = key.split(".", 3)  # optimizer.state.<index>.<state>
+        moments[f"{names[0][int(index)]}.{what}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in torch.optim.AdamW([torch.zeros(1)]).state_dict()["param_groups"]]
+    save_file(moments, str(folder / "optimizer.safetensors"),
+              metadata={"param_groups": json.dumps(groups), "param_names": json.dumps(names)})
+    config = {k: v for k, v in state["config"].items() if k != "strategy"}
+    (folder / "trainer_state.json").write_text(json.dumps({
+        "step": state["step"], "world_size": 1, "history": state["history"], "sampler": state["sampler"],
+        "strategy": "ddp", "config": config, "global_batch": state["global_batch"]}))
+    for name in ("trainable.safetensors", "rng-rank0.safetensors"):
+        (folder / name).unlink()
+
+
+@pytest.mark.parametrize("layout, method, family, extra", [
+    ("format 1", "lora", "gpt", dict(lora_dropout=0.1)),    # holds the RNG states: dropout continues exactly
+    ("format 1", "lora", "llama", dict(optimizer="offload", grad_accum=2)),
+    ("format 0", "lora", "llama", dict(grad_accum=2)),       # no RNG states in it: no dropout here
+    ("format 0", "full", "llama", dict()),
+])
+def test_resume_from_a_checkpoint_written_before_format_2_is_bit_identical(layout, method, family, extra, corpus,
+                                                                            tmp_path):
+    model_dir = (_tiny_gpt if family == "gpt" else _tiny_llama)(tmp_path / "base")
+    kw = dict(method=method, steps=6, save_every=2, lr=3e-3, **extra)
+    whole = _whole_then_cut_at_4(model_dir, corpus, tmp_path, kw)
+    folder = tmp_path / "cut" / "checkpoints" / "step-000004"
+    if layout == "format 1":
+        _as_format_1(folder)
+    else:
+        _as_format_0(folder, _cfg(model_dir, corpus, tmp_path / "cut", **kw))
+    assert not (folder / "rng-rank0.safetensors").exists()
+    resumed = train(_cfg(model_dir, corpus, tmp_path / "cut", resume=True, **kw))
+    _assert_same_training(whole, resumed)
+
+
+def test_resume_refuses_an_unknown_checkpoint_format_with_one_line(llama_dir, corpus, tmp_path, capsys):
+    common = ["--model", str(llama_dir), "--data", str(corpus), "--out", str(tmp_path), "--max-seq-len", "32",
+              "--batch-size", "2", "--steps", "2", "--save-every", "2", "--no-save-final", "--quiet"]
+    assert main(common) == 0
+    state_path = tmp_path / "checkpoints" / "step-000002" / "trainer_state.json"
+    state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "format": "minilora-train-checkpoint-9"}))
+    capsys.readouterr()
+    assert main(common + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds checkpoint format 'minilora-train-checkpoint-9'" in err, err
+    state_path.unlink()
+    assert main(common + ["--resume"]) == 2
+    assert "is not a minilora checkpoint: trainer_state.json is missing" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_global_batch(llama_dir, corpus, tmp_path):
+    train(_cfg(llama_dir, corpus, tmp_path, steps=2, save_every=2))
+    with pytest.raises(ValueError, match=r"global batch of 4 sequences \(batch_size x world_size\), this run has 2"):
+        train(_cfg(llama_dir, corpus, tmp_path, steps=2, save_every=2, batch_size=2, resume=True))
+
+
+def test_offload_optimizer_is_refused_under_ddp_and_fsdp2():
+    # its gradient hook copies and frees each gradient, possibly before DDP / FSDP2 have reduced it
+    for strategy in ("ddp", "full_shard", "shard_grad_op"):
+        with pytest.raises(ValueError, match=rf"optimizer must be 'adamw' under strategy '{strategy}', got 'offload'"):
+            TrainConfig(data="x.txt", optimizer="offload", strategy=strategy).validate()
+    TrainConfig(data="x.txt", optimizer="offload").validate()  # one process: fine
+
+
+def test_a_distributed_strategy_takes_cuda_local_rank_not_a_numbered_device():
+    from minilora.train.strategy import Strategy
+
+    # refused before any process group is joined
+    with pytest.raises(ValueError, match=r"device must be auto, cpu or cuda under strategy 'ddp' "
+                                         r"\(each rank takes cuda:LOCAL_RANK\), got 'cuda:1'"):
+        Strategy.start(TrainConfig(data="x.txt", strategy="ddp", device="cuda:1"))
+    with pytest.raises(ValueError, match=r"strategy must be one of none, ddp, full_shard, shard_grad_op, got 'zero9'"):
+        TrainConfig(data="x.txt", strategy="zero9").validate()

@@ -70,13 +70,8 @@ def _merge_deltas(deltas: list[torch.Tensor], weights: list[float], method: str,
     return (w * deltas * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def combine_adapters(model: nn.Module, names: list[str], weights: list[float], method: str, new_name: str,
-                     density: float | None = None, svd_rank: int | None = None,
-                     generator: torch.Generator | None = None) -> None:
-    """Add adapter `new_name` = the weighted combination of adapters `names` (see the module docstring).
-    The active adapters do not change: call set_adapter(model, new_name) to use it."""
-    configs = getattr(model, "lora_configs", {})
-    names, weights = list(names), [float(w) for w in weights]
+def _check_request(configs: dict, names: list[str], weights: list[float], method: str, new_name: str,
+                   density: float | None, svd_rank: int | None) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not names or len(names) != len(weights):
@@ -93,6 +88,16 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], m
         raise ValueError(f"method {method!r} needs density in (0, 1], got {density!r}")
     if svd_rank is not None and svd_rank <= 0:
         raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+
+
+def combine_adapters(model: nn.Module, names: list[str], weights: list[float], method: str, new_name: str,
+                     density: float | None = None, svd_rank: int | None = None,
+                     generator: torch.Generator | None = None) -> None:
+    """Add adapter `new_name` = the weighted combination of adapters `names` (see the module docstring).
+    The active adapters do not change: call set_adapter(model, new_name) to use it."""
+    configs = getattr(model, "lora_configs", {})
+    names, weights = list(names), [float(w) for w in weights]
+    _check_request(configs, names, weights, method, new_name, density, svd_rank)
     layers = {n: m for n, m in lora_layers(model).items() if any(a in m.lora_A for a in names)}
     for lname, layer in layers.items():
         dora = [a for a in names if a in layer.lora_magnitude_vector]

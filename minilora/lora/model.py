@@ -13,16 +13,17 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .layer import (LoRAConfig, LoRALinear, base_weight, check_rank_fits, is_linear_like, pattern_matches,
-                   restore_base, snapshot_base)
+from .base import base_weight, check_rank_fits, is_linear_like, restore_base, snapshot_base
+from .layer import LoRAConfig, LoRALinear, pattern_matches
 
 __all__ = [
     "inject", "set_adapter", "disable_adapters", "delete_adapter", "merge", "unmerge", "unload",
-    "trainable_parameters", "adapter_names_per_sample", "lora_layers", "target_names",
+    "trainable_parameters", "adapter_names_per_sample", "lora_layers", "target_names", "inject_with_undo",
+    "suffix_match", "in_modules_to_save",
 ]
 
 # peft's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = (("q_proj", "v_proj"), ("c_attn",))
+DEFAULT_TARGETS = (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -126,12 +127,13 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     trainable adapter; everything else is frozen. Returns {name: original module} for the layers
     that were wrapped now (layers already wrapped just gain another adapter). If anything fails, the
     model is left exactly as it was (modules, weights, active adapters, requires_grad)."""
-    replaced, _ = _inject(model, config, adapter_name)
+    replaced, _ = inject_with_undo(model, config, adapter_name)
     return replaced
 
 
-def _inject(model: nn.Module, config: LoRAConfig, adapter_name: str):
-    """inject, plus a function that undoes it completely (for load_adapter's failures after inject)."""
+def inject_with_undo(model: nn.Module, config: LoRAConfig, adapter_name: str = "default"):
+    """inject, returning ({name: original module}, undo): undo() takes the adapter out again completely
+    (load_adapter calls it when the weights it then copies in are refused)."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == "__base__":
         raise ValueError(f"adapter_name must be a non-empty string without '.', not '__base__', got {adapter_name!r}")
     configs = getattr(model, "lora_configs", {})

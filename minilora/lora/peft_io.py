@@ -17,9 +17,10 @@ from torch import nn
 
 from reference_models.files import save_safetensors_atomic, write_json_atomic
 from .layer import LoRAConfig
-from .model import _inject, in_modules_to_save, lora_layers, suffix_match
+from .model import in_modules_to_save, inject_with_undo, lora_layers, suffix_match
 
-__all__ = ["save_adapter", "load_adapter", "config_from_peft", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "config_from_peft", "CONFIG_NAME",
+           "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -141,13 +142,29 @@ def load_adapter(model: nn.Module, folder, adapter_name: str = "default") -> dic
                                     f"{WEIGHTS_NAME}; .bin adapters are not read: no unpickling)")
     config = config_from_peft(json.loads((folder / CONFIG_NAME).read_text()))
     tensors = load_file(str(folder / WEIGHTS_NAME))
-    _, undo = _inject(model, config, adapter_name)
+    _, undo = inject_with_undo(model, config, adapter_name)
     try:
         _copy_tensors(model, tensors, adapter_name, config)
     except Exception:  # leave the model as it was
         undo()
         raise
     return {"config": config, "tensors": len(tensors)}
+
+
+def load_adapter_weights(model: nn.Module, folder, adapter_name: str = "default") -> dict:
+    """Copy a saved adapter's tensors into `adapter_name`, which `model` already holds (injected with
+    the same config): load_adapter's checks and key mapping, without injecting anything. For callers
+    that must keep the model's modules, e.g. minilora.distributed filling a sharded model's stand-ins."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if adapter_name not in getattr(model, "lora_configs", {}):
+        raise ValueError(f"the model has no adapter {adapter_name!r} to load into; inject it first "
+                         "or call load_adapter")
+    config_from_peft(json.loads((folder / CONFIG_NAME).read_text()))  # refuses options we do not implement
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    _copy_tensors(model, tensors, adapter_name, model.lora_configs[adapter_name])
+    return {"config": model.lora_configs[adapter_name], "tensors": len(tensors)}
 
 
 def _is_bias_key(key: str) -> bool:

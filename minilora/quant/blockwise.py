@@ -149,7 +149,7 @@ def encode_blocks_8bit(blocks: torch.Tensor, grid: LogGrid):
 
 @torch.no_grad()
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, block_size: int = 256,
-                            kernel: str = "auto", backend: str = "auto", *, fused: bool | None = None):
+                            kernel: str = "auto", backend: str = "auto"):
     """Blockwise 8-bit quantization with exact nearest-value rounding (ties -> lower value).
 
     Returns (codes uint8 (n,), absmax fp32 (ceil(n/block_size),)). `code` is a sorted fp32[256]
@@ -159,14 +159,11 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     search. `backend` (minilora/quant/backends.py): "compiled" encodes whole chunks of
     CHUNK_ELEMENTS (rounded down to whole blocks) in one torch.compile'd loop, static shape; the
     rest of the tensor runs eager; the same codes. It exists for the "cpu" rounding on CPU tensors.
-    `fused` is kept until offload.py switches to `backend`: True is "compiled" where it exists.
     """
     check_input(x, "x")
     check_block_size(block_size)
     kernel = bnb_cuda.resolve_kernel(kernel, x.device)
     backend = resolve_backend(backend, x.device, allowed=("auto", "eager", "compiled"))
-    if fused is not None:  # kept until offload.py switches
-        backend = "compiled" if fused and kernel == "cpu" and x.device.type == "cpu" else "eager"
     if backend == "compiled" and (kernel != "cpu" or x.device.type != "cpu"):
         raise ValueError(f"backend='compiled' has a compiled 8-bit encoder for the 'cpu' rounding on CPU tensors "
                          f"only, got kernel {kernel!r} on {x.device}; use backend 'auto' or 'eager'")

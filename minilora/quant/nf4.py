@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from minilora.quant import bnb_cuda
-from minilora.quant.backends import COMPILED, load_triton_kernels, require_triton, resolve_backend, run_compiled
+from minilora.quant.backends import load_triton_kernels, require_triton, resolve_backend, run_compiled
 from minilora.quant.blockwise import (
     FLOAT_DTYPES, check_block_size, check_finite, check_input, chunk_elements, dequantize_blockwise_8bit,
     quantize_blockwise_8bit, scale_blocks,
@@ -48,8 +48,6 @@ __all__ = [
     "quantize_blockwise_8bit", "dequantize_blockwise_8bit", "quantization_error",
 ]
 
-# kept until tests/test_offload.py switches to backend="eager": the record of compiled paths that fell back
-_FUSED_BROKEN = COMPILED.unavailable
 
 
 # ---------------------------------------------------------------------------------- 4-bit state
@@ -197,9 +195,9 @@ def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None, bac
         return out.view(state.shape)
     absmax = state.scales()
     if backend == "compiled" and n % bs == 0:
-        fused = run_compiled("dequantize", dequantize_nibbles, packed, absmax, tables.codebook, bs, dtype, dynamic=True)
-        if fused is not None:
-            return out.copy_(fused).view(state.shape)
+        whole = run_compiled("dequantize", dequantize_nibbles, packed, absmax, tables.codebook, bs, dtype, dynamic=True)
+        if whole is not None:
+            return out.copy_(whole).view(state.shape)
     full = n - n % bs
     step = chunk_elements(packed.device, bs)
     # gather pairs into a cache-sized scratch, then one multiply writes (and first touches) the
