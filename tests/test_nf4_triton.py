@@ -192,3 +192,30 @@ def test_linear_nf4_triton_backend_beyond_the_fused_range_is_bit_identical_to_ea
             outs[backend] = (y, xg.grad)
         assert torch.equal(bits(outs["triton"][0]), bits(outs["eager"][0]))
         assert torch.equal(bits(outs["triton"][1]), bits(outs["eager"][1]))
+
+
+def test_linear_nf4_fused_path_under_autocast_with_batched_input_matches_eager_within_the_bound():
+    # (batch, seq, in) fp32 activations, bf16 autocast: the fused kernels compute in bf16 and hand
+    # back fp32 output and input gradient, as the eager path does
+    linear = torch.nn.Linear(128, 40)
+    layers = {b: LinearNF4.from_linear(linear, "nf4", 64, True).to(DEVICE) for b in ("triton", "eager")}
+    x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    runs = {}
+    for backend, layer in layers.items():
+        layer.backend = backend
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            y = layer(xg)
+        y.backward(torch.ones_like(y))
+        runs[backend] = (y.detach(), xg.grad)
+    assert uses_fused_kernel(6, layers["triton"].quant_state, "triton")
+    (y, gx), (y_ref, gx_ref) = runs["triton"], runs["eager"]
+    assert y.shape == (2, 3, 40) and y.dtype == torch.float32 and gx.dtype == torch.float32
+    w = dequantize_4bit(layers["eager"].quant_state, torch.bfloat16)
+    xb = x.bfloat16().reshape(6, 128)
+    bias = layers["eager"].bias.bfloat16()
+    assert_within_bound(y.view(6, 40), y_ref.view(6, 40), accumulation_bound(xb, w.T, bias, torch.bfloat16),
+                        torch.bfloat16)
+    ones = torch.ones(6, 40, dtype=torch.bfloat16, device=DEVICE)
+    assert_within_bound(gx.view(6, 128), gx_ref.view(6, 128), accumulation_bound(ones, w, None, torch.bfloat16),
+                        torch.bfloat16)
