@@ -15,8 +15,9 @@ and bias's dtypes.
 
 Why a buffer: a fresh dense W per call is a fresh allocation each time; on a CPU, a tensor that size
 comes from new pages, and faulting them in costs more than the dequantize itself (4096 x 4096 fp32,
-1 thread: 63 ms into a new tensor, 10 ms into a reused one). One buffer per (device, dtype, CUDA
-stream), or per thread off CUDA, holds the largest W seen; `WEIGHT_BUFFERS.release()` frees them.
+1 thread, CPU time: 40 ms into a new tensor, 12 ms into a reused one; bench/results/nf4-cpu1t.json).
+One buffer per (device, dtype, CUDA stream), or per thread off CUDA, holds the largest W seen;
+`WEIGHT_BUFFERS.release()` frees them.
 """
 from __future__ import annotations
 
