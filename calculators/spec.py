@@ -13,6 +13,8 @@ config dict, so each term can say which feature it depends on:
   blocks       norm (RMSNorm, or LayerNorm with a bias), norm_layout, parallel_residual,
                gated_mlp / fused_gate_up, activation, biases
   positions    rotary_dim (partial rotary), rope_type, rope_theta, local_rope_theta
+  training     attention_dropout, residual_dropout, embedding_dropout (config.json's, 0 where the
+               family has no such dropout)
 """
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ class ModelSpec:
     rope_type: str | None = None        # full-attention layers' rope_type (default, linear, dynamic, ...)
     rope_theta: float | None = None
     local_rope_theta: float | None = None  # gemma3 / olmo3: sliding layers' own cos/sin base
+    # Training: dropout probabilities (families.Family.dropout_keys says which config key is which).
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
 
     @property
     def q_size(self) -> int:

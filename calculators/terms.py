@@ -16,20 +16,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .activations import ActivationSetup, activation_bytes, block_targets
+from .activations import ActivationSetup, activation_bytes
 from .distributed import parse_strategy, shard, shard_note
 from .gpus import MiB
-from .lora import lora_layers
 from .spec import ModelSpec
 from .states import ModelStates, model_state_bytes
 from .training_setup import Precision, TrainingSetup, check_setup
 
-__all__ = ["Term", "TrainingRun", "plan_training", "widest_intermediate", "CUDA_CONTEXT", "CUBLAS_WORKSPACE",
+__all__ = ["Term", "TrainingRun", "STACK_WORDS", "plan_training", "widest_intermediate", "CUDA_CONTEXT", "CUBLAS_WORKSPACE",
            "weights_term", "gradients_term", "master_weights_term", "optimizer_states_term",
            "activations_term", "recomputed_block_term", "logits_and_loss_term", "backward_workspace_term",
            "ddp_buckets_term", "gathered_parameters_term", "cublas_workspaces_term", "cuda_context_term",
            "gradients_held_at_backward_start", "first_block_activations"]
 
+STACK_WORDS = {"hf": "transformers + peft + bitsandbytes", "minilora": "minilora (reference_models)"}
 CUDA_CONTEXT = 500 * MiB      # driver + kernels; 300-1000 MiB depending on GPU and libraries
 # torch's default cuBLAS workspace per handle on Hopper and newer (CUBLAS_WORKSPACE_CONFIG :4096:8;
 # about 8 MiB on older GPUs). torch allocates it through its caching allocator, so it counts in
@@ -54,6 +54,7 @@ class TrainingRun:
     strategy: str                 # a distributed.STRATEGIES name
     states: ModelStates           # exact, on one device before sharding
     activations: dict             # activation_bytes' parts
+    activation_setup: ActivationSetup  # what the activation replay ran: recipe, targets, dropouts
 
     @property
     def precision(self) -> Precision:
@@ -76,17 +77,8 @@ def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
     check_setup(setup)
     strategy = parse_strategy(setup.zero, setup.gpus)
     states = model_state_bytes(spec, setup)
-    p = states.precision
-    lora_names = frozenset()
-    if setup.method != "full":
-        lora_names = block_targets(lin.name for lin in lora_layers(spec, setup.lora.targets))
-    act_setup = ActivationSetup(batch=setup.batch, seq=setup.seq, dtype_bytes=p.activations,
-                                attn="eager" if setup.attn == "eager" else "sdpa",
-                                grad_ckpt=setup.grad_ckpt, device=setup.device,
-                                trainable="all" if setup.method == "full" else "lora",
-                                lora_targets=lora_names, lora_rank=setup.lora.rank,
-                                lora_dropout=setup.lora.dropout, lora_dtype_bytes=p.adapters)
-    return TrainingRun(spec, setup, strategy, states, activation_bytes(spec, act_setup))
+    act = ActivationSetup.of(spec, setup)
+    return TrainingRun(spec, setup, strategy, states, activation_bytes(spec, act), act)
 
 
 def widest_intermediate(spec: ModelSpec) -> int:
@@ -96,26 +88,44 @@ def widest_intermediate(spec: ModelSpec) -> int:
 
 # --- model states -------------------------------------------------------------------------------
 
-def weights_term(run: TrainingRun) -> Term:
+def _weights_assumption(run: TrainingRun) -> str:
     s, st, p = run.setup, run.states, run.precision
-    assumption = {
-        "full": f"all {st.params:,} parameters in {p.name}",
-        "lora": f"base weights frozen in {p.name}, {st.trainable:,} LoRA parameters in {p.name}",
-        "qlora": (f"linear layers in NF4 (block {s.block_size}, "
-                  f"{'double quantization: 4.127' if s.double_quant else 'fp32 absmax: 4.5'} bits/param"
-                  f" + constants); embeddings, norms, lm_head and {st.trainable:,} LoRA "
-                  f"parameters in {p.name}")}[s.method]
-    if s.method == "qlora" and run.strategy.startswith("fsdp") and s.gpus > 1:
-        # FSDP2 shards parameters only; LinearNF4 keeps its codes and scales in buffers, which every
-        # rank holds whole (measured in tests/test_distributed.py)
-        dense = run.shard("weights", st.weights - st.quantized_bytes, st.dense_shapes + st.trainable_shapes,
-                          p.weights)
-        return Term("weights", st.quantized_bytes + dense, assumption + f", NF4 buffers replicated and the rest "
-                    f"sharded over {s.gpus} GPUs ({run.strategy})")
-    # FSDP2 chunks every tensor on dim 0 (rank 0 holds the largest piece); ZeRO one flat buffer
-    shapes = None if s.method == "qlora" else st.all_shapes + (() if s.method == "full" else st.trainable_shapes)
-    return Term("weights", run.shard("weights", st.weights, shapes, p.weights),
-                assumption + run.shard_note("weights"))
+    hf = s.stack == "hf"
+    adapters = f"{st.trainable:,} LoRA parameters in {p.adapter}"
+    if hf and p.adapter != p.linear:
+        adapters += " (peft's autocast_adapter_dtype upcasts adapters on a 16-bit base)"
+    buffers = ", + RoPE's inv_freq buffers (fp32)" if st.buffers else ""
+    if s.method == "full":
+        return f"all {st.params:,} parameters in {p.linear}{buffers}"
+    if s.method == "lora":
+        return f"base weights frozen in {p.linear}, {adapters}{buffers}"
+    bits = "double quantization: 4.127" if s.double_quant else "fp32 absmax: 4.5"
+    constants = "a codebook and nested map per layer (bitsandbytes)" if hf else "constants"
+    prepare = ""
+    if s.prepare_kbit is not False:
+        prepare = (" (prepare_model_for_kbit_training casts every weight that is not 4-bit to fp32)" if hf else
+                   " (prepare_for_kbit_training keeps the norms in fp32)")
+    return (f"linear layers in NF4 (block {s.block_size}, {bits} bits/param + {constants}); embeddings and "
+            f"lm_head in {p.embedding}, norms in {p.norm}{prepare}; {adapters}{buffers}")
+
+
+def weights_term(run: TrainingRun) -> Term:
+    s, st = run.setup, run.states
+    text = _weights_assumption(run)
+    if run.strategy.startswith("fsdp") and s.gpus > 1:
+        # FSDP2 chunks every parameter on dim 0 (rank 0 holds the largest piece) and shards
+        # parameters only: LinearNF4's codes and scales and the model's buffers are module buffers,
+        # which every rank holds whole (measured in tests/test_distributed.py)
+        if s.method == "full":
+            shapes, sizes = st.all_shapes, st.all_bytes_per_el
+        else:
+            shapes = st.dense_shapes + st.trainable_shapes
+            sizes = st.dense_bytes_per_el + (st.precision.gradients,) * len(st.trainable_shapes)
+        replicated = st.quantized_bytes + st.buffers
+        dense = run.shard("weights", st.weights - replicated, shapes, sizes)
+        nf4 = ", NF4 buffers replicated" if st.quantized_bytes else ""
+        return Term("weights", replicated + dense, f"{text}{nf4}, the rest sharded over {s.gpus} GPUs ({run.strategy})")
+    return Term("weights", run.shard("weights", st.weights), text + run.shard_note("weights"))
 
 
 def gradients_term(run: TrainingRun) -> Term:
@@ -124,7 +134,8 @@ def gradients_term(run: TrainingRun) -> Term:
     if run.offload:
         return Term("gradients", gpu, "none kept on the GPU: each .grad is copied to a host fp32 buffer as "
                                       "it is produced")
-    return Term("gradients", gpu, f"one {run.precision.name} gradient per trainable parameter"
+    dtype = {4: "fp32", 2: "16-bit"}[run.precision.gradients]
+    return Term("gradients", gpu, f"one {dtype} gradient per trainable parameter (its own dtype)"
                 + run.shard_note("gradients"))
 
 
@@ -138,7 +149,8 @@ def master_weights_term(run: TrainingRun) -> Term:
 
 def optimizer_states_term(run: TrainingRun) -> Term:
     s, st = run.setup, run.states
-    state = "fp32" if run.precision.optimizer_states == 4 else run.precision.name
+    p = run.precision
+    state = "fp32" if p.optimizer_states == 4 else (p.linear if s.method == "full" else p.adapter)
     assumption = {
         "adamw": f"AdamW m and v in {state} (+4 B step per tensor)",
         "adamw8bit": "bitsandbytes 8-bit AdamW: uint8 m, v + fp32 absmax per 256; tensors < 4096 elements keep fp32",
@@ -163,19 +175,40 @@ def optimizer_states_term(run: TrainingRun) -> Term:
 
 # --- activations and what backward adds -----------------------------------------------------------
 
-def activations_term(run: TrainingRun) -> Term:
-    s, act = run.setup, run.activations
+def _activations_assumption(run: TrainingRun) -> str:
+    s, p = run.setup, run.precision
+    hf = s.stack == "hf"
     checkpointing = {"none": "every block keeps what autograd saves",
-                     "full": "checkpointing: each block keeps only its input; one block is recomputed at a time",
+                     "full": "checkpointing: each block keeps only its input"
+                             + (" (hidden_states; cos/sin go by keyword)" if hf else "")
+                             + "; one block is recomputed at a time",
                      "selective": "selective recomputation of attention's (B, H, T, T) core"}[s.grad_ckpt]
     attention = "eager attention keeps (B, H, T, T) scores" if s.attn == "eager" else \
-        "SDPA/flash: no (B, H, T, T) matrix"
-    dropout = ""
+        "SDPA/flash: no (B, H, T, T) matrix" + (" (on CPU with attention dropout: the math kernel's)"
+                                               if s.device == "cpu" else "")
+    notes = []
+    if s.method != "full" and hf and p.adapter != p.linear and s.method == "lora":
+        notes.append("peft's fp32 adapters keep an fp32 copy of each adapted input")
+    if s.method == "qlora" and s.prepare_kbit is not False and hf:
+        notes.append("prepare_model_for_kbit_training: the residual stream is fp32")
+    if p.autocast:
+        notes.append(f"{p.autocast} autocast: 16-bit copies of the inputs and of the weights that matmuls keep")
     if s.method != "full" and s.lora.dropout > 0:
-        dropout = f"; LoRA dropout {s.lora.dropout} keeps a mask and a dropped copy of each adapted input"
+        notes.append(f"LoRA dropout {s.lora.dropout} keeps a mask and a dropped copy of each adapted input")
+    if run.activation_setup.attn_pdrop or run.activation_setup.resid_pdrop or run.activation_setup.embd_pdrop:
+        a = run.activation_setup
+        notes.append(f"dropout masks (attention {a.attn_pdrop}, residual {a.resid_pdrop}, embedding {a.embd_pdrop}"
+                     + (", config.json's" if s.model_dropout is None else "") + ")")
+    if hf and s.grad_ckpt == "none":
+        notes.append("config.use_cache: a DynamicCache keeps copies of k and v")
+    return f"{'; '.join([checkpointing, attention] + notes)}"
+
+
+def activations_term(run: TrainingRun) -> Term:
+    s, act = run.setup, run.activations
     return Term("activations", act["total"] - act["loss"],
-                f"saved for backward, batch {s.batch} x seq {s.seq}, {run.precision.name}; {checkpointing}; "
-                f"{attention}{dropout}")
+                f"saved for backward by the {STACK_WORDS[s.stack]} forward, batch {s.batch} x seq {s.seq}, "
+                f"{run.precision.name}; {_activations_assumption(run)}")
 
 
 def recomputed_block_term(run: TrainingRun) -> Term | None:
@@ -193,8 +226,10 @@ def logits_and_loss_term(run: TrainingRun) -> Term:
     # (the cast back to the logits' dtype comes after the first is freed): measured on an H100
     logits = btv * run.precision.logits + run.activations["loss"] + 2 * btv * 4
     return Term("logits and loss", logits,
-                f"logits (B, T, V={vocab:,}) in {run.precision.name} held by the caller, fp32 log-softmax "
-                "saved by the loss, and two fp32 (B, T, V) gradients alive together at backward start")
+                f"logits (B, T, V={vocab:,}) in {'fp32' if run.precision.logits == 4 else '16-bit'} held by the "
+                "caller, fp32 log-softmax saved by the loss ("
+                + ("transformers' ForCausalLMLoss from labels=" if s.stack == "hf" else "reference_models' lm_loss")
+                + "), and two fp32 (B, T, V) gradients alive together at backward start")
 
 
 def backward_workspace_term(run: TrainingRun) -> Term:

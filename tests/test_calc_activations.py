@@ -42,8 +42,8 @@ def build(family, width, attn, dtype, pdrop=0.0):
 
 
 def predicted(spec, batch, seq, dtype, attn, ckpt, pdrop=0.0, **lora):
-    setup = ActivationSetup(batch=batch, seq=seq, dtype_bytes=dtype.itemsize, attn=attn,
-                            grad_ckpt="full" if ckpt else "none", device="cpu",
+    setup = ActivationSetup(batch=batch, seq=seq, dtype="fp32" if dtype == torch.float32 else "bf16", attn=attn,
+                            grad_ckpt="full" if ckpt else "none", device="cpu", stack="minilora",
                             embd_pdrop=pdrop, resid_pdrop=pdrop, attn_pdrop=pdrop, **lora)
     return activation_bytes(spec, setup)["total"]
 
@@ -99,11 +99,11 @@ def test_lora_activations_match_saved_tensors(family, attn, ckpt, targets, dropo
 
 def test_lora_saves_less_than_full_finetuning():
     spec = model_spec("llama-2-7b")
-    full = activation_bytes(spec, ActivationSetup(batch=1, seq=512))["total"]
-    lora = activation_bytes(spec, ActivationSetup(batch=1, seq=512, trainable="lora",
+    full = activation_bytes(spec, ActivationSetup(batch=1, seq=512, stack="minilora"))["total"]
+    lora = activation_bytes(spec, ActivationSetup(batch=1, seq=512, stack="minilora", trainable="lora",
                                                   lora_targets=frozenset({"self_attn.q_proj", "self_attn.v_proj"})))
     assert lora["total"] < full
-    eager = activation_bytes(spec, ActivationSetup(batch=1, seq=512, attn="eager"))["total"]
+    eager = activation_bytes(spec, ActivationSetup(batch=1, seq=512, stack="minilora", attn="eager"))["total"]
     assert eager - full > 32 * 32 * 512 * 512 * 4  # at least the fp32 softmax of every layer
 
 
@@ -127,6 +127,6 @@ def test_qlora_activations_match_saved_tensors(family, attn, ckpt):
     model.train()
     model.set_gradient_checkpointing(ckpt)
     real = saved_bytes(model, 2, 24, 101)
-    pred = predicted(spec, 2, 24, torch.bfloat16, attn, ckpt, trainable="lora",
+    pred = predicted(spec, 2, 24, torch.bfloat16, attn, ckpt, trainable="lora", quantized=True,
                      lora_targets=block_targets(names), lora_rank=4)
     assert abs(pred / real - 1) <= TOLERANCE, (real, pred)
