@@ -29,7 +29,7 @@ FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 METHODS = ("full", "lora-qv", "lora-all", "qlora", "qlora-prepare")
 PRECISIONS = ("fp32", "bf16", "fp32+autocast")   # weights; "fp32+autocast": Trainer(bf16=True)
 SHAPES = ((2, 24, 64), (1, 40, 96))              # (batch, seq, width)
-VOCAB, LAYERS, HEADS, KV_HEADS, DROPOUT, RANK = 128, 2, 4, 2, 0.1, 4
+VOCAB, LAYERS, HEADS, KV_HEADS, DROPOUT, RANK, POSITIONS = 128, 2, 4, 2, 0.1, 4, 512
 _QV = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"]}
 
 
@@ -45,6 +45,9 @@ class Case:
     batch: int = 2
     seq: int = 24
     width: int = 64
+    rank: int = RANK
+    lora_dropout: float = 0.0
+    adapter_fp32: bool = True     # hf: get_peft_model(..., autocast_adapter_dtype=adapter_fp32)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -61,12 +64,12 @@ def hf_config(case: Case):
 
     p = DROPOUT if case.dropout else 0.0
     if case.family == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=case.width, n_layer=LAYERS, n_head=HEADS,
+        return tf.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=case.width, n_layer=LAYERS, n_head=HEADS,
                              resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, bos_token_id=0, eos_token_id=0)
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[case.family]
     return cls(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-               max_position_embeddings=64, attention_dropout=p, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+               max_position_embeddings=POSITIONS, attention_dropout=p, bos_token_id=0, eos_token_id=0, pad_token_id=None)
 
 
 _SAVED_FOLDERS: dict = {}
@@ -104,8 +107,9 @@ def build_hf(case: Case):
     elif case.ckpt:
         model.gradient_checkpointing_enable()
     if case.method != "full":
-        config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=case.targets, task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, config)
+        config = peft.LoraConfig(r=case.rank, lora_alpha=2 * case.rank, target_modules=case.targets,
+                                 lora_dropout=case.lora_dropout, task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config, autocast_adapter_dtype=case.adapter_fp32)
     return model.train()
 
 
@@ -118,7 +122,7 @@ def build_minilora(case: Case):
     p = DROPOUT if case.dropout else 0.0
     torch.manual_seed(0)
     if case.family == "gpt2":
-        model = GPT(GPTConfig(vocab_size=VOCAB, n_positions=64, n_embd=case.width, n_layer=LAYERS, n_head=HEADS,
+        model = GPT(GPTConfig(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=case.width, n_layer=LAYERS, n_head=HEADS,
                               embd_pdrop=p, resid_pdrop=p, attn_pdrop=p, attn_impl=case.attn))
     else:
         model = Llama(LlamaConfig(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
@@ -137,7 +141,7 @@ def build_minilora(case: Case):
     from calculators import lora_layers, model_spec
 
     names = [lin.name for lin in lora_layers(model_spec(model.config.to_hf_dict()), case.targets)]
-    inject(model, LoRAConfig(r=RANK, alpha=2 * RANK, target_modules=names))
+    inject(model, LoRAConfig(r=case.rank, alpha=2 * case.rank, dropout=case.lora_dropout, target_modules=names))
     model.set_gradient_checkpointing(case.ckpt)
     return model.train()
 
@@ -209,9 +213,11 @@ def training_setup(case: Case):
     return TrainingSetup(method=method, batch=case.batch, seq=case.seq, grad_ckpt="full" if case.ckpt else "none",
                          attn=case.attn, dtype="bf16" if case.precision == "bf16" else "fp32",
                          autocast="bf16" if case.precision == "fp32+autocast" else "none",
-                         lora=LoRASpec(rank=RANK, alpha=2 * RANK, targets=targets), device="cpu", stack=case.stack,
+                         lora=LoRASpec(rank=case.rank, alpha=2 * case.rank, targets=targets, dropout=case.lora_dropout),
+                         device="cpu", stack=case.stack,
                          prepare_kbit=(case.method == "qlora-prepare") if method == "qlora" else None,
-                         master_weights=False if case.stack == "minilora" else None)
+                         master_weights=False if case.stack == "minilora" else None,
+                         autocast_adapter_dtype=None if case.stack == "minilora" or case.adapter_fp32 else False)
 
 
 def predict(case: Case) -> dict:

@@ -158,7 +158,7 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     logits = r.linear(r.norm(x), "lm_head", spec.hidden_size, spec.vocab_size)
     head = t.since(mark)
     mark = t.mark()
-    t.cross_entropy(t.to(logits, "fp32"), s.batch * s.seq)   # logits.float(), then cross_entropy
+    t.cross_entropy(t.to(logits, "fp32"), r.stack.loss_targets(r))   # logits.float(), then cross_entropy
     loss = t.since(mark)
     total = t.total()
     return {"embedding": embedding, "layers": layers, "shared": shared, "head": head, "loss": loss,

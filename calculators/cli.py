@@ -17,6 +17,7 @@ from .fit import largest_fitting, methods_that_fit
 from .gpus import GPUS, GiB, gpu_from_text
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_trainable_parameters, parse_targets
 from .memory import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup, inference_memory, training_memory
+from .training_setup import AUTOCAST, STACKS
 from .models import PRESETS, count_parameters, model_spec
 
 __all__ = ["main", "build_parser"]
@@ -71,6 +72,16 @@ def _common(p):
     p.add_argument("--gpus", type=_positive(), default=1)
     p.add_argument("--zero", default="none", help="none | 0 (ddp) | 1 | 2 | 3 | full-shard | grad-op")
     p.add_argument("--gpu", default="24GB", help=f"a size (24GB) or {', '.join(GPUS)}")
+    p.add_argument("--stack", default="hf",
+                   help="hf (transformers + peft + bitsandbytes, their defaults) | minilora (reference_models + minilora)")
+    p.add_argument("--autocast", default="none", help="none | bf16 | fp16: torch.autocast, as Trainer(bf16=True)")
+    p.add_argument("--prepare-kbit", default="auto",
+                   help="QLoRA: prepare_model_for_kbit_training, auto (yes) | yes | no")
+    p.add_argument("--autocast-adapter-dtype", default="auto",
+                   help="hf LoRA: peft's fp32 adapters on a 16-bit base, auto (yes) | yes | no")
+    p.add_argument("--model-dropout", default="config",
+                   help="config (config.json's attention / residual / embedding dropouts) | a probability for all")
+    p.add_argument("--device", default="cuda", help="cuda | cpu (dropout masks, kernels and autocast differ)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -120,14 +131,40 @@ def _setup(args, spec):
     parse_strategy(args.zero, args.gpus)
     if args.method != "full":
         lora_trainable_parameters(spec, args.rank, targets)  # validates rank and targets
+    _choice("--stack", args.stack, STACKS)
+    _choice("--autocast", args.autocast, AUTOCAST)
+    _choice("--device", args.device, ("cuda", "cpu"))
     return TrainingSetup(method=args.method, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum,
                          grad_ckpt=args.grad_ckpt, attn=args.attn, dtype=args.dtype, master_weights=master,
                          optimizer=args.optimizer, lora=lora, double_quant=not args.no_double_quant,
-                         gpus=args.gpus, zero=args.zero)
+                         gpus=args.gpus, zero=args.zero, stack=args.stack, autocast=args.autocast,
+                         prepare_kbit=_auto_yes_no("--prepare-kbit", args.prepare_kbit),
+                         autocast_adapter_dtype=_auto_yes_no("--autocast-adapter-dtype", args.autocast_adapter_dtype),
+                         model_dropout=_model_dropout(args.model_dropout), device=args.device)
+
+
+def _auto_yes_no(flag, value):
+    choice = {"auto": None, "yes": True, "no": False}.get(value, "bad")
+    if choice == "bad":
+        raise ValueError(f"{flag} must be auto, yes or no, got {value!r}")
+    return choice
+
+
+def _model_dropout(text):
+    if text == "config":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise ValueError(f"--model-dropout must be config or a probability in [0, 1), got {text!r}")
+    return value
 
 
 # settings that only training reads: `vram --inference` refuses them rather than print them unused
-_TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights")
+_TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights", "stack", "autocast",
+                  "prepare_kbit", "autocast_adapter_dtype", "model_dropout", "device")
 
 
 def _inference(args) -> bool:
@@ -146,8 +183,9 @@ def _settings(args, spec):
     targets = args.targets or ",".join(DEFAULT_TARGETS[spec.family]) + " (peft default)"
     rows = [("model", f"{args.model} ({spec.family}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
                       f"vocab {spec.vocab_size})")]
-    keys = ["method", "rank", "alpha", "dropout", "batch", "seq", "grad_accum", "grad_ckpt", "attn", "dtype",
-            "optimizer", "master_weights", "no_double_quant", "gpus", "zero", "gpu"]
+    keys = ["stack", "method", "rank", "alpha", "dropout", "batch", "seq", "grad_accum", "grad_ckpt", "attn", "dtype",
+            "autocast", "prepare_kbit", "autocast_adapter_dtype", "model_dropout", "optimizer", "master_weights",
+            "no_double_quant", "gpus", "zero", "device", "gpu"]
     rows.append(("targets", targets))
     if _inference(args):
         keys = [k for k in keys if k not in _TRAINING_ONLY]

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from .parameters import parameter_tensors
 from .spec import ModelSpec
 from .states import model_state_bytes, nf4_bytes, quantized_linears
-from .terms import (CUBLAS_WORKSPACE, CUDA_CONTEXT, Term, activations_term, backward_workspace_term,
+from .terms import (CUBLAS_WORKSPACE, CUDA_CONTEXT, STACK_WORDS, Term, activations_term, backward_workspace_term,
                     cublas_workspaces_term, cuda_context_term, ddp_buckets_term, first_block_activations,
                     gathered_parameters_term, gradients_held_at_backward_start, gradients_term,
                     logits_and_loss_term, master_weights_term, optimizer_states_term, plan_training,
                     recomputed_block_term, weights_term, widest_intermediate)
-from .training_setup import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup
+from .training_setup import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup, describe_recipe
 
 # TrainingSetup, Term and the rest are defined next door and re-exported: `calculators.memory` is
 # where bench/ and the tests have always imported them from.
@@ -42,11 +42,20 @@ class Breakdown:
     params: int
     trainable: int
     notes: list = field(default_factory=list)
+    # training only: what one step holds and saves, for checking against the real tensors
+    stack: str | None = None
+    recipe: str | None = None         # the code the setup stands for (training_setup.describe_recipe)
+    saved_activation_bytes: int | None = None  # saved for backward by forward + loss, as saved_tensors_hooks counts
+    model_state_bytes: int | None = None       # weights + gradients + master + optimizer states (+ host), unsharded
 
     def as_dict(self) -> dict:
-        return {"terms": [t.__dict__ for t in self.terms], "peak_bytes": self.peak,
-                "total_gpu_bytes": self.total_gpu, "cpu_bytes": self.cpu, "params": self.params,
-                "trainable": self.trainable, "notes": self.notes}
+        out = {"terms": [t.__dict__ for t in self.terms], "peak_bytes": self.peak,
+               "total_gpu_bytes": self.total_gpu, "cpu_bytes": self.cpu, "params": self.params,
+               "trainable": self.trainable, "notes": self.notes}
+        if self.stack is not None:
+            out.update(stack=self.stack, recipe=self.recipe, saved_activation_bytes=self.saved_activation_bytes,
+                       model_state_bytes=self.model_state_bytes)
+        return out
 
 
 def _gpu(*terms: Term | None) -> int:
@@ -71,12 +80,16 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
 
     terms = [t for t in (weights, gradients, master, optimizer, activations, recomputed, logits, workspace,
                          *buffers, context) if t is not None]
+    recipe = describe_recipe(setup)
     notes = [f"peak = static {static:,} + max(backward start {backward_start:,}, backward end "
              f"{backward_end:,}, step {step:,})",
              f"strategy {run.strategy} on {setup.gpus} GPU(s); micro-batch {setup.batch}, "
-             f"grad_accum {setup.grad_accum}"]
-    return Breakdown(terms, peak, peak + context.gpu, sum(t.cpu for t in terms), run.states.params,
-                     run.states.trainable, notes)
+             f"grad_accum {setup.grad_accum}",
+             f"recipe ({STACK_WORDS[setup.stack]}): {recipe}"]
+    st = run.states
+    return Breakdown(terms, peak, peak + context.gpu, sum(t.cpu for t in terms), st.params, st.trainable, notes,
+                     stack=setup.stack, recipe=recipe, saved_activation_bytes=run.activations["total"],
+                     model_state_bytes=st.weights + st.gradients + st.master + st.optimizer + st.host)
 
 
 def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tokens: int = 256,

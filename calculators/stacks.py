@@ -113,6 +113,10 @@ class Stack:
     def training_kv(self, r: Replay, k: Sym, v: Sym) -> tuple:
         return k, v
 
+    def loss_targets(self, r: Replay) -> int:
+        """Elements in the storage of the targets the loss keeps: (B, T) token ids."""
+        return r.s.batch * r.s.seq
+
     def base_linear(self, r: Replay, x: Sym, name: str, n_in: int, n_out: int) -> Sym:
         """The layer under any adapter: a 4-bit layer (QLoRA, lm_head excepted) or nn.Linear / Conv1D."""
         t, p = r.tape, r.p
@@ -138,6 +142,11 @@ class Transformers(Stack):
     def checkpoint_inputs(self, r: Replay, x: Sym) -> list:
         # GradientCheckpointingLayer checkpoints forward(*args): GPT-2 passes its attention mask positionally
         return [x] + ([r.mask] if r.mask is not None and r.spec.family == "gpt2" else [])
+
+    def loss_targets(self, r: Replay) -> int:
+        # ForCausalLMLoss pads labels to (B, T + 1) and takes [..., 1:].contiguous(): with batch 1
+        # that slice is already contiguous, a view of the padded storage
+        return r.s.seq + 1 if r.s.batch == 1 else r.s.batch * r.s.seq
 
     def training_kv(self, r: Replay, k: Sym, v: Sym) -> tuple:
         # config.use_cache is on while training: DynamicCache.update returns torch.cat copies

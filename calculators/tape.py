@@ -194,12 +194,12 @@ class Tape:
             self.save(idx)
         return Sym(numel, dtype, trainable)
 
-    def cross_entropy(self, logits: Sym, rows: int) -> None:
+    def cross_entropy(self, logits: Sym, targets: int) -> None:
         """F.cross_entropy(logits (rows, V), targets): log_softmax keeps its fp32 output, nll_loss the
-        int64 targets and its fp32 total_weight scalar."""
+        int64 targets (`targets` elements in their storage) and its fp32 total_weight scalar."""
         if logits.grad:
             self.save(Sym(logits.numel, "fp32", True))
-            self.keep(rows, "int64")
+            self.keep(targets, "int64")
             self.keep(1, "fp32")
 
     def sdpa(self, q: Sym, k: Sym, v: Sym, shape: AttentionShape, dropout: float, v_is_view: bool = False) -> Sym:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from .lora import LoRASpec
 
 __all__ = ["TrainingSetup", "Precision", "check_setup", "DTYPE_BYTES", "METHODS", "OPTIMIZERS",
-           "CHECKPOINTING", "ATTENTION", "STACKS", "AUTOCAST", "STACK_VERSIONS", "dtype_name"]
+           "CHECKPOINTING", "ATTENTION", "STACKS", "AUTOCAST", "STACK_VERSIONS", "dtype_name", "describe_recipe"]
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 METHODS = ("full", "lora", "qlora")
@@ -176,3 +176,42 @@ class Precision:
         name = d + (f" weights, {autocast} autocast" if autocast else "")
         return cls(name=name, linear=d, embedding=embedding, norm=norm, adapter=adapter, compute=d, autocast=autocast,
                    gradients=trainable, master=4 if master else 0, optimizer_states=4 if master else trainable)
+
+
+def describe_recipe(setup: TrainingSetup) -> str:
+    """The code the setup stands for, in the words people write it (printed with every answer)."""
+    s, p = setup, Precision.of(setup)
+    torch_dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}[p.linear]
+    targets = s.lora.targets if s.lora.targets is not None else "peft's default"
+    lora = f"r={s.lora.rank}, alpha={s.lora.alpha:g}, targets {targets}, dropout {s.lora.dropout:g}"
+    prepare = s.method == "qlora" and s.prepare_kbit is not False
+    ckpt = s.grad_ckpt != "none"
+    autocast = f"; forward and loss under torch.autocast({p.autocast})" if p.autocast else ""
+    optimizer = {"adamw": "torch AdamW", "adamw8bit": "bitsandbytes AdamW8bit", "sgd": "SGD", "sgd-momentum":
+                 "SGD with momentum", "offload": "CPUOffloadAdamW", "offload8bit": "CPUOffloadAdamW(state_bits=8)"}
+    step = optimizer[s.optimizer] + (" with an fp32 master copy" if p.master else "")
+    if s.stack == "hf":
+        load = f"AutoModelForCausalLM.from_pretrained(dtype={torch_dtype}"
+        if s.method == "qlora":
+            load += (f", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
+                     f"bnb_4bit_use_double_quant={s.double_quant}, bnb_4bit_compute_dtype={torch_dtype})")
+        attn = {"flash": "flash_attention_2"}.get(s.attn, s.attn)
+        steps = [load + f", attn_implementation='{attn}')"]
+        if prepare:
+            steps.append(f"prepare_model_for_kbit_training(model, use_gradient_checkpointing={ckpt})")
+        elif ckpt:
+            steps.append("model.gradient_checkpointing_enable()")
+        if s.method != "full":
+            steps.append(f"get_peft_model(model, LoraConfig({lora}), autocast_adapter_dtype="
+                         f"{s.autocast_adapter_dtype is not False})")
+        return "; ".join(steps) + f"; loss from labels=; {step}{autocast}"
+    steps = [f"reference_models in {p.linear}"]
+    if s.method == "qlora":
+        steps.append(f"quantize_model(model, compute_dtype={torch_dtype}, double_quant={s.double_quant})")
+        if prepare:
+            steps.append(f"prepare_for_kbit_training(model, use_gradient_checkpointing={ckpt})")
+    if s.method != "full":
+        steps.append(f"inject(model, LoRAConfig({lora}))")
+    if ckpt:
+        steps.append("model.set_gradient_checkpointing(True)")
+    return "; ".join(steps) + f"; loss from model(idx, targets); {step}{autocast}"
