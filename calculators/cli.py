@@ -20,7 +20,7 @@ from .memory import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSet
 from .training_setup import AUTOCAST, STACKS
 from .models import PRESETS, count_parameters, model_spec
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "build_setup", "run"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,7 +115,8 @@ def _choice(name, value, allowed):
     return value
 
 
-def _setup(args, spec):
+def build_setup(args, spec) -> TrainingSetup:
+    """The TrainingSetup the command line's flags stand for (each flag is a field)."""
     _choice("--method", args.method, METHODS)
     _choice("--grad-ckpt", args.grad_ckpt, CHECKPOINTING)
     _choice("--attn", args.attn, ("sdpa", "flash", "eager"))
@@ -208,7 +209,7 @@ def _table(rows, headers):
 def run(args) -> dict:
     spec = model_spec(args.model)
     gpu = gpu_from_text(args.gpu)
-    setup = _setup(args, spec)
+    setup = build_setup(args, spec)
     out = {"settings": {k: v for k, v in _settings(args, spec)}}
     total = count_parameters(spec)
     if args.command == "params":

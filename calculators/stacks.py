@@ -85,19 +85,25 @@ def norm_body(r: Replay, x: Sym, weight_dtype: str) -> Sym:
 
 def eager_core(r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float, *, mask_kept: bool,
                mask: Sym | None, softmax_dtype: str | None, probs_dtype: str) -> Sym:
-    """softmax(q k^T * scale [+ mask]) @ v as a batched matmul: q and k^T, and v, reach bmm as
-    (B*H, T, D) copies (transposed views; repeat_kv's GQA expansion) -> (B, T, H*D), o_proj's input."""
+    """softmax(q k^T * scale [+ mask]) @ v as batched matmuls -> (B, T, H*D), o_proj's input. matmul
+    reshapes q, k^T and v (B, H, T, D) to (B*H, T, D): a copy of the transposed views, except with
+    batch 1, where the reshape is a view of the tensor's own storage (GPT-2's q: the whole c_attn
+    output); repeat_kv's GQA expansion of k and v is a new (B, H, T, D) tensor either way."""
     t = r.tape
-    ql, kl = t.lower(q), t.lower(k)                                  # matmul's autocast casts
-    att = t.bmm(Sym(shape.bhtd, ql.dtype, q.grad), Sym(shape.bhtd, kl.dtype, k.grad), shape.bhtt)
+
+    def operand(x: Sym, kv: bool = False) -> Sym:
+        x = t.lower(x)                                               # matmul's autocast cast
+        own = shape.batch == 1 and not (kv and shape.kv_heads < shape.heads)
+        return x if own else Sym(shape.bhtd, x.dtype, x.grad)
+
+    att = t.bmm(operand(q), operand(k, kv=True), shape.bhtt)
     att = t.scalar(att)                                              # * scale
     if mask_kept and att.grad:
         t.keep(shape.seq * shape.seq, "bool")                        # masked_fill(~mask) keeps ~mask
     if mask is not None:
         att = t.add(att, mask)                                       # + a float mask: nothing kept
     probs = t.dropout(t.to(t.softmax(att, softmax_dtype), probs_dtype), p)
-    probs, vl = t.lower(probs), t.lower(v)
-    out = t.bmm(probs, Sym(shape.bhtd, vl.dtype, v.grad), shape.bhtd)
+    out = t.bmm(t.lower(probs), operand(v, kv=True), shape.bhtd)
     return Sym(shape.bhtd, out.dtype, out.grad)                      # transpose(1, 2) copied contiguous
 
 
