@@ -2,6 +2,7 @@
 
 Peak (what torch.cuda.max_memory_allocated would show, the CUDA context excluded):
     static = weights + master weights + optimizer states + strategy buffers + cuBLAS workspaces
+             + minilora's 4-bit dequantize buffer
     peak   = static + max( backward start: activations + logits and loss + gradients already held,
                            backward end:   all gradients + one block's recomputed activations
                                            + backward workspace + the first block's activations,
@@ -20,7 +21,8 @@ from .parameters import parameter_tensors
 from .spec import ModelSpec
 from .states import model_state_bytes, nf4_bytes, quantized_linears
 from .terms import (CUBLAS_WORKSPACE, CUDA_CONTEXT, STACK_WORDS, Term, activations_term, backward_workspace_term,
-                    cublas_workspaces_term, cuda_context_term, ddp_buckets_term, first_block_activations,
+                    cublas_workspaces_term, cuda_context_term, ddp_buckets_term, dequantize_buffer_term,
+                    first_block_activations,
                     gathered_parameters_term, gradients_held_at_backward_start, gradients_term,
                     logits_and_loss_term, master_weights_term, optimizer_states_term, plan_training,
                     recomputed_block_term, weights_term, widest_intermediate)
@@ -69,7 +71,8 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
     optimizer = optimizer_states_term(run)
     activations, recomputed = activations_term(run), recomputed_block_term(run)
     logits, workspace = logits_and_loss_term(run), backward_workspace_term(run)
-    buffers = (ddp_buckets_term(run), gathered_parameters_term(run, weights.gpu), cublas_workspaces_term(run))
+    buffers = (ddp_buckets_term(run), gathered_parameters_term(run, weights.gpu), cublas_workspaces_term(run),
+               dequantize_buffer_term(run))
     context = cuda_context_term(run)
 
     static = _gpu(weights, master, optimizer, *buffers)

@@ -20,13 +20,14 @@ from .activations import ActivationSetup, activation_bytes
 from .distributed import parse_strategy, shard, shard_note
 from .gpus import MiB
 from .spec import ModelSpec
-from .states import ModelStates, model_state_bytes
-from .training_setup import Precision, TrainingSetup, check_setup
+from .states import ModelStates, model_state_bytes, quantized_linears
+from .training_setup import DTYPE_BYTES, Precision, TrainingSetup, check_setup
 
 __all__ = ["Term", "TrainingRun", "STACK_WORDS", "plan_training", "widest_intermediate", "CUDA_CONTEXT", "CUBLAS_WORKSPACE",
            "weights_term", "gradients_term", "master_weights_term", "optimizer_states_term",
            "activations_term", "recomputed_block_term", "logits_and_loss_term", "backward_workspace_term",
            "ddp_buckets_term", "gathered_parameters_term", "cublas_workspaces_term", "cuda_context_term",
+           "dequantize_buffer_term",
            "gradients_held_at_backward_start", "first_block_activations"]
 
 STACK_WORDS = {"hf": "transformers + peft + bitsandbytes", "minilora": "minilora (reference_models)"}
@@ -232,13 +233,34 @@ def logits_and_loss_term(run: TrainingRun) -> Term:
                 + "), and two fp32 (B, T, V) gradients alive together at backward start")
 
 
+def _largest_dequantized_weight(run: TrainingRun) -> int:
+    """Bytes of the largest 4-bit weight decoded to the dtype it is multiplied in (QLoRA), else 0."""
+    if run.setup.method != "qlora":
+        return 0
+    p = run.precision
+    largest = max(lin.in_features * lin.out_features for lin in quantized_linears(run.spec))
+    return largest * DTYPE_BYTES[p.autocast or p.compute]
+
+
 def backward_workspace_term(run: TrainingRun) -> Term:
     s, spec = run.setup, run.spec
     workspace = s.batch * s.seq * (2 * widest_intermediate(spec) + 2 * spec.hidden_size) * run.precision.activations
     if s.attn == "eager":
         workspace += 2 * s.batch * spec.num_heads * s.seq ** 2 * 4
-    return Term("backward workspace", workspace,
-                "estimate: gradients of one block's widest intermediates (and of its scores when eager)")
+    text = "estimate: gradients of one block's widest intermediates (and of its scores when eager)"
+    if s.stack == "hf" and s.method == "qlora":
+        workspace += _largest_dequantized_weight(run)
+        text += "; bitsandbytes decodes a 4-bit weight into a new tensor for each matmul (the largest)"
+    return Term("backward workspace", workspace, text)
+
+
+def dequantize_buffer_term(run: TrainingRun) -> Term | None:
+    """minilora's LinearNF4 decodes every 4-bit weight into one reused buffer, held for the run."""
+    if run.setup.stack != "minilora" or run.setup.method != "qlora":
+        return None
+    return Term("4-bit dequantize buffer", _largest_dequantized_weight(run),
+                "LinearNF4 decodes each 4-bit weight into one reused dense buffer (matmul_4bit.WeightBuffers) the "
+                "size of the largest, in the dtype it multiplies in; held for the whole run")
 
 
 def gradients_held_at_backward_start(run: TrainingRun, gradients: int) -> int:

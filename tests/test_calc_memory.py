@@ -177,7 +177,7 @@ def test_peak_grows_with_batch_and_seq_and_shrinks_with_checkpointing():
        autocast=st.sampled_from(["none", "bf16"]))
 def test_peak_is_the_held_terms_plus_the_largest_phase(model, method, optimizer, grad_ckpt, attn, dtype, gpus,
                                                        zero, grad_accum, device, batch, seq, stack, autocast):
-    """peak = weights + master + optimizer + strategy and cuBLAS buffers + max(backward start, backward
+    """peak = weights + master + optimizer + strategy, cuBLAS and dequantize buffers + max(backward start, backward
     end, step), each phase holding its terms; host bytes are the terms' CPU bytes; the note says the same."""
     assume(not (stack == "hf" and grad_ckpt == "selective"))  # transformers has no selective recomputation
     setup = TrainingSetup(method=method, optimizer=optimizer, grad_ckpt=grad_ckpt, attn=attn, dtype=dtype, gpus=gpus,
@@ -192,7 +192,8 @@ def test_peak_is_the_held_terms_plus_the_largest_phase(model, method, optimizer,
 
     static, start, end, step = (int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", b.notes[0]))
     assert static == gpu("weights", "master weights", "optimizer states", "DDP gradient buckets",
-                         "gathered parameters", "cuBLAS workspaces")
+                         "gathered parameters", "cuBLAS workspaces", "4-bit dequantize buffer")
+    assert ("4-bit dequantize buffer" in terms) == (stack == "minilora" and method == "qlora")
     # backward start also holds the gradients produced before it (none, the head's, or all of them)
     assert gpu("activations", "logits and loss") <= start <= gpu("activations", "logits and loss", "gradients")
     if grad_accum > 1:
