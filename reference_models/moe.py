@@ -73,6 +73,8 @@ class Experts(nn.Module):
     tokens routed to it; each projection goes through `project`, which a wrapper can replace (LoRA on
     the expert tensors, a 4-bit copy of them) without a second copy of the expert's MLP."""
 
+    TENSORS = ("gate_up_proj", "down_proj")  # each (E, out, in)
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act, device=None, dtype=None):
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
@@ -86,6 +88,10 @@ class Experts(nn.Module):
         """N(0, 0.02), transformers' initializer_range, as the model's linear layers."""
         for p in (self.gate_up_proj, self.down_proj):
             nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def tensor_shape(self, name: str) -> tuple[int, int, int]:
+        """(E, out, in) of expert tensor `name`."""
+        return tuple(getattr(self, name).shape)
 
     def project(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
         # x (n, in) -> (n, out) through expert `expert`'s (out, in) slice of the 3-D tensor `name`

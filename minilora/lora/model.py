@@ -1,11 +1,13 @@
 """Model-level LoRA: put LoRALinear layers into any nn.Module, switch, merge and remove adapters.
 
 The model stays the user's own module (no wrapper class): `inject` replaces the targeted linear
-layers in place and freezes everything else, so `model(x)` and the state-dict layout keep working.
-Adapter configs live in `model.lora_configs` (a plain dict, not part of the state dict).
+layers (and, in a mixture-of-experts model, the experts modules whose tensors it adapts: LoRAExperts,
+lora/experts.py) in place and freezes everything else, so `model(x)` and the state-dict layout keep
+working. Adapter configs live in `model.lora_configs` (a plain dict, not part of the state dict).
 """
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import replace
@@ -13,13 +15,16 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from reference_models.moe import Gate
+
 from .base import base_weight, check_rank_fits, is_linear_like, restore_base, snapshot_base
-from .layer import LoRAConfig, LoRALinear, pattern_matches
+from .experts import LoRAExperts, expert_target_names, expert_targets
+from .layer import LoRAConfig, LoRALinear, pattern_matches, suffix_match
 
 __all__ = [
     "inject", "set_adapter", "disable_adapters", "delete_adapter", "merge", "unmerge", "unload",
     "trainable_parameters", "adapter_names_per_sample", "lora_layers", "target_names", "inject_with_undo",
-    "suffix_match", "in_modules_to_save",
+    "suffix_match", "in_modules_to_save", "adapter_layers",
 ]
 
 # peft's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -28,6 +33,11 @@ DEFAULT_TARGETS = (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",))
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAExperts]:
+    """Every layer that holds adapters: LoRALinear and LoRAExperts (the same switching and merging)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
 
 
 def _output_head(model: nn.Module) -> str | None:
@@ -41,8 +51,8 @@ def _output_head(model: nn.Module) -> str | None:
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Every named module that is not inside a LoRALinear (its base_layer, lora_A, ...)."""
-    inner = {f"{p}.{s}" for p, m in model.named_modules() if isinstance(m, LoRALinear)
+    """Every named module that is not inside a LoRALinear or LoRAExperts (its base_layer, lora_A, ...)."""
+    inner = {f"{p}.{s}" for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))
              for s, _ in m.named_modules() if s}
     return {n: m for n, m in model.named_modules() if n and n not in inner}
 
@@ -51,9 +61,9 @@ def _linear_like(m: nn.Module) -> bool:
     return isinstance(m, LoRALinear) or is_linear_like(m)
 
 
-def suffix_match(name: str, target: str) -> bool:
-    """peft's list rule: `target` is the full module name or a `.`-suffix of it."""
-    return name == target or name.endswith("." + target)
+def _is_router(m: nn.Module) -> bool:
+    """A mixture-of-experts gate (the router, Qwen2-MoE's shared_expert_gate): "all-linear" leaves it out."""
+    return isinstance(m.base_layer if isinstance(m, LoRALinear) else m, Gate)
 
 
 def in_modules_to_save(name: str, modules_to_save) -> bool:
@@ -70,10 +80,12 @@ def _matches(spec, name: str) -> bool:
 
 
 def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """The module names `config` targets in `model`, checked: raises if the target matches nothing,
-    if a list entry matches nothing, or if a match is not a linear layer."""
+    """The linear modules `config` targets in `model` (expert tensors: experts.expert_targets), checked:
+    raises if the target matches nothing, if a list entry or target_parameters entry matches nothing, or
+    if a match is not a linear layer."""
     modules = _candidates(model)
     linear = [n for n, m in modules.items() if _linear_like(m)]
+    experts = expert_targets(model, config)
     spec = config.target_modules
     if spec is None:
         spec = next((list(d) for d in DEFAULT_TARGETS if any(_matches(d, n) for n in linear)), None)
@@ -82,30 +94,47 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
                              f"linear modules here: {_summary(linear)}")
     if isinstance(spec, str) and spec.lower() == "all-linear":
         head = _output_head(model)
-        chosen = [n for n in linear if n != head]
+        chosen = [n for n in linear if n != head and not _is_router(modules[n])]
     else:
         chosen = [n for n in modules if _matches(spec, n)]
         if not isinstance(spec, str):  # a typo in one list entry is an error, not a silent no-op (stricter than peft)
-            missing = [t for t in spec if not any(suffix_match(n, t) for n in modules)]
-            if missing and chosen:
+            missing = [t for t in spec if not any(suffix_match(n, t) for n in modules)
+                       and t.rsplit(".", 1)[-1] not in expert_target_names(model)]
+            if missing and (chosen or experts):
                 raise ValueError(f"target_modules entries {missing} match no module; linear modules here: "
                                  f"{_summary(linear)}")
+    chosen += _parameter_targets(config, linear, chosen, experts)
     excl = config.exclude_modules
     if excl:
         chosen = [n for n in chosen if not _matches(excl, n)]
     keep = config.modules_to_save
     chosen = [n for n in chosen if not in_modules_to_save(n, keep)]
-    if not chosen:
+    if not chosen and not experts:
         raise ValueError(f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
                          f"matches no module; linear modules here: {_summary(linear)}")
     bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _linear_like(modules[n])]
     if bad:
-        raise TypeError(f"LoRA targets must be linear layers (nn.Linear or lora_compatible), got {', '.join(bad)}")
+        raise TypeError(f"LoRA targets must be linear layers (nn.Linear or lora_compatible; expert tensors go in "
+                        f"target_parameters), got {', '.join(bad)}")
+    adapted = chosen + [f"{n}.{t}" for n, tensors in experts.items() for t in tensors]
     for pattern, kind in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         for key in pattern:
-            if not any(pattern_matches(key, n) for n in chosen):
-                raise ValueError(f"{kind} key {key!r} matches none of the targeted modules {_summary(chosen)}")
+            if not any(pattern_matches(key, n) for n in adapted):
+                raise ValueError(f"{kind} key {key!r} matches none of the targeted modules {_summary(adapted)}")
     return chosen
+
+
+def _parameter_targets(config: LoRAConfig, linear: list[str], chosen: list[str], experts: dict) -> list[str]:
+    """Linear modules whose weight target_parameters names (peft wraps that one parameter: the same LoRA);
+    an entry that names neither such a weight nor an expert tensor is an error."""
+    params = config.target_parameters or []
+    more = [n for n in linear if n not in chosen and any(suffix_match(f"{n}.weight", p) for p in params)]
+    names = [f"{n}.weight" for n in linear] + [f"{n}.{t}" for n, tensors in experts.items() for t in tensors]
+    unmatched = [p for p in params if not any(suffix_match(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"target_parameters entries {unmatched} match no expert tensor (3-D) nor linear weight; "
+                         f"linear modules here: {_summary(linear)}")
+    return more
 
 
 def _summary(names: list[str], limit: int = 12) -> str:
@@ -139,13 +168,18 @@ def inject_with_undo(model: nn.Module, config: LoRAConfig, adapter_name: str = "
     configs = getattr(model, "lora_configs", {})
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {sorted(configs)}")
-    names = target_names(model, config)
+    names, experts = target_names(model, config), expert_targets(model, config)
     for name in names:  # everything that can be refused, before anything is modified
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             module.check_adapter(adapter_name, config.rank_for(name), config.init)
         else:
             check_rank_fits(config.rank_for(name), module.in_features, module.out_features, name)
+    for name, tensors in experts.items():
+        module = model.get_submodule(name)
+        layer = module if isinstance(module, LoRAExperts) else LoRAExperts(module, name)
+        layer.check_adapter(adapter_name, {t: r for t, (r, _) in tensors.items()}, config.dropout, config.init,
+                            config.use_dora)
     replaced = {}
     undo = _undo_inject(model, names, config, adapter_name, replaced)
     try:
@@ -157,6 +191,14 @@ def inject_with_undo(model: nn.Module, config: LoRAConfig, adapter_name: str = "
                 _set_submodule(model, name, module)
             module.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
                                config.init, config.use_rslora, config.use_dora)
+        for name, tensors in experts.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, LoRAExperts):
+                replaced[name] = module
+                module = LoRAExperts(module, name=name)
+                _set_submodule(model, name, module)
+            module.add_adapter(adapter_name, {t: r for t, (r, _) in tensors.items()},
+                               {t: a for t, (_, a) in tensors.items()}, config.init, config.use_rslora)
         model.lora_configs = {**configs, adapter_name: replace(config)}
         set_adapter(model, adapter_name)
     except Exception:
@@ -174,7 +216,7 @@ def _undo_inject(model: nn.Module, names: list[str], config: LoRAConfig, adapter
     had_configs = hasattr(model, "lora_configs")
     configs = dict(getattr(model, "lora_configs", {}))
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    active = {id(layer): (layer, list(layer.active_adapters)) for layer in lora_layers(model).values()}
+    active = {id(layer): (layer, list(layer.active_adapters)) for layer in adapter_layers(model).values()}
     bases = []
     if config.init in ("pissa", "olora"):
         for name in names:
@@ -183,7 +225,7 @@ def _undo_inject(model: nn.Module, names: list[str], config: LoRAConfig, adapter
             bases.append((base, snapshot_base(base)))
 
     def undo() -> None:
-        for layer in lora_layers(model).values():
+        for layer in adapter_layers(model).values():
             if adapter_name in layer.lora_A:
                 layer.delete_adapter(adapter_name)
         for name, original in replaced.items():
@@ -217,13 +259,11 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
     _check_names(model, names)
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in lora_layers(model).values():
+    for layer in adapter_layers(model).values():
         layer.active_adapters = [n for n in names if n in layer.lora_A]
         for n in layer.active_adapters:
-            for table in (layer.lora_A, layer.lora_B):
-                table[n].weight.requires_grad_(True)
-            if n in layer.lora_magnitude_vector:
-                layer.lora_magnitude_vector[n].requires_grad_(True)
+            for p in layer.adapter_parameters(n):
+                p.requires_grad_(True)
     for n in names:
         config = model.lora_configs[n]
         if config.bias == "all":
@@ -242,7 +282,7 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
 @contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model: merged adapters are taken out for the duration and merged back after."""
-    layers = list(lora_layers(model).values())
+    layers = list(adapter_layers(model).values())
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     for layer in layers:
         layer.unmerge()
@@ -258,7 +298,7 @@ def disable_adapters(model: nn.Module):
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every layer (it must not be merged). Wrapped layers stay wrapped."""
     _check_names(model, [name])
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     merged = [n for n, layer in layers.items() if name in layer.merged_adapters]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {_summary(merged)}; unmerge(model) first")
@@ -270,7 +310,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = True) -> None:
     """Fold adapters (default: the active ones) into the base weights: delta in fp32, rounded once
     into the base dtype. safe=True checks each merged weight for inf/NaN before writing it."""
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     if adapter_names is not None:
         adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         _check_names(model, adapter_names)
@@ -280,7 +320,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
 
 def unmerge(model: nn.Module) -> None:
     """Take every merged adapter out of the base weights again (last merged first)."""
-    for layer in lora_layers(model).values():
+    for layer in adapter_layers(model).values():
         layer.unmerge()
 
 
@@ -305,6 +345,8 @@ def unload(model: nn.Module, requantize: bool = False) -> nn.Module:
             layer.base_layer = base = dense
         layer.merge(layer.active_adapters, safe=True)
         _set_submodule(model, name, base)
+    for name, layer in adapter_layers(model).items():  # LoRAExperts: the experts module, merged
+        _set_submodule(model, name, layer.unloaded(requantize))
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
@@ -312,7 +354,8 @@ def unload(model: nn.Module, requantize: bool = False) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int, float]:
     """(trainable, all, percent) as peft's get_nb_trainable_parameters / print_trainable_parameters:
-    shared (tied) parameters count once; a 4-bit base counts its logical in*out weights."""
+    shared (tied) parameters count once; a 4-bit base counts its logical weights (in*out, or E*out*in
+    per expert tensor)."""
     trainable = total = 0
     for _, p in model.named_parameters():
         total += p.numel()
@@ -321,6 +364,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int, float]:
         if getattr(type(m), "is_quantized_4bit", False):
             held = sum(p.numel() for n, p in m.named_parameters(recurse=False) if n == "weight")
             total += m.in_features * m.out_features - held
+        elif getattr(type(m), "is_quantized_experts", False):
+            total += sum(math.prod(m.tensor_shape(t)) for t in m.TENSORS)
     return trainable, total, 100 * trainable / total if total else 0.0
 
 
@@ -330,6 +375,11 @@ def adapter_names_per_sample(model: nn.Module, names: list[str]):
     ("__base__" = no adapter), like peft's `model(x, adapter_names=...)`."""
     names = list(names)
     _check_names(model, [n for n in set(names) if n != "__base__"])
+    experts = [n for n, layer in adapter_layers(model).items() if isinstance(layer, LoRAExperts)
+               and any(a in layer.lora_A for a in names)]
+    if experts:
+        raise ValueError(f"mixed-adapter batches cannot pass LoRA on expert tensors ({_summary(experts)}): the MoE "
+                         "block mixes every row's tokens before the experts (peft refuses them too)")
     layers = list(lora_layers(model).values())
     merged = [layer.name for layer in layers if layer.merged_adapters]
     if merged:
