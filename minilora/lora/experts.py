@@ -1,5 +1,5 @@
 """LoRA on a mixture-of-experts layer's 3-D expert tensors, as peft >= 0.18 does with
-`target_parameters` (peft/tuners/lora/layer.py, ParamWrapper), and which expert tensors a config targets.
+`target_parameters` (peft/tuners/lora/layer.py, ParamWrapper).
 
 A targeted tensor W (E, out, in) (reference_models.moe.Experts: gate_up_proj (E, 2I, C), down_proj
 (E, C, I); expert e's slice is (out, in) like an nn.Linear weight) gets, per adapter, one low-rank
@@ -12,7 +12,7 @@ experts run instead: the same function, but a second copy of the expert tensors 
 per expert (an adapter trains E * r * (in + out) numbers per tensor) and scaling = alpha / r. peft's
 file keeps A as (E*r, in) and B as (out, r*E); lora/peft_experts.py converts.
 
-Which tensors: `target_parameters` names them (`experts.gate_up_proj`, rank r). `target_modules`
+Which tensors (lora/targets.py): `target_parameters` names them (`experts.gate_up_proj`, rank r). `target_modules`
 reaches them by the per-expert names checkpoints use (Mixtral w1, w3, w2; Qwen gate_proj, up_proj,
 down_proj: reference_models.checkpoint_keys.EXPERT_KEYS) or through "all-linear", as peft converts a
 transformers 4 config: an expert's gate and up projections are one tensor, so both must be named,
@@ -26,18 +26,15 @@ adapter), no DoRA, no mixed-adapter batches; and no pissa/olora initialisation.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference_models.checkpoint_keys import expert_keys
-
 from .base import check_rank_fits
-from .layer import LoRAConfig, LowRankAdd, suffix_match
+from .layer import LowRankAdd
 
-__all__ = ["LoRAExperts", "is_experts", "expert_modules", "expert_targets", "expert_target_names"]
+__all__ = ["LoRAExperts", "is_experts"]
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -214,61 +211,3 @@ def _write_expert_weight(base: nn.Module, tensor: str, weight: torch.Tensor) -> 
         base.requantize_(tensor, weight)
     else:
         getattr(base, tensor).data.copy_(weight)
-
-
-# -------------------------------------------------------------------------------- targets
-
-def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every experts module (or LoRAExperts around one) not inside a LoRAExperts, by name."""
-    inner = {f"{n}.base_layer" for n, m in model.named_modules() if isinstance(m, LoRAExperts)}
-    return {n: m for n, m in model.named_modules() if (isinstance(m, LoRAExperts) or is_experts(m)) and n not in inner}
-
-
-def _per_expert_names(model: nn.Module) -> dict[str, str]:
-    """The checkpoint's per-expert projection names -> the tensor they are fused into."""
-    ek = expert_keys(model)
-    return {} if ek is None else {ek.gate: "gate_up_proj", ek.up: "gate_up_proj", ek.down: "down_proj"}
-
-
-def expert_target_names(model: nn.Module) -> set[str]:
-    """target_modules entries that mean experts here (a list entry naming one matches no module)."""
-    return set(_per_expert_names(model))
-
-
-def _excluded(config: LoRAConfig, name: str) -> bool:
-    spec = config.exclude_modules
-    if not spec:
-        return False
-    return re.fullmatch(spec, name) is not None if isinstance(spec, str) else any(suffix_match(name, e) for e in spec)
-
-
-def _named(spec, experts: str, old: str) -> bool:
-    """Does target_modules `spec` name the per-expert projection `old` of experts module `experts`?"""
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return spec.lower() == "all-linear" or re.fullmatch(spec, f"{experts}.{old}") is not None
-    return any(t == old or t.endswith("." + old) for t in spec)  # peft's conversion rule
-
-
-def expert_targets(model: nn.Module, config: LoRAConfig) -> dict[str, dict[str, tuple[int, float]]]:
-    """{experts module: {tensor: (rank, alpha)}} that `config` adapts (see the module docstring), checked."""
-    old_names = _per_expert_names(model)
-    gate, up = [old for old, tensor in old_names.items() if tensor == "gate_up_proj"] or (None, None)
-    chosen: dict[str, dict[str, int]] = {}  # experts module -> {tensor: rank factor}
-    for name, module in expert_modules(model).items():
-        base = module.base_layer if isinstance(module, LoRAExperts) else module
-        if _excluded(config, name):
-            continue
-        for tensor in base.TENSORS:
-            if any(suffix_match(f"{name}.{tensor}", p) for p in config.target_parameters or ()):
-                chosen.setdefault(name, {})[tensor] = 1
-        named = {old for old in old_names if _named(config.target_modules, name, old)}
-        if (gate in named) != (up in named):
-            raise ValueError(f"target_modules names {gate if gate in named else up} but not "
-                             f"{up if gate in named else gate}: an expert's {gate} and {up} are one tensor "
-                             f"({name}.gate_up_proj); name both, or use target_parameters")
-        for old in named:  # two per-expert adapters side by side: rank and alpha doubled for gate_up_proj
-            chosen.setdefault(name, {}).setdefault(old_names[old], 2 if old_names[old] == "gate_up_proj" else 1)
-    return {name: {t: (factor * config.rank_for(f"{name}.{t}"), factor * config.alpha_for(f"{name}.{t}"))
-                   for t, factor in tensors.items()} for name, tensors in chosen.items()}

@@ -8,28 +8,22 @@ working. Adapter configs live in `model.lora_configs` (a plain dict, not part of
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from reference_models.moe import Gate
-
-from .base import base_weight, check_rank_fits, is_linear_like, restore_base, snapshot_base
-from .experts import LoRAExperts, expert_target_names, expert_targets
-from .layer import LoRAConfig, LoRALinear, pattern_matches, suffix_match
+from .base import base_weight, check_rank_fits, restore_base, snapshot_base
+from .experts import LoRAExperts
+from .layer import LoRAConfig, LoRALinear, suffix_match
+from .targets import candidate_modules, expert_targets, in_modules_to_save, name_summary, pattern_name, target_names
 
 __all__ = [
     "inject", "set_adapter", "disable_adapters", "delete_adapter", "merge", "unmerge", "unload",
     "trainable_parameters", "adapter_names_per_sample", "lora_layers", "target_names", "inject_with_undo",
     "suffix_match", "in_modules_to_save", "adapter_layers",
 ]
-
-# peft's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",))
-
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -38,112 +32,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def adapter_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAExperts]:
     """Every layer that holds adapters: LoRALinear and LoRAExperts (the same switching and merging)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
-
-
-def _output_head(model: nn.Module) -> str | None:
-    """The output projection that "all-linear" leaves out: transformers' get_output_embeddings,
-    else a top-level `lm_head` (the reference models' name)."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else getattr(model, "lm_head", None)
-    if head is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is head), None)
-
-
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Every named module that is not inside a LoRALinear or LoRAExperts (its base_layer, lora_A, ...)."""
-    inner = {f"{p}.{s}" for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))
-             for s, _ in m.named_modules() if s}
-    return {n: m for n, m in model.named_modules() if n and n not in inner}
-
-
-def _linear_like(m: nn.Module) -> bool:
-    return isinstance(m, LoRALinear) or is_linear_like(m)
-
-
-def _is_router(m: nn.Module) -> bool:
-    """A mixture-of-experts gate (the router, Qwen2-MoE's shared_expert_gate): "all-linear" leaves it out."""
-    return isinstance(m.base_layer if isinstance(m, LoRALinear) else m, Gate)
-
-
-def in_modules_to_save(name: str, modules_to_save) -> bool:
-    """Whether module or state-dict key `name` is a modules_to_save module or lies inside one: some
-    `.`-prefix of `name` (or `name` itself) suffix-matches an entry, as peft matches modules_to_save."""
-    parts = name.split(".")
-    return any(suffix_match(".".join(parts[:i]), m) for m in modules_to_save for i in range(len(parts), 0, -1))
-
-
-def _matches(spec, name: str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(suffix_match(name, t) for t in spec)
-
-
-def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """The linear modules `config` targets in `model` (expert tensors: experts.expert_targets), checked:
-    raises if the target matches nothing, if a list entry or target_parameters entry matches nothing, or
-    if a match is not a linear layer."""
-    modules = _candidates(model)
-    linear = [n for n, m in modules.items() if _linear_like(m)]
-    experts = expert_targets(model, config)
-    spec = config.target_modules
-    if spec is None:
-        spec = next((list(d) for d in DEFAULT_TARGETS if any(_matches(d, n) for n in linear)), None)
-        if spec is None:
-            raise ValueError(f"target_modules=None and no default target ({DEFAULT_TARGETS}) exists; "
-                             f"linear modules here: {_summary(linear)}")
-    if isinstance(spec, str) and spec.lower() == "all-linear":
-        head = _output_head(model)
-        chosen = [n for n in linear if n != head and not _is_router(modules[n])]
-    else:
-        chosen = [n for n in modules if _matches(spec, n)]
-        if not isinstance(spec, str):  # a typo in one list entry is an error, not a silent no-op (stricter than peft)
-            missing = [t for t in spec if not any(suffix_match(n, t) for n in modules)
-                       and t.rsplit(".", 1)[-1] not in expert_target_names(model)]
-            if missing and (chosen or experts):
-                raise ValueError(f"target_modules entries {missing} match no module; linear modules here: "
-                                 f"{_summary(linear)}")
-    chosen += _parameter_targets(config, linear, chosen, experts)
-    excl = config.exclude_modules
-    if excl:
-        chosen = [n for n in chosen if not _matches(excl, n)]
-    keep = config.modules_to_save
-    chosen = [n for n in chosen if not in_modules_to_save(n, keep)]
-    if not chosen and not experts:
-        raise ValueError(f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
-                         f"matches no module; linear modules here: {_summary(linear)}")
-    bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _linear_like(modules[n])]
-    if bad:
-        raise TypeError(f"LoRA targets must be linear layers (nn.Linear or lora_compatible; expert tensors go in "
-                        f"target_parameters), got {', '.join(bad)}")
-    adapted = chosen + [f"{n}.{t}" for n, tensors in experts.items() for t in tensors]
-    for pattern, kind in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
-        for key in pattern:
-            if not any(pattern_matches(key, n) for n in adapted):
-                raise ValueError(f"{kind} key {key!r} matches none of the targeted modules {_summary(adapted)}")
-    return chosen
-
-
-def _parameter_targets(config: LoRAConfig, linear: list[str], chosen: list[str], experts: dict) -> list[str]:
-    """Linear modules whose weight target_parameters names (peft wraps that one parameter: the same LoRA);
-    an entry that names neither such a weight nor an expert tensor is an error."""
-    params = config.target_parameters or []
-    more = [n for n in linear if n not in chosen and any(suffix_match(f"{n}.weight", p) for p in params)]
-    names = [f"{n}.weight" for n in linear] + [f"{n}.{t}" for n, tensors in experts.items() for t in tensors]
-    unmatched = [p for p in params if not any(suffix_match(n, p) for n in names)]
-    if unmatched:
-        raise ValueError(f"target_parameters entries {unmatched} match no expert tensor (3-D) nor linear weight; "
-                         f"linear modules here: {_summary(linear)}")
-    return more
-
-
-def _summary(names: list[str], limit: int = 12) -> str:
-    """Distinct last names with counts: `c_attn (x4), c_proj (x8), lm_head`."""
-    counts: dict[str, int] = {}
-    for n in names:
-        counts[n.rsplit(".", 1)[-1]] = counts.get(n.rsplit(".", 1)[-1], 0) + 1
-    parts = [f"{k} (x{v})" if v > 1 else k for k, v in counts.items()]
-    return ", ".join(parts[:limit]) + (", ..." if len(parts) > limit else "") if parts else "(none)"
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -170,11 +58,11 @@ def inject_with_undo(model: nn.Module, config: LoRAConfig, adapter_name: str = "
         raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {sorted(configs)}")
     names, experts = target_names(model, config), expert_targets(model, config)
     for name in names:  # everything that can be refused, before anything is modified
-        module = model.get_submodule(name)
+        module, rank = model.get_submodule(name), config.rank_for(pattern_name(config, name))
         if isinstance(module, LoRALinear):
-            module.check_adapter(adapter_name, config.rank_for(name), config.init)
+            module.check_adapter(adapter_name, rank, config.init)
         else:
-            check_rank_fits(config.rank_for(name), module.in_features, module.out_features, name)
+            check_rank_fits(rank, module.in_features, module.out_features, name)
     for name, tensors in experts.items():
         module = model.get_submodule(name)
         layer = module if isinstance(module, LoRAExperts) else LoRAExperts(module, name)
@@ -189,7 +77,8 @@ def inject_with_undo(model: nn.Module, config: LoRAConfig, adapter_name: str = "
                 replaced[name] = module
                 module = LoRALinear(module, name=name)
                 _set_submodule(model, name, module)
-            module.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
+            key = pattern_name(config, name)
+            module.add_adapter(adapter_name, config.rank_for(key), config.alpha_for(key), config.dropout,
                                config.init, config.use_rslora, config.use_dora)
         for name, tensors in experts.items():
             module = model.get_submodule(name)
@@ -274,7 +163,7 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
             for layer in lora_layers(model).values():
                 if n in layer.lora_A and getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(True)
-        for mname, module in _candidates(model).items():
+        for mname, module in candidate_modules(model).items():
             if in_modules_to_save(mname, config.modules_to_save):
                 module.requires_grad_(True)
 
@@ -301,7 +190,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     layers = adapter_layers(model)
     merged = [n for n, layer in layers.items() if name in layer.merged_adapters]
     if merged:
-        raise ValueError(f"adapter {name!r} is merged into {_summary(merged)}; unmerge(model) first")
+        raise ValueError(f"adapter {name!r} is merged into {name_summary(merged)}; unmerge(model) first")
     for layer in layers.values():
         layer.delete_adapter(name)
     model.lora_configs = {k: v for k, v in model.lora_configs.items() if k != name}
@@ -378,12 +267,12 @@ def adapter_names_per_sample(model: nn.Module, names: list[str]):
     experts = [n for n, layer in adapter_layers(model).items() if isinstance(layer, LoRAExperts)
                and any(a in layer.lora_A for a in names)]
     if experts:
-        raise ValueError(f"mixed-adapter batches cannot pass LoRA on expert tensors ({_summary(experts)}): the MoE "
+        raise ValueError(f"mixed-adapter batches cannot pass LoRA on expert tensors ({name_summary(experts)}): the MoE "
                          "block mixes every row's tokens before the experts (peft refuses them too)")
     layers = list(lora_layers(model).values())
     merged = [layer.name for layer in layers if layer.merged_adapters]
     if merged:
-        raise ValueError(f"adapters are merged into {_summary(merged)}; unmerge(model) before a mixed batch")
+        raise ValueError(f"adapters are merged into {name_summary(merged)}; unmerge(model) before a mixed batch")
     for layer in layers:
         layer.sample_adapters = names
     try:

@@ -24,10 +24,14 @@ import torch
 from torch import nn
 
 from reference_models.checkpoint_keys import expert_keys
+from reference_models.moe import SparseMoE
 
-from .experts import LoRAExperts, expert_modules
+from .experts import LoRAExperts
+from .layer import suffix_match
+from .targets import expert_modules
 
-__all__ = ["expert_file_tensors", "expected_expert_tensors", "fuse_per_expert_tensors", "expert_file_fields"]
+__all__ = ["expert_file_tensors", "expected_expert_tensors", "fuse_per_expert_tensors", "expert_file_fields",
+           "router_names"]
 
 
 def _layers(model: nn.Module, adapter: str) -> dict[str, LoRAExperts]:
@@ -70,17 +74,27 @@ def expected_expert_tensors(model: nn.Module, adapter: str) -> dict[str, tuple[n
     return out
 
 
-def expert_file_fields(model: nn.Module, adapter: str) -> tuple[list[str] | None, dict, dict]:
-    """(target_parameters, {full tensor name: rank}, {...: alpha}) for adapter_config.json: the short
-    `experts.<tensor>` names when they select exactly the adapted tensors, else full names."""
+def router_names(model: nn.Module) -> set[str]:
+    """The routers (`<layer>.mlp.gate`) of every sparse MoE block."""
+    return {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, SparseMoE)}
+
+
+def expert_file_fields(model: nn.Module, adapter: str, wrapped: list[str]) -> tuple[list[str] | None, dict, dict]:
+    """(target_parameters, {parameter name: rank}, {...: alpha}) for adapter_config.json: the adapted expert
+    tensors, and the adapted routers among the LoRALinear modules `wrapped` as `<router>.weight` (peft
+    wraps a router's weight: transformers' router is no nn.Linear, so target_modules could not name it),
+    by their short names (`experts.gate_up_proj`, `gate.weight`) when these select exactly what is
+    adapted, else by full names. ranks / alphas: the expert tensors' (the caller adds the routers')."""
     layers = _layers(model, adapter)
+    routers = router_names(model)
     adapted = {f"{n}.{t}" for n, layer in layers.items() for t in layer.lora_A[adapter]}
+    adapted |= {f"{n}.weight" for n in routers & set(wrapped)}
     if not adapted:
         return None, {}, {}
     short = sorted({".".join(p.split(".")[-2:]) for p in adapted})
     every = {f"{n}.{t}" for n, m in expert_modules(model).items()
-             for t in (m.base_layer if isinstance(m, LoRAExperts) else m).TENSORS}
-    selected = {p for p in every if any(p == s or p.endswith("." + s) for s in short)}
+             for t in (m.base_layer if isinstance(m, LoRAExperts) else m).TENSORS} | {f"{n}.weight" for n in routers}
+    selected = {p for p in every if any(suffix_match(p, s) for s in short)}
     names = short if selected == adapted else sorted(adapted)
     ranks = {f"{n}.{t}": r for n, layer in layers.items() for t, r in layer.r[adapter].items()}
     alphas = {f"{n}.{t}": a for n, layer in layers.items() for t, a in layer.alpha[adapter].items()}

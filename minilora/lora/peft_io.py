@@ -19,8 +19,11 @@ from torch import nn
 
 from reference_models.files import save_safetensors_atomic, write_json_atomic
 from .layer import LoRAConfig
-from .model import in_modules_to_save, inject_with_undo, lora_layers, suffix_match
-from .peft_experts import expected_expert_tensors, expert_file_fields, expert_file_tensors, fuse_per_expert_tensors
+from .layer import suffix_match
+from .model import inject_with_undo, lora_layers
+from .targets import in_modules_to_save
+from .peft_experts import (expected_expert_tensors, expert_file_fields, expert_file_tensors, fuse_per_expert_tensors,
+                           router_names)
 
 __all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "config_from_peft", "CONFIG_NAME",
            "WEIGHTS_NAME"]
@@ -64,14 +67,16 @@ def save_adapter(model: nn.Module, folder, adapter_name: str = "default") -> Pat
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(configs) or 'no adapters'}")
     config = configs[adapter_name]
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
-    target_parameters, ranks, alphas = expert_file_fields(model, adapter_name)
+    target_parameters, ranks, alphas = expert_file_fields(model, adapter_name, list(layers))
+    routers = router_names(model)  # written as target_parameters <router>.weight, as peft does
     tensors = {PREFIX + k: v for k, v in expert_file_tensors(model, adapter_name).items()}
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if adapter_name in layer.lora_magnitude_vector:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
-        ranks[name], alphas[name] = layer.r[adapter_name], layer.alpha[adapter_name]
+        key = f"{name}.weight" if name in routers else name  # the name peft's rank_pattern meets
+        ranks[key], alphas[key] = layer.r[adapter_name], layer.alpha[adapter_name]
     state = model.state_dict(keep_vars=True)
     if config.bias == "all":
         tensors.update({PREFIX + k: v for k, v in state.items() if k == "bias" or k.endswith(".bias")})
@@ -93,7 +98,7 @@ def save_adapter(model: nn.Module, folder, adapter_name: str = "default") -> Pat
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
-        "target_modules": _targets_for_file(model, list(layers), config),
+        "target_modules": _targets_for_file(model, [n for n in layers if n not in routers], config),
         "target_parameters": target_parameters,
         "exclude_modules": config.exclude_modules,
         "bias": config.bias,

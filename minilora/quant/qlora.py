@@ -240,7 +240,7 @@ def quantize_model(model: nn.Module, skip=("lm_head",), quant_type: str = "nf4",
     if adapted:
         raise ValueError(f"quantize_model got a model that already has LoRA adapters ({adapted[:3]}...): its "
                          f"nn.Linear adapters would be quantized and frozen; quantize first, then inject")
-    from ..lora.model import suffix_match  # peft's list rule, shared with target_modules
+    from ..lora.layer import suffix_match  # peft's list rule, shared with target_modules
 
     targets = [n for n, m in model.named_modules()
                if type(m) is nn.Linear and not any(suffix_match(n, p) for p in skip)]
