@@ -7,7 +7,6 @@ working. Adapter configs live in `model.lora_configs` (a plain dict, not part of
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -243,8 +242,8 @@ def unload(model: nn.Module, requantize: bool = False) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int, float]:
     """(trainable, all, percent) as peft's get_nb_trainable_parameters / print_trainable_parameters:
-    shared (tied) parameters count once; a 4-bit base counts its logical weights (in*out, or E*out*in
-    per expert tensor)."""
+    shared (tied) parameters count once; a 4-bit base counts its logical in*out weights (4-bit experts:
+    one LinearNF4 per expert matrix)."""
     trainable = total = 0
     for _, p in model.named_parameters():
         total += p.numel()
@@ -253,8 +252,6 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int, float]:
         if getattr(type(m), "is_quantized_4bit", False):
             held = sum(p.numel() for n, p in m.named_parameters(recurse=False) if n == "weight")
             total += m.in_features * m.out_features - held
-        elif getattr(type(m), "is_quantized_experts", False):
-            total += sum(math.prod(m.tensor_shape(t)) for t in m.TENSORS)
     return trainable, total, 100 * trainable / total if total else 0.0
 
 
