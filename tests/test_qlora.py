@@ -12,15 +12,13 @@ from torch import nn
 from minilora.quant.nf4 import nf4_codebook, quantize_4bit
 from minilora.quant.bnb_format import Bnb4bitFormat, quant_state_from_dict
 from minilora.quant.qlora import LinearNF4, prepare_for_kbit_training, quantize_model
-from reference_models import GPT, GPTConfig, save_pretrained
+import factories
+from reference_models import save_pretrained
 
 
 
 def tiny_gpt(seed=0):
-    torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                       embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    return GPT(config)
+    return factories.tiny_gpt(seed, vocab_size=96, n_embd=64, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
 
 
 # ------------------------------------------------------------------------------------ LinearNF4
