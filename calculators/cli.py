@@ -18,6 +18,7 @@ from .gpus import GPUS, GiB, gpu_from_text
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_trainable_parameters, parse_targets
 from .memory import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup, inference_memory, training_memory
 from .models import PRESETS, count_parameters, model_spec
+from .moe import active_parameters
 
 __all__ = ["main", "build_parser"]
 
@@ -71,6 +72,8 @@ def _common(p):
     p.add_argument("--gpus", type=_positive(), default=1)
     p.add_argument("--zero", default="none", help="none | 0 (ddp) | 1 | 2 | 3 | full-shard | grad-op")
     p.add_argument("--gpu", default="24GB", help=f"a size (24GB) or {', '.join(GPUS)}")
+    p.add_argument("--expert-imbalance", type=_finite, default=1.0,
+                   help="mixture of experts: the busiest expert gets this many times the balanced tokens")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -118,12 +121,15 @@ def _setup(args, spec):
     targets = parse_targets(args.targets)
     lora = LoRASpec(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout)
     parse_strategy(args.zero, args.gpus)
+    if args.expert_imbalance != 1.0 and not spec.num_experts:
+        raise ValueError(f"--expert-imbalance applies to mixture-of-experts models; {spec.name} ({spec.family}) "
+                         "has no experts")
     if args.method != "full":
         lora_trainable_parameters(spec, args.rank, targets)  # validates rank and targets
     return TrainingSetup(method=args.method, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum,
                          grad_ckpt=args.grad_ckpt, attn=args.attn, dtype=args.dtype, master_weights=master,
                          optimizer=args.optimizer, lora=lora, double_quant=not args.no_double_quant,
-                         gpus=args.gpus, zero=args.zero)
+                         gpus=args.gpus, zero=args.zero, expert_imbalance=args.expert_imbalance)
 
 
 # settings that only training reads: `vram --inference` refuses them rather than print them unused
@@ -148,6 +154,8 @@ def _settings(args, spec):
                       f"vocab {spec.vocab_size})")]
     keys = ["method", "rank", "alpha", "dropout", "batch", "seq", "grad_accum", "grad_ckpt", "attn", "dtype",
             "optimizer", "master_weights", "no_double_quant", "gpus", "zero", "gpu"]
+    if spec.num_experts:
+        keys.append("expert_imbalance")
     rows.append(("targets", targets))
     if _inference(args):
         keys = [k for k in keys if k not in _TRAINING_ONLY]
@@ -175,6 +183,8 @@ def run(args) -> dict:
     total = count_parameters(spec)
     if args.command == "params":
         out["params"] = total
+        if spec.num_experts:
+            out["active_params"] = active_parameters(spec)
         if args.method != "full":
             trainable = lora_trainable_parameters(spec, args.rank, setup.lora.targets)
             out["lora_trainable"] = trainable
@@ -212,9 +222,11 @@ def run(args) -> dict:
     price = gpu.price_per_hour if args.price is None else args.price
     if price < 0:
         raise ValueError(f"--price must be >= 0, got {price}")
-    est = training_cost(total, trainable, args.tokens, args.epochs, args.method, spec.num_layers, args.seq,
+    est = training_cost(active_parameters(spec), trainable, args.tokens, args.epochs, args.method, spec.num_layers, args.seq,
                         spec.hidden_size, args.grad_ckpt, args.gpus, gpu.tflops(args.dtype), args.mfu, price)
     est.assumptions["peak TFLOPS per GPU"] = gpu.tflops(args.dtype)
+    if spec.num_experts:
+        est.assumptions["N"] = f"{active_parameters(spec):,} parameters active per token (of {total:,})"
     est.assumptions["dtype"] = (f"{args.dtype}: plain FP32 peak (torch's default, TF32 off)"
                                 if DTYPE_BYTES[args.dtype] == 4 else f"{args.dtype}: tensor-core peak")
     out["cost"] = est.__dict__
@@ -225,6 +237,8 @@ def render(args, out) -> str:
     lines = [_table(_settings_rows(out), ["setting", "value"]), ""]
     if args.command == "params":
         rows = [("total parameters", f"{out['params']:,}")]
+        if "active_params" in out:
+            rows.append(("active per token", f"{out['active_params']:,}"))
         if "lora_trainable" in out:
             rows += [("LoRA trainable", f"{out['lora_trainable']:,}"),
                      ("trainable %", f"{out['lora_percent']:.4f}"), ("adapted layers", out["lora_layers"])]

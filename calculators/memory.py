@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .kv_cache import kv_bytes_per_position
 from .parameters import parameter_tensors
 from .spec import ModelSpec
 from .states import model_state_bytes, nf4_bytes, quantized_linears
@@ -95,14 +96,15 @@ def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tok
     quantized = {f"{lin.name}.weight" for lin in quantized_linears(spec)} if quant == "nf4" else set()
     weights = sum(nf4_bytes(t.numel, 64, double_quant) if t.name in quantized else t.numel * d for t in tensors)
     total_len = prompt + new_tokens
-    kv = 2 * spec.num_layers * batch * spec.num_kv_heads * total_len * spec.head_dim * d
+    kv = spec.num_layers * batch * total_len * kv_bytes_per_position(spec, d)
     inter = widest_intermediate(spec)
     prefill = batch * prompt * (spec.vocab_size + 2 * inter + 2 * spec.hidden_size) * d
     if attn == "eager":
         prefill += batch * spec.num_heads * prompt * total_len * (4 + d)
     terms = [Term("weights", weights, f"{'NF4 linear layers, ' if quant == 'nf4' else ''}{dtype} otherwise"),
-             Term("KV cache", kv, f"keys and values of {spec.num_layers} layers x {spec.num_kv_heads} kv heads x "
-                                  f"{total_len} positions x batch {batch}, {dtype}, preallocated"),
+             Term("KV cache", kv, (f"MLA latent + rope key of {spec.num_layers} layers" if spec.mla else
+                                   f"keys and values of {spec.num_layers} layers x {spec.num_kv_heads} kv heads")
+                  + f" x {total_len} positions x batch {batch}, {dtype}, preallocated"),
              Term("prefill working memory", prefill,
                   "logits for every prompt position + one block's widest intermediates"
                   + (" + eager attention scores" if attn == "eager" else "")),

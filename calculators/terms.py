@@ -20,6 +20,8 @@ from .activations import ActivationSetup, activation_bytes, block_targets
 from .distributed import parse_strategy, shard, shard_note
 from .gpus import MiB
 from .lora import lora_layers
+from .mla import mla_projections
+from .moe import busiest_expert_tokens
 from .spec import ModelSpec
 from .states import ModelStates, model_state_bytes
 from .training_setup import Precision, TrainingSetup, check_setup
@@ -90,8 +92,14 @@ def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
 
 
 def widest_intermediate(spec: ModelSpec) -> int:
-    """Width of a block's widest activation: the (gated) MLP input or the fused q/k/v output."""
-    return max(spec.intermediate_size * (2 if spec.gated_mlp else 1), spec.q_size + 2 * spec.kv_size)
+    """Width of a block's widest activation over all its tokens: the (gated) MLP input (a mixture of
+    experts: its dense layers' or shared expert's; routed experts see fewer tokens, see
+    backward_workspace_term) or the fused q/k/v output (MLA: its widest projection)."""
+    mlp = spec.intermediate_size
+    if spec.num_experts:
+        mlp = max(spec.intermediate_size if spec.dense_layers else 0, spec.shared_expert_size)
+    attention = max(n_out for _, _, n_out, _ in mla_projections(spec)) if spec.mla else spec.q_size + 2 * spec.kv_size
+    return max(mlp * (2 if spec.gated_mlp else 1), attention)
 
 
 # --- model states -------------------------------------------------------------------------------
@@ -105,6 +113,9 @@ def weights_term(run: TrainingRun) -> Term:
                   f"{'double quantization: 4.127' if s.double_quant else 'fp32 absmax: 4.5'} bits/param"
                   f" + constants); embeddings, norms, lm_head and {st.trainable:,} LoRA "
                   f"parameters in {p.name}")}[s.method]
+    if run.spec.num_experts:
+        assumption += (f"; all {run.spec.num_experts} experts of every sparse layer resident"
+                       + (f" (each expert's matrices in NF4), routers in {p.name}" if s.method == "qlora" else ""))
     if s.method == "qlora" and run.strategy.startswith("fsdp") and s.gpus > 1:
         # FSDP2 shards parameters only; LinearNF4 keeps its codes and scales in buffers, which every
         # rank holds whole (measured in tests/test_distributed.py)
@@ -173,9 +184,12 @@ def activations_term(run: TrainingRun) -> Term:
     dropout = ""
     if s.method != "full" and s.lora.dropout > 0:
         dropout = f"; LoRA dropout {s.lora.dropout} keeps a mask and a dropped copy of each adapted input"
+    experts = ""
+    if run.spec.num_experts:  # what the experts keep grows with the routed pairs, not with how they spread
+        experts = f"; experts: {run.spec.experts_per_token} routed copies of every token (whatever the balance)"
     return Term("activations", act["total"] - act["loss"],
                 f"saved for backward, batch {s.batch} x seq {s.seq}, {run.precision.name}; {checkpointing}; "
-                f"{attention}{dropout}")
+                f"{attention}{dropout}{experts}")
 
 
 def recomputed_block_term(run: TrainingRun) -> Term | None:
@@ -200,10 +214,16 @@ def logits_and_loss_term(run: TrainingRun) -> Term:
 def backward_workspace_term(run: TrainingRun) -> Term:
     s, spec = run.setup, run.spec
     workspace = s.batch * s.seq * (2 * widest_intermediate(spec) + 2 * spec.hidden_size) * run.precision.activations
+    experts = ""
+    if spec.num_experts:  # the busiest expert's gate/up gradients, over the tokens routed to it
+        busiest = busiest_expert_tokens(spec, s.batch * s.seq, s.expert_imbalance)
+        workspace = max(workspace, busiest * (4 * spec.moe_intermediate_size + 2 * spec.hidden_size)
+                        * run.precision.activations)
+        experts = f"; the busiest expert's {busiest:,} tokens (imbalance {s.expert_imbalance:g} x balanced)"
     if s.attn == "eager":
         workspace += 2 * s.batch * spec.num_heads * s.seq ** 2 * 4
     return Term("backward workspace", workspace,
-                "estimate: gradients of one block's widest intermediates (and of its scores when eager)")
+                "estimate: gradients of one block's widest intermediates (and of its scores when eager)" + experts)
 
 
 def gradients_held_at_backward_start(run: TrainingRun, gradients: int) -> int:

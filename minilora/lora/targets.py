@@ -173,7 +173,9 @@ def _named(spec, experts: str, old: str) -> bool:
         return False
     if isinstance(spec, str):
         return spec.lower() == "all-linear" or re.fullmatch(spec, f"{experts}.{old}") is not None
-    return any(t == old or t.endswith("." + old) for t in spec)  # peft's conversion rule
+    # the bare name, or a path through `experts` (peft's conversion takes any entry ending in .<old>, so
+    # "shared_expert.gate_proj" would name the experts too)
+    return any(t == old or re.search(rf"(^|\.)experts(\.\d+)?\.{re.escape(old)}$", t) for t in spec)
 
 
 def expert_targets(model: nn.Module, config: LoRAConfig) -> dict[str, dict[str, tuple[int, float]]]:
