@@ -256,6 +256,8 @@ def check_moe(c) -> None:
         allowed = dict(router_jitter_noise=0.0)
         if c.model_type != "qwen2_moe":
             allowed["shared_expert_intermediate_size"] = 0
+        elif not moe.shared_expert_intermediate_size:  # Qwen2MoeSparseMoeBlock always builds one
+            raise ValueError("model_type 'qwen2_moe' needs moe.shared_expert_intermediate_size >= 1, got 0")
     for key, value in allowed.items():
         if getattr(moe, key) != value:
             raise ValueError(f"model_type {c.model_type!r} cannot express moe.{key}={getattr(moe, key)!r}; "
