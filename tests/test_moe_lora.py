@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from test_family_lora import train_a_few_steps
 
 from minilora.lora.experts import LoRAExperts
 from minilora.lora.layer import LoRAConfig, LoRALinear
@@ -53,21 +54,6 @@ def logits(model):
     with torch.no_grad():
         out = model(IDS)
     return out if torch.is_tensor(out) else out.logits
-
-
-def train_a_few_steps(model, steps=3):
-    """Moves A and B away from their init, so every saved tensor matters."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    model.train()
-    for _ in range(steps):
-        out = model(x)
-        out = out if torch.is_tensor(out) else out.logits
-        loss = torch.nn.functional.cross_entropy(out.flatten(0, 1)[:-1], x.flatten()[1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
 
 
 CONFIGS = {"experts": dict(target_modules=[], target_parameters=EXPERTS),
