@@ -50,7 +50,8 @@ class MoEConfig:
                              f"({self.num_experts}): a token is routed to that many distinct experts")
         shared = self.shared_expert_intermediate_size
         if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
-            raise ValueError(f"shared_expert_intermediate_size must be an int >= 0 (0: no shared expert), got {shared!r}")
+            raise ValueError(f"shared_expert_intermediate_size must be an int >= 0 (0: no shared expert), "
+                             f"got {shared!r}")
         if not 0 <= self.router_jitter_noise < 1:
             raise ValueError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise!r}")
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))

@@ -179,7 +179,8 @@ class LoRAExperts(nn.Module):
             adapter = self.merged_adapters.pop()
             for tensor in self.lora_A[adapter]:
                 W = _expert_weight(self.base_layer, tensor)
-                _write_expert_weight(self.base_layer, tensor, (W.float() - self.delta_weight(adapter, tensor)).to(W.dtype))
+                unmerged = W.float() - self.delta_weight(adapter, tensor)
+                _write_expert_weight(self.base_layer, tensor, unmerged.to(W.dtype))
 
     def unloaded(self, requantize: bool = False) -> nn.Module:
         """peft's merge_and_unload for this layer: the base with the active adapters merged; a 4-bit base

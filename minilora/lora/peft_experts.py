@@ -129,7 +129,8 @@ def fuse_per_expert_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], 
             if missing:
                 raise ValueError(f"adapter file lacks {len(missing)} per-expert tensors of {name}, e.g. expert "
                                  f"{missing[0][3]}'s {missing[0][1]}.lora_{missing[0][2]}")
-            ts = {(p, ab): torch.stack([found.pop((name, p, ab, e))[1] for e in range(E)]) for p in projs for ab in "AB"}
+            ts = {(p, ab): torch.stack([found.pop((name, p, ab, e))[1] for e in range(E)])
+                  for p in projs for ab in "AB"}
             A, B = ts[(projs[0], "A")], ts[(projs[0], "B")]  # (E, r, in), (E, out, r)
             if tensor == "gate_up_proj":  # gate's and up's A along the rank, their B block-diagonal
                 A = torch.cat([A, ts[(ek.up, "A")]], dim=1)  # (E, 2r, in)

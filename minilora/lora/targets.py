@@ -106,7 +106,8 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     if bad:
         raise TypeError(f"LoRA targets must be linear layers (nn.Linear or lora_compatible; expert tensors go in "
                         f"target_parameters), got {', '.join(bad)}")
-    adapted = [pattern_name(config, n) for n in chosen] + [f"{n}.{t}" for n, tensors in experts.items() for t in tensors]
+    adapted = [pattern_name(config, n) for n in chosen]
+    adapted += [f"{n}.{t}" for n, tensors in experts.items() for t in tensors]
     for pattern, kind in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
         for key in pattern:
             if not any(pattern_matches(key, n) for n in adapted):
