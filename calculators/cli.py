@@ -133,7 +133,7 @@ def _setup(args, spec):
 
 
 # settings that only training reads: `vram --inference` refuses them rather than print them unused
-_TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights")
+_TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights", "expert_imbalance")
 
 
 def _inference(args) -> bool:
