@@ -265,7 +265,8 @@ def _vram(args, spec, setup, gpu) -> dict:
         b = training_memory(spec, setup)
     out = b.as_dict()
     out["gpu"] = {"name": gpu.name, "memory": gpu.memory, "fits": b.total_gpu <= gpu.memory} if gpu else None
-    out["fits_on"] = [g.name for g in sorted(GPUS.values(), key=lambda g: g.memory) if b.total_gpu <= g.memory]
+    out["fits_on"] = [{"name": g.name, "memory": g.memory} for g in sorted(GPUS.values(), key=lambda g: g.memory)
+                      if b.total_gpu <= g.memory]
     out["bar"] = report.bar_segments(out)
     out["peak_explained"] = report.peak_explained(out)
     return out

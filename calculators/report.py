@@ -56,8 +56,8 @@ def _vram_answer(out: dict) -> str:
         largest = max(GPUS.values(), key=lambda g: g.memory)
         return text + (f": fits on no GPU in the table (the largest, {largest.name}, has "
                        f"{_gib(largest.memory)}); try --gpus with --zero, or `fit`")
-    smallest = GPUS[out["fits_on"][0]].memory
-    tier = [name for name in out["fits_on"] if GPUS[name].memory == smallest]
+    smallest = out["fits_on"][0]["memory"]
+    tier = [g["name"] for g in out["fits_on"] if g["memory"] == smallest]
     larger = len(out["fits_on"]) - len(tier)
     return text + (f": fits on {smallest / GiB:g} GiB GPUs ({', '.join(tier)})"
                    + (f" and the {larger} larger ones in the table" if larger else ""))
