@@ -9,7 +9,6 @@ status 2 and one line on stderr (the page shows the same line).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -40,7 +39,7 @@ SUGGESTIONS = {"model": tuple(PRESETS), "gpu": tuple(GPUS), "targets": ("q_proj,
                "zero": ("none", "0", "1", "2", "3", "full-shard", "grad-op")}
 # what a flag left unset means, in --help and in the printed settings
 UNSET = {"targets": "peft's default for the family", "gpu": "none: the answer names the GPUs it fits on",
-         "price": "the GPU preset's price"}
+         "price": "the GPU preset's price", "plot": "none: no picture"}
 OUTPUT = ("json", "explain", "plot")            # how to answer, not what: never a setting
 _TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights")
 _INFERENCE_ONLY = ("new_tokens",)
@@ -152,7 +151,7 @@ def build_parser() -> _Parser:
     c.set_defaults(gpu="24GB")
     s = command("serve", "a local page with the vram calculator and its stacked bar")
     s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (the default serves this machine only)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     return parser
 
 
@@ -204,7 +203,8 @@ def _check_mode_flags(args):
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         where = ("training only, not to --inference (generation on one GPU)" if inference else
                  "--inference only")
-        raise ValueError(f"{flags} apply to {where}: drop {'it' if len(changed) == 1 else 'them'}")
+        one = len(changed) == 1
+        raise ValueError(f"{flags} {'applies' if one else 'apply'} to {where}: drop {'it' if one else 'them'}")
 
 
 def _settings(args, spec, gpu) -> dict:
@@ -364,6 +364,8 @@ def main(argv=None) -> int:
 def _check_plot(path: str):
     if not path.lower().endswith((".png", ".svg")):
         raise ValueError(f"--plot must name a .png or .svg file, got {path!r}")
-    if importlib.util.find_spec("matplotlib") is None:
+    try:
+        import matplotlib.figure  # noqa: F401 (an optional extra: checked before any work is done)
+    except ImportError:
         raise ValueError("--plot needs matplotlib, which is not installed: pip install 'minilora[plot]' "
-                         "(or pip install matplotlib)")
+                         "(or pip install matplotlib)") from None
