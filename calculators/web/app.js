@@ -112,8 +112,10 @@ function render(body) {
   $("answer").textContent = body.answer;
   const colors = new Map(body.terms.map((t, i) => [t.name, COLORS[i % COLORS.length]]));
   drawBar(body, colors);
+  const host = body.terms.some((t) => t.cpu);  // a CPU column only where a term holds host memory
   const rows = [["", "term", "GPU", "CPU", "assumption"]].concat(body.terms.map((t) =>
-    [colors.get(t.name), t.name, gib(t.gpu), t.cpu ? gib(t.cpu) : "", t.assumption]));
+    [colors.get(t.name), t.name, gib(t.gpu), t.cpu ? gib(t.cpu) : "", t.assumption]))
+    .map((r) => (host ? r : r.filter((_, j) => j !== 3)));
   $("terms").replaceChildren(...rows.map((r, i) => {
     const tr = document.createElement("tr");
     r.slice(1).forEach((v, j) => {
@@ -125,7 +127,7 @@ function render(body) {
         cell.append(swatch);
       }
       cell.append(v);
-      if (i) cell.className = j === 0 ? "term" : j === 1 || j === 2 ? "bytes" : "";
+      if (i) cell.className = j === 0 ? "term" : j < r.length - 2 ? "bytes" : "";
       tr.append(cell);
     });
     return tr;
