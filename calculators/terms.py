@@ -86,6 +86,14 @@ class TrainingRun:
             return rank0, f"{rank0 // bytes_per_el:,} rank-0 elements x {bytes_per_el} B"
         return rank0, f"ceil(({formula}) / {self.setup.gpus} GPUs)"
 
+    def per_trainable(self, category: str, nbytes: int, bytes_per_el: int) -> tuple[int, str]:
+        """Rank 0's bytes and formula of a tensor per trainable parameter (gradients, master copy),
+        `nbytes` in all before sharding (0: the run keeps none on the GPU)."""
+        if not nbytes:
+            return 0, "0 B"
+        return self.sharded(category, nbytes, f"{self.states.trainable:,} params x {bytes_per_el} B",
+                            self.states.trainable_shapes, bytes_per_el)
+
 
 def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
     """Validate the setup and resolve everything the terms read (errors name the bad value)."""
@@ -140,11 +148,7 @@ def weights_term(run: TrainingRun) -> Term:
 
 
 def gradients_term(run: TrainingRun) -> Term:
-    st = run.states
-    gpu, formula = 0, "0 B"
-    if st.gradients:
-        gpu, formula = run.sharded("gradients", st.gradients, f"{st.trainable:,} params x {run.precision.gradients} B",
-                                   st.trainable_shapes, run.precision.gradients)
+    gpu, formula = run.per_trainable("gradients", run.states.gradients, run.precision.gradients)
     if run.offload:
         return Term("gradients", gpu, "none kept on the GPU: each .grad is copied to a host fp32 buffer as "
                                       "it is produced", formula=formula)
@@ -153,11 +157,7 @@ def gradients_term(run: TrainingRun) -> Term:
 
 
 def master_weights_term(run: TrainingRun) -> Term:
-    st = run.states
-    gpu, formula = 0, "0 B"
-    if st.master:
-        gpu, formula = run.sharded("optimizer", st.master, f"{st.trainable:,} params x {run.precision.master} B",
-                                   st.trainable_shapes, run.precision.master)
+    gpu, formula = run.per_trainable("optimizer", run.states.master, run.precision.master)
     text = "fp32 copy of the trainable weights (mixed precision)" if gpu else \
         "none: optimizer updates the weights in their own dtype"
     return Term("master weights", gpu, text + run.shard_note("optimizer"), formula=formula)
