@@ -3,8 +3,9 @@
 The answer comes first, then how it was reached, then every setting with its value (defaults
 included); --json prints one JSON object instead, and `serve` answers the same queries on a local
 page. Every flag is declared once, in `build_parser`: --help's defaults, the printed settings and
-the page's form all come from there, so a new flag shows up in all three. Bad input exits with
-status 2 and one line on stderr (the page shows the same line).
+the page's form all come from there, so a new flag shows up in all three (a flag with a fixed set
+of values lists it in CHOICES; one whose default is None says in UNSET what unset means). Bad
+input exits with status 2 and one line on stderr (the page shows the same line).
 """
 from __future__ import annotations
 
@@ -217,7 +218,7 @@ def _settings(args, spec, gpu) -> dict:
                          f"vocab {spec.vocab_size})",
                 "targets": args.targets or ",".join(DEFAULT_TARGETS[spec.family]) + " (peft default)",
                 "gpu": args.gpu if gpu else UNSET["gpu"]}
-    if getattr(args, "price", False) is None:
+    if args.command == "cost" and args.price is None:
         resolved["price"] = f"{gpu.price_per_hour} ({gpu.name}'s preset price)"
     return {dest.replace("_", "-"): resolved.get(dest, value) for dest, value in vars(args).items()
             if dest not in skip}
