@@ -96,6 +96,13 @@ def _positive(kind=int):
     return parse
 
 
+def _port(text):
+    value = _finite(text, int)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {text!r}")
+    return value
+
+
 def _one_of(dest):
     return " | ".join(CHOICES[dest])
 
@@ -151,7 +158,7 @@ def build_parser() -> _Parser:
     c.add_argument("--price", type=_finite, default=None, help="USD per GPU-hour")
     c.set_defaults(gpu="24GB")
     s = command("serve", "a local page with the vram calculator and its stacked bar")
-    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    s.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free port)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     return parser
 

@@ -77,7 +77,11 @@ def _handler(answer, fields: list[dict]):
 
 def make_server(answer, fields: list[dict], host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """The server, bound and ready to serve_forever (port 0: any free port, see server_address)."""
-    return ThreadingHTTPServer((host, port), _handler(answer, fields))
+    try:
+        return ThreadingHTTPServer((host, port), _handler(answer, fields))
+    except OSError as exc:  # the CLI prints it as its one line
+        raise OSError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port "
+                      "(0: any free one)") from None
 
 
 def serve(answer, fields: list[dict], host: str = "127.0.0.1", port: int = 8000) -> int:

@@ -97,6 +97,20 @@ def test_binds_to_the_loopback_address_by_default():
         srv.server_close()
 
 
+def test_a_port_it_cannot_use_is_one_line():
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in ((["--port", "99999"], "--port: must be a port number in 0..65535, got '99999'"),
+                              (["--port", str(port)], f"cannot serve on 127.0.0.1:{port}: ")):
+            proc = subprocess.run([sys.executable, "-m", "minilora.calc", "serve", *args], capture_output=True,
+                                  text=True, timeout=120)
+            assert proc.returncode == 2 and proc.stdout == "", proc
+            assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
 def test_query_becomes_the_command_line():
     fields = [{"name": "inference", "kind": "bool"}, {"name": "gpu", "kind": "text"}]
     assert query_to_argv("vram", "gpu=-5GB&inference=1", fields) == ["vram", "--gpu=-5GB", "--inference"]
