@@ -17,6 +17,7 @@ from .terms import Term
 from .training_setup import Precision, TrainingSetup
 from .models import (FAMILIES, PRESETS, ConfigError, ModelSpec, count_parameters, linear_layers,
                      load_config, model_spec, parameter_tensors)
+from .moe import active_parameters, busiest_expert_tokens, expert_parameters
 
 __all__ = [
     "ActivationSetup", "activation_bytes", "block_targets",
@@ -30,4 +31,5 @@ __all__ = [
     "Precision", "TrainingSetup",
     "FAMILIES", "PRESETS", "ConfigError", "ModelSpec", "count_parameters", "linear_layers", "load_config",
     "model_spec", "parameter_tensors",
+    "active_parameters", "busiest_expert_tokens", "expert_parameters",
 ]

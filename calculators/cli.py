@@ -25,6 +25,7 @@ from .gpus import GPUS, gpu_from_text
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_trainable_parameters, parse_targets
 from .memory import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup, inference_memory, training_memory
 from .models import PRESETS, count_parameters, model_spec
+from .moe import active_parameters
 from .training_setup import ATTENTION
 
 __all__ = ["main", "build_parser", "parse", "run", "answer", "CalcError", "form_fields", "CHOICES", "UNSET"]
@@ -42,7 +43,7 @@ SUGGESTIONS = {"model": tuple(PRESETS), "gpu": tuple(GPUS), "targets": ("q_proj,
 UNSET = {"targets": "peft's default for the family", "gpu": "none: the answer names the GPUs it fits on",
          "price": "the GPU preset's price", "plot": "none: no picture"}
 OUTPUT = ("json", "explain", "plot")            # how to answer, not what: never a setting
-_TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights")
+_TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights", "expert_imbalance")
 _INFERENCE_ONLY = ("new_tokens",)
 
 
@@ -127,6 +128,8 @@ def _common(p):
     p.add_argument("--gpus", type=_positive(), default=1, help="data-parallel GPUs")
     p.add_argument("--zero", default="none", help="none | 0 (ddp) | 1 | 2 | 3 | full-shard | grad-op")
     p.add_argument("--gpu", default=None, help=f"a size (24GB) or {', '.join(GPUS)}")
+    p.add_argument("--expert-imbalance", type=_finite, default=1.0,
+                   help="mixture of experts: the busiest expert gets this many times the balanced tokens")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -195,10 +198,13 @@ def _setup(args, spec):
     lora = LoRASpec(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout)
     if args.method != "full":
         lora_trainable_parameters(spec, args.rank, targets)  # validates rank and targets
+    if args.expert_imbalance != 1.0 and not spec.num_experts:
+        raise ValueError(f"--expert-imbalance applies to mixture-of-experts models; {spec.name} ({spec.family}) "
+                         "has no experts")
     return TrainingSetup(method=args.method, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum,
                          grad_ckpt=args.grad_ckpt, attn=args.attn, dtype=args.dtype, master_weights=master,
                          optimizer=args.optimizer, lora=lora, double_quant=not args.no_double_quant,
-                         gpus=args.gpus, zero=args.zero)
+                         gpus=args.gpus, zero=args.zero, expert_imbalance=args.expert_imbalance)
 
 
 def _check_mode_flags(args):
@@ -219,6 +225,8 @@ def _settings(args, spec, gpu) -> dict:
     """Every setting of the command with its value, defaults included, in declaration order;
     an unset one says what it means (the GPU preset's price, peft's default targets)."""
     skip = {"command", *OUTPUT, getattr(args, "search", None)}  # a searched value is the answer
+    if not spec.num_experts:
+        skip.add("expert_imbalance")
     if args.command == "vram":
         skip.update(_TRAINING_ONLY if args.inference else _INFERENCE_ONLY)
     resolved = {"model": f"{args.model} ({spec.family}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
@@ -256,6 +264,8 @@ def _gpu(text):
 def _params(args, spec, setup, gpu) -> dict:
     total = count_parameters(spec)
     out = {"params": total}
+    if spec.num_experts:
+        out["active_params"] = active_parameters(spec)
     if args.method != "full":
         trainable = lora_trainable_parameters(spec, args.rank, setup.lora.targets)
         out.update(lora_trainable=trainable, lora_percent=100.0 * trainable / (total + trainable),
@@ -301,9 +311,11 @@ def _cost(args, spec, setup, gpu) -> dict:
     price = gpu.price_per_hour if args.price is None else args.price
     if price < 0:
         raise ValueError(f"--price must be >= 0, got {price}")
-    est = training_cost(total, trainable, args.tokens, args.epochs, args.method, spec.num_layers, args.seq,
+    est = training_cost(active_parameters(spec), trainable, args.tokens, args.epochs, args.method, spec.num_layers, args.seq,
                         spec.hidden_size, args.grad_ckpt, args.gpus, gpu.tflops(args.dtype), args.mfu, price)
     est.assumptions["peak TFLOPS per GPU"] = gpu.tflops(args.dtype)
+    if spec.num_experts:  # a token's FLOPs run through the experts it is routed to only
+        est.assumptions["N"] = f"{active_parameters(spec):,} parameters active per token (of {total:,})"
     est.assumptions["dtype"] = (f"{args.dtype}: plain FP32 peak (torch's default, TF32 off)"
                                 if DTYPE_BYTES[args.dtype] == 4 else f"{args.dtype}: tensor-core peak")
     return {"cost": est.__dict__, "gpu": {"name": gpu.name, "memory": gpu.memory}}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .kv_cache import kv_bytes_per_position
 from .parameters import parameter_tensors
 from .spec import ModelSpec
 from .states import model_state_bytes, nf4_bytes, quantized_linears
@@ -126,10 +127,13 @@ def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tok
     d = DTYPE_BYTES[dtype]
     tensors = parameter_tensors(spec)
     quantized = {f"{lin.name}.weight" for lin in quantized_linears(spec)} if quant == "nf4" else set()
-    nf4 = sum(nf4_bytes(t.numel, 64, double_quant) for t in tensors if t.name in quantized)
+    if quant == "nf4":  # each expert's matrices too, as minilora's quantize_model stores them (ExpertsNF4)
+        quantized |= {t.name for t in tensors if t.kind == "experts"}
+    nf4 = sum(t.shape[0] * nf4_bytes(t.numel // t.shape[0], 64, double_quant) if t.kind == "experts"
+              else nf4_bytes(t.numel, 64, double_quant) for t in tensors if t.name in quantized)
     dense = sum(t.numel for t in tensors if t.name not in quantized)
     total_len = prompt + new_tokens
-    kv = 2 * spec.num_layers * batch * spec.num_kv_heads * total_len * spec.head_dim * d
+    kv = spec.num_layers * batch * total_len * kv_bytes_per_position(spec, d)
     inter = widest_intermediate(spec)
     prefill = batch * prompt * (spec.vocab_size + 2 * inter + 2 * spec.hidden_size) * d
     prefill_formula = (f"{batch} batch x {prompt:,} prompt x ({spec.vocab_size:,} vocab + 2 x {inter:,} widest + "
@@ -138,12 +142,13 @@ def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tok
         prefill += batch * spec.num_heads * prompt * total_len * (4 + d)
         prefill_formula += f" + {batch} batch x {spec.num_heads} heads x {prompt:,} x {total_len:,} positions x " \
                            f"(4 + {d}) B scores and probabilities"
+    cached = (f"MLA latent + rope key of {spec.num_layers} layers" if spec.mla
+              else f"keys and values of {spec.num_layers} layers x {spec.num_kv_heads} kv heads")
     terms = [Term("weights", nf4 + dense * d, f"{'NF4 linear layers, ' if quant == 'nf4' else ''}{dtype} otherwise",
                   formula=(f"{nf4:,} B NF4 codes and constants + " if nf4 else "") + f"{dense:,} params x {d} B"),
-             Term("KV cache", kv, f"keys and values of {spec.num_layers} layers x {spec.num_kv_heads} kv heads x "
-                                  f"{total_len} positions x batch {batch}, {dtype}, preallocated",
-                  formula=f"2 x {spec.num_layers} layers x {batch} batch x {spec.num_kv_heads} kv heads x "
-                          f"{total_len:,} positions x {spec.head_dim} head_dim x {d} B"),
+             Term("KV cache", kv, f"{cached} x {total_len} positions x batch {batch}, {dtype}, preallocated",
+                  formula=f"{spec.num_layers} layers x {batch} batch x {total_len:,} positions x "
+                          f"{kv_bytes_per_position(spec, d):,} B per position"),
              Term("prefill working memory", prefill,
                   "logits for every prompt position + one block's widest intermediates"
                   + (" + eager attention scores" if attn == "eager" else ""), formula=prefill_formula),

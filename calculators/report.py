@@ -35,9 +35,12 @@ def answer_line(command: str, out: dict) -> str:
 
 
 def _params_answer(out: dict) -> str:
+    total = f"{out['params']:,} parameters"
+    if "active_params" in out:  # mixture of experts
+        total += f" ({out['active_params']:,} active per token)"
     if "lora_trainable" not in out:
-        return f"{out['params']:,} parameters, all trained (full fine-tuning)"
-    return (f"{out['params']:,} parameters; LoRA trains {out['lora_trainable']:,} "
+        return f"{total}, all trained (full fine-tuning)"
+    return (f"{total}; LoRA trains {out['lora_trainable']:,} "
             f"({out['lora_percent']:.4f}% of all) in {out['lora_layers']:,} layers")
 
 

@@ -26,6 +26,8 @@ from .activations import ActivationSetup, activation_bytes, block_targets
 from .distributed import is_sharded, parse_strategy, shard, shard_note
 from .gpus import MiB
 from .lora import lora_layers
+from .mla import mla_projections
+from .moe import busiest_expert_tokens
 from .spec import ModelSpec
 from .states import ModelStates, model_state_bytes
 from .training_setup import Precision, TrainingSetup, check_setup
@@ -114,8 +116,14 @@ def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
 
 
 def widest_intermediate(spec: ModelSpec) -> int:
-    """Width of a block's widest activation: the (gated) MLP input or the fused q/k/v output."""
-    return max(spec.intermediate_size * (2 if spec.gated_mlp else 1), spec.q_size + 2 * spec.kv_size)
+    """Width of a block's widest activation over all its tokens: the (gated) MLP input (a mixture of
+    experts: its dense layers' or shared expert's; routed experts see fewer tokens, see
+    backward_workspace_term) or the fused q/k/v output (MLA: its widest projection)."""
+    mlp = spec.intermediate_size
+    if spec.num_experts:
+        mlp = max(spec.intermediate_size if spec.dense_layers else 0, spec.shared_expert_size)
+    attention = max(n_out for _, _, n_out, _ in mla_projections(spec)) if spec.mla else spec.q_size + 2 * spec.kv_size
+    return max(mlp * (2 if spec.gated_mlp else 1), attention)
 
 
 # --- model states -------------------------------------------------------------------------------
@@ -129,6 +137,9 @@ def weights_term(run: TrainingRun) -> Term:
                   f"{'double quantization: 4.127' if s.double_quant else 'fp32 absmax: 4.5'} bits/param"
                   f" + constants); embeddings, norms, lm_head and {st.trainable:,} LoRA "
                   f"parameters in {p.name}")}[s.method]
+    if run.spec.num_experts:
+        assumption += (f"; all {run.spec.num_experts} experts of every sparse layer resident"
+                       + (f" (each expert's matrices in NF4), routers in {p.name}" if s.method == "qlora" else ""))
     nf4 = f"{st.quantized_bytes:,} B NF4 codes and constants + " if st.quantized_bytes else ""
     dense = sum(math.prod(shape) for shape in st.dense_shapes)
     dense = f"{dense:,} frozen params x {p.weights} B + " if dense else ""
@@ -209,13 +220,16 @@ def activations_term(run: TrainingRun) -> Term:
     dropout = ""
     if s.method != "full" and s.lora.dropout > 0:
         dropout = f"; LoRA dropout {s.lora.dropout} keeps a mask and a dropped copy of each adapted input"
+    experts = ""
+    if run.spec.num_experts:  # what the experts keep grows with the routed pairs, not with how they spread
+        experts = f"; experts: {run.spec.experts_per_token} routed copies of every token (whatever the balance)"
     parts = [(act["embedding"], "B embedding"), (act["shared"], "B RoPE cos and sin"),
              (act["head"], "B final norm and head input")]
     blocks = " + ".join(f"{n} block{'s' * (n > 1)} x {nbytes:,} B" for nbytes, n in _runs(act["layers"]))
     formula = " + ".join([blocks] * bool(blocks) + [f"{n:,} {what}" for n, what in parts if n]) or "0 B"
     return Term("activations", act["total"] - act["loss"],
                 f"saved for backward, batch {s.batch} x seq {s.seq}, {run.precision.name}; {checkpointing}; "
-                f"{attention}{dropout}", formula=formula)
+                f"{attention}{dropout}{experts}", formula=formula)
 
 
 def _runs(values: list) -> list[tuple]:
@@ -257,11 +271,19 @@ def backward_workspace_term(run: TrainingRun) -> Term:
     workspace = s.batch * s.seq * (2 * widest_intermediate(spec) + 2 * spec.hidden_size) * run.precision.activations
     formula = (f"{s.batch} batch x {s.seq:,} seq x (2 x {widest_intermediate(spec):,} widest + 2 x "
                f"{spec.hidden_size:,} hidden) x {run.precision.activations} B")
+    experts = ""
+    if spec.num_experts:  # the busiest expert's gate/up gradients, over the tokens routed to it
+        busiest = busiest_expert_tokens(spec, s.batch * s.seq, s.expert_imbalance)
+        expert = busiest * (4 * spec.moe_intermediate_size + 2 * spec.hidden_size) * run.precision.activations
+        experts = f"; the busiest expert's {busiest:,} tokens (imbalance {s.expert_imbalance:g} x balanced)"
+        if expert > workspace:
+            workspace, formula = expert, (f"{busiest:,} busiest-expert tokens x (4 x {spec.moe_intermediate_size:,} "
+                                          f"expert I + 2 x {spec.hidden_size:,} hidden) x {run.precision.activations} B")
     if s.attn == "eager":
         workspace += 2 * s.batch * spec.num_heads * s.seq ** 2 * 4
         formula += f" + 2 scores x {s.batch} batch x {spec.num_heads} heads x {s.seq:,} x {s.seq:,} seq x 4 B"
     return Term("backward workspace", workspace,
-                "estimate: gradients of one block's widest intermediates (and of its scores when eager)",
+                "estimate: gradients of one block's widest intermediates (and of its scores when eager)" + experts,
                 formula=formula)
 
 

@@ -84,7 +84,7 @@ def test_training_formulas_evaluate_to_the_terms_and_phases_to_the_total(model, 
     _check_phases(b.as_dict())
 
 
-@given(model=st.sampled_from(["gpt2", "llama-3-8b", "gemma-2-2b", "mixtral-8x7b"]),
+@given(model=st.sampled_from(["gpt2", "llama-3-8b", "gemma-2-2b", "mixtral-8x7b", "deepseek-v3"]),
        quant=st.sampled_from(["none", "nf4"]), attn=st.sampled_from(["sdpa", "eager"]),
        batch=st.integers(1, 8), prompt=st.integers(1, 8192), new_tokens=st.integers(0, 4096))
 def test_inference_formulas_evaluate_to_the_terms(model, quant, attn, batch, prompt, new_tokens):
