@@ -111,27 +111,28 @@ def _layers(r: Replay, x: Sym) -> tuple:
     every layer (cos, sin, a mask) is not counted in the layer that kept it first: it is `shared`."""
     layers, main = [], r.tape
     shared = {c.storage for c in (*r.rope, r.mask) if c is not None}
-    for _ in range(r.spec.num_layers):
+    for i in range(r.spec.num_layers):
         mark = main.mark()
         if r.s.grad_ckpt == "full":
             # torch.utils.checkpoint keeps the block's tensor inputs; nothing inside is kept
             r.tape = Tape(main.device, main.autocast)
-            out = run_block(r, x)
+            out = run_block(r, x, i)
             r.tape = main
             main.save(*r.stack.checkpoint_inputs(r, x))
             x = out
         else:
-            x = run_block(r, x)
+            x = run_block(r, x, i)
         layers.append(main.since(mark, exclude=shared))
     return x, layers
 
 
 def _one_layer_bytes(spec: ModelSpec, setup: ActivationSetup) -> int:
-    """One block's saved bytes without checkpointing, its input requiring grad: what backward rebuilds."""
+    """One block's saved bytes without checkpointing, its input requiring grad: what backward rebuilds
+    (a mixture of experts' sparse layer, which keeps the most, where there is one)."""
     r = Replay(spec, setup, setup.resolved_precision, STACK_OBJECTS[setup.stack])
     x = Sym(setup.batch * setup.seq * spec.hidden_size, r.p.embedding, True)
     _shared_inputs(r, x)
-    run_block(r, x)
+    run_block(r, x, next((i for i in range(spec.num_layers) if spec.is_sparse(i)), 0))
     return r.tape.total()
 
 

@@ -48,8 +48,13 @@ class Replay:
         self.mask = None          # transformers' float attention mask, made once per forward when eager
         self.rope = ()            # (cos, sin), made once per forward
 
-    def adapted(self, name: str) -> bool:
-        return not self.full and name in self.s.lora_targets
+    def lora_rank(self, name: str, rank: int | None = None) -> int:
+        """The rank of the adapter on layer `name` (0: none). `rank`: an expert tensor's own (moe)."""
+        if self.full:
+            return 0
+        if rank is not None:
+            return rank
+        return self.s.lora_rank if name in self.s.lora_targets else 0
 
     def linear(self, x: Sym, name: str, n_in: int, n_out: int) -> Sym:
         return self.stack.linear(self, x, name, n_in, n_out)
@@ -161,17 +166,17 @@ class Transformers(Stack):
             return k, v
         return Sym(k.numel, k.dtype, k.grad), Sym(v.numel, v.dtype, v.grad)
 
-    def linear(self, r: Replay, x: Sym, name: str, n_in: int, n_out: int) -> Sym:
+    def linear(self, r: Replay, x: Sym, name: str, n_in: int, n_out: int, rank: int | None = None) -> Sym:
         t, p, s = r.tape, r.p, r.s
         y = self.base_linear(r, x, name, n_in, n_out)
-        if not r.adapted(name):
+        rank = r.lora_rank(name, rank)
+        if not rank:
             return y
         # peft's lora.Linear / lora.bnb.Linear4bit: result = base(x) (cloned for 4-bit), then
         # result + lora_B(lora_A(dropout(x cast to the adapters' dtype))) * scaling, cast back
         h = x if s.quantized and t.autocast else t.to(x, p.adapter)
         h = t.dropout(h, s.lora_dropout)
-        a = t.linear(h, n_in, s.lora_rank, True, p.adapter)
-        b = t.linear(a, s.lora_rank, n_out, True, p.adapter)
+        t.linear(t.linear(h, n_in, rank, True, p.adapter), rank, n_out, True, p.adapter)
         return Sym(y.numel, y.dtype, True)
 
     def norm(self, r: Replay, x: Sym) -> Sym:
@@ -202,22 +207,23 @@ class Minilora(Stack):
     def checkpoint_inputs(self, r: Replay, x: Sym) -> list:
         return [x, *r.rope]
 
-    def linear(self, r: Replay, x: Sym, name: str, n_in: int, n_out: int) -> Sym:
+    def linear(self, r: Replay, x: Sym, name: str, n_in: int, n_out: int, rank: int | None = None) -> Sym:
         t, p, s = r.tape, r.p, r.s
         y = self.base_linear(r, x, name, n_in, n_out)
-        if not r.adapted(name):
+        rank = r.lora_rank(name, rank)
+        if not rank:
             return y
         h = t.dropout(t.to(x, p.adapter), s.lora_dropout)
         if y.dtype != p.adapter:           # LoRALinear's unfused path
-            t.linear(t.linear(h, n_in, s.lora_rank, True, p.adapter), s.lora_rank, n_out, True, p.adapter)
+            t.linear(t.linear(h, n_in, rank, True, p.adapter), rank, n_out, True, p.adapter)
             return Sym(y.numel, y.dtype, True)
         if t.autocast:                     # LowRankAdd casts h, A and B to the autocast dtype and keeps them
             h = t.to(h, t.autocast)
             if p.adapter != t.autocast:
-                t.keep(s.lora_rank * n_in, t.autocast)
-                t.keep(n_out * s.lora_rank, t.autocast)
+                t.keep(rank * n_in, t.autocast)
+                t.keep(n_out * rank, t.autocast)
         t.save(h)
-        t.keep(h.numel // n_in * s.lora_rank, h.dtype)               # h @ A^T, (rows, r)
+        t.keep(h.numel // n_in * rank, h.dtype)                      # h @ A^T, (rows, r)
         return Sym(y.numel, h.dtype, True)
 
     def norm(self, r: Replay, x: Sym) -> Sym:

@@ -1,5 +1,6 @@
 """The terms of training memory on one GPU: one function per term, each returning its bytes with the
-assumption behind them. memory.py adds them up into the peak.
+assumption behind them. memory.py adds them up into the peak. This file holds the run (TrainingRun)
+and the model-state and buffer terms; activation_terms.py what the forward saves and backward adds.
 
 Every term reads a TrainingRun: the model, the setup, and what follows from them, resolved once (the
 sharding strategy, the exact model states with their precision, the activation bytes). A term takes
@@ -11,26 +12,31 @@ tensors on CPU); the transient terms (logits gradients, backward workspace) and 
 are estimates and say so. The cuBLAS workspaces and the loss's two fp32 gradient buffers were
 calibrated against torch.cuda.max_memory_allocated on an H100 (bench/memory_validation.py,
 bench/memory_explain.py).
+
+Each term also carries its formula with the numbers put in (`python -m minilora.calc vram
+--explain`), written so that it evaluates to the term's GPU bytes: numbers joined by x, +, -, /,
+parentheses and ceil(...), each number followed by words saying what it counts (no numbers
+inside those words).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .activations import ActivationSetup, activation_bytes
-from .distributed import parse_strategy, shard, shard_note
+from .distributed import fsdp_rank0_elements, is_sharded, parse_strategy, shard, shard_note
 from .gpus import MiB
+from .mla import mla_projections
 from .spec import ModelSpec
-from .states import ModelStates, model_state_bytes, quantized_linears
-from .training_setup import DTYPE_BYTES, Precision, TrainingSetup, check_setup
+from .states import ModelStates, model_state_bytes
+from .training_setup import Precision, TrainingSetup, check_setup
 
-__all__ = ["Term", "TrainingRun", "STACK_WORDS", "plan_training", "widest_intermediate", "CUDA_CONTEXT", "CUBLAS_WORKSPACE",
-           "weights_term", "gradients_term", "master_weights_term", "optimizer_states_term",
-           "activations_term", "recomputed_block_term", "logits_and_loss_term", "backward_workspace_term",
-           "ddp_buckets_term", "gathered_parameters_term", "cublas_workspaces_term", "cuda_context_term",
-           "dequantize_buffer_term",
-           "gradients_held_at_backward_start", "first_block_activations"]
+__all__ = ["Term", "TrainingRun", "STACK_WORDS", "plan_training", "widest_intermediate", "CUDA_CONTEXT",
+           "CUBLAS_WORKSPACE", "weights_term", "gradients_term", "master_weights_term", "optimizer_states_term",
+           "ddp_buckets_term", "gathered_parameters_term", "cublas_workspaces_term", "cuda_context_term"]
 
 STACK_WORDS = {"hf": "transformers + peft + bitsandbytes", "minilora": "minilora (reference_models)"}
+
 CUDA_CONTEXT = 500 * MiB      # driver + kernels; 300-1000 MiB depending on GPU and libraries
 # torch's default cuBLAS workspace per handle on Hopper and newer (CUBLAS_WORKSPACE_CONFIG :4096:8;
 # about 8 MiB on older GPUs). torch allocates it through its caching allocator, so it counts in
@@ -45,6 +51,7 @@ class Term:
     gpu: int
     assumption: str
     cpu: int = 0
+    formula: str = ""             # how `gpu` is computed, with the numbers put in (module docstring)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,26 @@ class TrainingRun:
     def shard_note(self, category: str) -> str:
         return shard_note(category, self.strategy, self.setup.gpus)
 
+    def sharded(self, category: str, nbytes: int, formula: str, shapes=None, bytes_per_el=None) -> tuple[int, str]:
+        """`shard`'s bytes, and the formula that gives them from the unsharded `formula` of `nbytes`."""
+        rank0 = self.shard(category, nbytes, shapes, bytes_per_el)
+        if not is_sharded(category, self.strategy, self.setup.gpus):
+            return rank0, formula
+        if self.strategy.startswith("fsdp") and shapes is not None and bytes_per_el:
+            if isinstance(bytes_per_el, (tuple, list)):   # tensors of several dtypes: rank 0's elements of each
+                return rank0, _per_size([(fsdp_rank0_elements([sh], self.setup.gpus), b)
+                                         for sh, b in zip(shapes, bytes_per_el)], "rank-0 elements")
+            return rank0, f"{rank0 // bytes_per_el:,} rank-0 elements x {bytes_per_el} B"
+        return rank0, f"ceil(({formula}) / {self.setup.gpus} GPUs)"
+
+    def per_trainable(self, category: str, nbytes: int, bytes_per_el: int) -> tuple[int, str]:
+        """Rank 0's bytes and formula of a tensor per trainable parameter (gradients, master copy),
+        `nbytes` in all before sharding (0: the run keeps none on the GPU)."""
+        if not nbytes:
+            return 0, "0 B"
+        return self.sharded(category, nbytes, f"{self.states.trainable:,} params x {bytes_per_el} B",
+                            self.states.trainable_shapes, bytes_per_el)
+
 
 def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
     """Validate the setup and resolve everything the terms read (errors name the bad value)."""
@@ -82,9 +109,23 @@ def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
     return TrainingRun(spec, setup, strategy, states, activation_bytes(spec, act), act)
 
 
+def _per_size(pairs, what: str) -> str:
+    """(elements, bytes each) pairs -> "n what x b B + ..." with the elements of each size added up."""
+    totals: dict = {}
+    for n, b in pairs:
+        totals[b] = totals.get(b, 0) + n
+    return " + ".join(f"{n:,} {what} x {b} B" for b, n in sorted(totals.items()) if n) or "0 B"
+
+
 def widest_intermediate(spec: ModelSpec) -> int:
-    """Width of a block's widest activation: the (gated) MLP input or the fused q/k/v output."""
-    return max(spec.intermediate_size * (2 if spec.gated_mlp else 1), spec.q_size + 2 * spec.kv_size)
+    """Width of a block's widest activation over all its tokens: the (gated) MLP input (a mixture of
+    experts: its dense layers' or shared expert's; routed experts see fewer tokens, see
+    backward_workspace_term) or the fused q/k/v output (MLA: its widest projection)."""
+    mlp = spec.intermediate_size
+    if spec.num_experts:
+        mlp = max(spec.intermediate_size if spec.dense_layers else 0, spec.shared_expert_size)
+    attention = max(n_out for _, _, n_out, _ in mla_projections(spec)) if spec.mla else spec.q_size + 2 * spec.kv_size
+    return max(mlp * (2 if spec.gated_mlp else 1), attention)
 
 
 # --- model states -------------------------------------------------------------------------------
@@ -97,60 +138,67 @@ def _weights_assumption(run: TrainingRun) -> str:
         adapters += " (peft's autocast_adapter_dtype upcasts adapters on a 16-bit base)"
     buffers = ", + RoPE's inv_freq buffers (fp32)" if st.buffers else ""
     if s.method == "full":
-        return f"all {st.params:,} parameters in {p.linear}{buffers}"
-    if s.method == "lora":
-        return f"base weights frozen in {p.linear}, {adapters}{buffers}"
-    bits = "double quantization: 4.127" if s.double_quant else "fp32 absmax: 4.5"
-    constants = "a codebook and nested map per layer (bitsandbytes)" if hf else "constants"
-    prepare = ""
-    if s.prepare_kbit is not False:
-        prepare = (" (prepare_model_for_kbit_training casts every weight that is not 4-bit to fp32)" if hf else
-                   " (prepare_for_kbit_training keeps the norms in fp32)")
-    return (f"linear layers in NF4 (block {s.block_size}, {bits} bits/param + {constants}); embeddings and "
-            f"lm_head in {p.embedding}, norms in {p.norm}{prepare}; {adapters}{buffers}")
+        text = f"all {st.params:,} parameters in {p.linear}{buffers}"
+    elif s.method == "lora":
+        text = f"base weights frozen in {p.linear}, {adapters}{buffers}"
+    else:
+        bits = "double quantization: 4.127" if s.double_quant else "fp32 absmax: 4.5"
+        constants = "a codebook and nested map per layer (bitsandbytes)" if hf else "constants"
+        prepare = ""
+        if s.prepare_kbit is not False:
+            prepare = (" (prepare_model_for_kbit_training casts every weight that is not 4-bit to fp32)" if hf else
+                       " (prepare_for_kbit_training keeps the norms in fp32)")
+        text = (f"linear layers in NF4 (block {s.block_size}, {bits} bits/param + {constants}); embeddings and "
+                f"lm_head in {p.embedding}, norms in {p.norm}{prepare}; {adapters}{buffers}")
+    if run.spec.num_experts:
+        text += (f"; all {run.spec.num_experts} experts of every sparse layer resident"
+                 + (f" (each expert's matrices in NF4), routers in {p.linear}" if s.method == "qlora" else ""))
+    return text
 
 
 def weights_term(run: TrainingRun) -> Term:
     s, st = run.setup, run.states
     text = _weights_assumption(run)
+    if s.method == "full":
+        shapes, sizes = st.all_shapes, st.all_bytes_per_el
+    else:
+        shapes = st.dense_shapes + st.trainable_shapes
+        sizes = st.dense_bytes_per_el + (st.precision.gradients,) * len(st.trainable_shapes)
+    replicated = st.quantized_bytes + st.buffers
+    fixed = (f"{st.quantized_bytes:,} B NF4 codes and constants + " if st.quantized_bytes else "") + \
+            (f"{st.buffers:,} B buffers + " if st.buffers else "")
+    dense = _per_size([(math.prod(sh), b) for sh, b in zip(shapes, sizes)], "params")
     if run.strategy.startswith("fsdp") and s.gpus > 1:
         # FSDP2 chunks every parameter on dim 0 (rank 0 holds the largest piece) and shards
         # parameters only: LinearNF4's codes and scales and the model's buffers are module buffers,
         # which every rank holds whole (measured in tests/test_distributed.py)
-        if s.method == "full":
-            shapes, sizes = st.all_shapes, st.all_bytes_per_el
-        else:
-            shapes = st.dense_shapes + st.trainable_shapes
-            sizes = st.dense_bytes_per_el + (st.precision.gradients,) * len(st.trainable_shapes)
-        replicated = st.quantized_bytes + st.buffers
-        dense = run.shard("weights", st.weights - replicated, shapes, sizes)
+        gpu, formula = run.sharded("weights", st.weights - replicated, dense, shapes, sizes)
         nf4 = ", NF4 buffers replicated" if st.quantized_bytes else ""
-        return Term("weights", replicated + dense, f"{text}{nf4}, the rest sharded over {s.gpus} GPUs ({run.strategy})")
-    return Term("weights", run.shard("weights", st.weights), text + run.shard_note("weights"))
+        return Term("weights", replicated + gpu, f"{text}{nf4}, the rest sharded over {s.gpus} GPUs ({run.strategy})",
+                    formula=fixed + formula)
+    gpu, formula = run.sharded("weights", st.weights, fixed + dense)
+    return Term("weights", gpu, text + run.shard_note("weights"), formula=formula)
 
 
 def gradients_term(run: TrainingRun) -> Term:
-    st = run.states
-    gpu = run.shard("gradients", st.gradients, st.trainable_shapes, run.precision.gradients) if st.gradients else 0
+    gpu, formula = run.per_trainable("gradients", run.states.gradients, run.precision.gradients)
     if run.offload:
         return Term("gradients", gpu, "none kept on the GPU: each .grad is copied to a host fp32 buffer as "
-                                      "it is produced")
+                                      "it is produced", formula=formula)
     dtype = {4: "fp32", 2: "16-bit"}[run.precision.gradients]
     return Term("gradients", gpu, f"one {dtype} gradient per trainable parameter (its own dtype)"
-                + run.shard_note("gradients"))
+                + run.shard_note("gradients"), formula=formula)
 
 
 def master_weights_term(run: TrainingRun) -> Term:
-    st = run.states
-    gpu = run.shard("optimizer", st.master, st.trainable_shapes, run.precision.master) if st.master else 0
+    gpu, formula = run.per_trainable("optimizer", run.states.master, run.precision.master)
     text = "fp32 copy of the trainable weights (mixed precision)" if gpu else \
         "none: optimizer updates the weights in their own dtype"
-    return Term("master weights", gpu, text + run.shard_note("optimizer"))
+    return Term("master weights", gpu, text + run.shard_note("optimizer"), formula=formula)
 
 
 def optimizer_states_term(run: TrainingRun) -> Term:
-    s, st = run.setup, run.states
-    p = run.precision
+    s, st, p = run.setup, run.states, run.precision
     state = "fp32" if p.optimizer_states == 4 else (p.linear if s.method == "full" else p.adapter)
     assumption = {
         "adamw": f"AdamW m and v in {state} (+4 B step per tensor)",
@@ -165,119 +213,22 @@ def optimizer_states_term(run: TrainingRun) -> Term:
         return Term("optimizer states", staging,
                     f"{assumption}; GPU holds {s.offload_gpu_pages} fp32 staging pages of "
                     f"{s.offload_page_size:,} elements; host: m, v, fp32 grad buffer"
-                    + (", fp32 master" if run.precision.master else ""), cpu=run.shard("optimizer", st.host))
+                    + (", fp32 master" if run.precision.master else ""), cpu=run.shard("optimizer", st.host),
+                    formula=f"{s.offload_gpu_pages} pages x {s.offload_page_size:,} elements x 4 B")
     moments = st.optimizer - st.optimizer_scalars  # the step scalars: every rank keeps them whole
-    per_el = {"adamw": 2, "sgd-momentum": 1}.get(s.optimizer, 0) * run.precision.optimizer_states
+    count = {"adamw": 2, "sgd-momentum": 1}.get(s.optimizer, 0)
+    per_el = count * run.precision.optimizer_states
+    formula = "0 B"
     # 8-bit states have no fixed bytes per element (an absmax per 256, small tensors in fp32): split flat
     if moments:
-        moments = run.shard("optimizer", moments, st.trainable_shapes if per_el else None, per_el or None)
-    return Term("optimizer states", st.optimizer_scalars + moments, assumption + run.shard_note("optimizer"))
-
-
-# --- activations and what backward adds -----------------------------------------------------------
-
-def _activations_assumption(run: TrainingRun) -> str:
-    s, p = run.setup, run.precision
-    hf = s.stack == "hf"
-    checkpointing = {"none": "every block keeps what autograd saves",
-                     "full": "checkpointing: each block keeps only its input"
-                             + (" (hidden_states; cos/sin go by keyword)" if hf else "")
-                             + "; one block is recomputed at a time",
-                     "selective": "selective recomputation of attention's (B, H, T, T) core"}[s.grad_ckpt]
-    attention = "eager attention keeps (B, H, T, T) scores" if s.attn == "eager" else \
-        "SDPA/flash: no (B, H, T, T) matrix" + (" (on CPU with attention dropout: the math kernel's)"
-                                               if s.device == "cpu" else "")
-    notes = []
-    if s.method != "full" and hf and p.adapter != p.linear and s.method == "lora":
-        notes.append("peft's fp32 adapters keep an fp32 copy of each adapted input")
-    if s.method == "qlora" and s.prepare_kbit is not False and hf:
-        notes.append("prepare_model_for_kbit_training: the residual stream is fp32")
-    if p.autocast:
-        notes.append(f"{p.autocast} autocast: 16-bit copies of the inputs and of the weights that matmuls keep")
-    if s.method != "full" and s.lora.dropout > 0:
-        notes.append(f"LoRA dropout {s.lora.dropout} keeps a mask and a dropped copy of each adapted input")
-    if run.activation_setup.attn_pdrop or run.activation_setup.resid_pdrop or run.activation_setup.embd_pdrop:
-        a = run.activation_setup
-        notes.append(f"dropout masks (attention {a.attn_pdrop}, residual {a.resid_pdrop}, embedding {a.embd_pdrop}"
-                     + (", config.json's" if s.model_dropout is None else "") + ")")
-    if hf and s.grad_ckpt == "none":
-        notes.append("config.use_cache: a DynamicCache keeps copies of k and v")
-    return f"{'; '.join([checkpointing, attention] + notes)}"
-
-
-def activations_term(run: TrainingRun) -> Term:
-    s, act = run.setup, run.activations
-    return Term("activations", act["total"] - act["loss"],
-                f"saved for backward by the {STACK_WORDS[s.stack]} forward, batch {s.batch} x seq {s.seq}, "
-                f"{run.precision.name}; {_activations_assumption(run)}")
-
-
-def recomputed_block_term(run: TrainingRun) -> Term | None:
-    recompute = run.activations["layer_full"] if run.setup.grad_ckpt == "full" else 0
-    if not recompute:
-        return None
-    return Term("recomputed block", recompute,
-                "one block's activations rebuilt during its backward (full checkpointing)")
-
-
-def logits_and_loss_term(run: TrainingRun) -> Term:
-    s, vocab = run.setup, run.spec.vocab_size
-    btv = s.batch * s.seq * vocab
-    # at backward start nll_loss's fp32 gradient and log_softmax's fp32 gradient are alive together
-    # (the cast back to the logits' dtype comes after the first is freed): measured on an H100
-    logits = btv * run.precision.logits + run.activations["loss"] + 2 * btv * 4
-    return Term("logits and loss", logits,
-                f"logits (B, T, V={vocab:,}) in {'fp32' if run.precision.logits == 4 else '16-bit'} held by the "
-                "caller, fp32 log-softmax saved by the loss ("
-                + ("transformers' ForCausalLMLoss from labels=" if s.stack == "hf" else "reference_models' lm_loss")
-                + "), and two fp32 (B, T, V) gradients alive together at backward start")
-
-
-def _largest_dequantized_weight(run: TrainingRun) -> int:
-    """Bytes of the largest 4-bit weight decoded to the dtype it is multiplied in (QLoRA), else 0."""
-    if run.setup.method != "qlora":
-        return 0
-    p = run.precision
-    largest = max(lin.in_features * lin.out_features for lin in quantized_linears(run.spec))
-    return largest * DTYPE_BYTES[p.autocast or p.compute]
-
-
-def backward_workspace_term(run: TrainingRun) -> Term:
-    s, spec = run.setup, run.spec
-    workspace = s.batch * s.seq * (2 * widest_intermediate(spec) + 2 * spec.hidden_size) * run.precision.activations
-    if s.attn == "eager":
-        workspace += 2 * s.batch * spec.num_heads * s.seq ** 2 * 4
-    text = "estimate: gradients of one block's widest intermediates (and of its scores when eager)"
-    if s.stack == "hf" and s.method == "qlora":
-        workspace += _largest_dequantized_weight(run)
-        text += "; bitsandbytes decodes a 4-bit weight into a new tensor for each matmul (the largest)"
-    return Term("backward workspace", workspace, text)
-
-
-def dequantize_buffer_term(run: TrainingRun) -> Term | None:
-    """minilora's LinearNF4 decodes every 4-bit weight into one reused buffer, held for the run."""
-    if run.setup.stack != "minilora" or run.setup.method != "qlora":
-        return None
-    return Term("4-bit dequantize buffer", _largest_dequantized_weight(run),
-                "LinearNF4 decodes each 4-bit weight into one reused dense buffer (matmul_4bit.WeightBuffers) the "
-                "size of the largest, in the dtype it multiplies in; held for the whole run")
-
-
-def gradients_held_at_backward_start(run: TrainingRun, gradients: int) -> int:
-    """Gradients alive when backward starts: all of them with grad_accum > 1 (they persist between
-    micro-batches), else the head's (lm_head / embedding, produced first) with full fine-tuning."""
-    if run.setup.grad_accum > 1:
-        return gradients
-    if run.setup.method != "full":
-        return 0
-    spec = run.spec
-    head = spec.vocab_size * spec.hidden_size * run.precision.gradients * (1 if spec.tie_word_embeddings else 2)
-    return min(head, gradients)
-
-
-def first_block_activations(run: TrainingRun) -> int:
-    """What the first block saved, still alive when backward reaches it last."""
-    return run.activations["layers"][0] if run.activations["layers"] else 0
+        formula = (f"{count} states x {st.trainable:,} params x {run.precision.optimizer_states} B" if per_el else
+                   f"{moments:,} B uint8 states with their absmax and the shared maps")
+        moments, formula = run.sharded("optimizer", moments, formula, st.trainable_shapes if per_el else None,
+                                       per_el or None)
+    if st.optimizer_scalars:
+        formula = f"{st.optimizer_scalars // 4:,} tensors x 4 B step + {formula}"
+    return Term("optimizer states", st.optimizer_scalars + moments, assumption + run.shard_note("optimizer"),
+                formula=formula)
 
 
 # --- buffers a strategy or the device adds ----------------------------------------------------
@@ -286,7 +237,8 @@ def ddp_buckets_term(run: TrainingRun) -> Term | None:
     if run.strategy != "ddp" or run.offload:
         return None
     return Term("DDP gradient buckets", run.states.gradients,
-                "a second copy of the gradients (gradient_as_bucket_view=False, torch's default)")
+                "a second copy of the gradients (gradient_as_bucket_view=False, torch's default)",
+                formula=f"{run.states.gradients:,} B gradients")
 
 
 def gathered_parameters_term(run: TrainingRun, weights: int) -> Term | None:
@@ -299,10 +251,12 @@ def gathered_parameters_term(run: TrainingRun, weights: int) -> Term | None:
     if run.strategy == "fsdp-grad-op":
         # every rank ends the forward holding every weight once: the unsharded total minus its own shard
         return Term("gathered parameters", st.weights - weights,
-                    "reshard_after_forward=False: every block stays gathered from forward to backward" + nf4_note)
+                    "reshard_after_forward=False: every block stays gathered from forward to backward" + nf4_note,
+                    formula=f"{st.weights:,} B all weights - {weights:,} B own shard")
     block = st.block_dense_bytes + (0 if fsdp_qlora else st.block_quantized_bytes)
     return Term("gathered parameters", 2 * block,
-                "two transformer blocks all-gathered at once (current + prefetched)" + nf4_note)
+                "two transformer blocks all-gathered at once (current + prefetched)" + nf4_note,
+                formula=f"2 blocks x {block:,} B")
 
 
 def cublas_workspaces_term(run: TrainingRun) -> Term | None:
@@ -310,10 +264,12 @@ def cublas_workspaces_term(run: TrainingRun) -> Term | None:
         return None
     return Term("cuBLAS workspaces", 2 * CUBLAS_WORKSPACE,
                 "torch's cuBLAS workspace (32 MiB on Hopper) for the forward thread and for "
-                "autograd's backward thread; allocated once, held for the whole run")
+                "autograd's backward thread; allocated once, held for the whole run",
+                formula=f"2 threads x {CUBLAS_WORKSPACE:,} B")
 
 
 def cuda_context_term(run: TrainingRun) -> Term:
-    return Term("CUDA context", CUDA_CONTEXT if run.setup.device == "cuda" else 0,
+    cuda = run.setup.device == "cuda"
+    return Term("CUDA context", CUDA_CONTEXT if cuda else 0,
                 "assumed 500 MiB for the driver context and kernels (300-1000 MiB by GPU and libraries); "
-                "not in max_memory_allocated")
+                "not in max_memory_allocated", formula=f"{CUDA_CONTEXT:,} B assumed" if cuda else "0 B on a CPU")

@@ -68,6 +68,7 @@ class TrainingSetup:
     prepare_kbit: bool | None = None    # QLoRA: prepare_model_for_kbit_training; None: yes
     autocast_adapter_dtype: bool | None = None  # hf LoRA: peft's flag; None: its default, yes
     model_dropout: float | None = None  # every dropout of config.json set to this; None: the config's own
+    expert_imbalance: float = 1.0  # MoE: the busiest expert gets this many times the balanced N * k / E tokens
 
 
 def check_setup(setup: TrainingSetup) -> None:
@@ -77,6 +78,9 @@ def check_setup(setup: TrainingSetup) -> None:
         value = getattr(setup, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    imbalance = setup.expert_imbalance
+    if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not imbalance >= 1:
+        raise ValueError(f"expert_imbalance must be a number >= 1 (1: balanced routing), got {imbalance!r}")
     choices = dict(method=METHODS, grad_ckpt=CHECKPOINTING, attn=ATTENTION, dtype=tuple(DTYPE_BYTES),
                    optimizer=OPTIMIZERS, device=("cuda", "cpu"), stack=STACKS, autocast=AUTOCAST)
     for name, allowed in choices.items():
