@@ -378,3 +378,14 @@ def test_config_dropout_and_the_device_change_the_saved_bytes(capsys):
     # without dropout the devices differ only in LayerNorm's mean and rstd: fp32 on CUDA, bf16 on CPU
     # (25 LayerNorms x 2 statistics x 512 tokens x 2 bytes)
     assert none - saved("--model-dropout", "0", "--device", "cpu") == 25 * 2 * 512 * 2
+
+
+def test_fit_methods_carries_qlora_and_lora_only_choices_to_their_methods_only(capsys):
+    assert main(["fit", "--model", "llama-2-7b", "--method", "qlora", "--prepare-kbit", "no",
+                 "--autocast-adapter-dtype", "no", "--gpu", "24GB", "--json"]) == 0
+    rows = {(r["method"], r["grad_ckpt"]): r["total_gpu"] for r in json.loads(capsys.readouterr().out)["methods"]}
+    assert main(["vram", "--model", "llama-2-7b", "--method", "qlora", "--prepare-kbit", "no",
+                 "--autocast-adapter-dtype", "no", "--gpu", "24GB", "--json"]) == 0
+    assert rows[("qlora", "none")] == json.loads(capsys.readouterr().out)["total_gpu_bytes"]
+    assert main(["vram", "--model", "llama-2-7b", "--method", "full", "--gpu", "24GB", "--json"]) == 0
+    assert rows[("full", "none")] == json.loads(capsys.readouterr().out)["total_gpu_bytes"]
