@@ -128,6 +128,16 @@ class Stack:
         """Elements in the storage of the targets the loss keeps: (B, T) token ids."""
         return r.s.batch * r.s.seq
 
+    def linear(self, r: Replay, x: Sym, name: str, n_in: int, n_out: int, rank: int | None = None) -> Sym:
+        """A linear layer as the stack runs it: the base layer, and the LoRA adapter on it if any."""
+        y = self.base_linear(r, x, name, n_in, n_out)
+        rank = r.lora_rank(name, rank)
+        return self.adapter(r, x, y, n_in, n_out, rank) if rank else y
+
+    def adapter(self, r: Replay, x: Sym, y: Sym, n_in: int, n_out: int, rank: int) -> Sym:
+        """base output y + the rank-`rank` adapter's, on the layer's input x."""
+        raise NotImplementedError
+
     def base_linear(self, r: Replay, x: Sym, name: str, n_in: int, n_out: int) -> Sym:
         """The layer under any adapter: a 4-bit layer (QLoRA, lm_head excepted) or nn.Linear / Conv1D."""
         t, p = r.tape, r.p
@@ -166,12 +176,8 @@ class Transformers(Stack):
             return k, v
         return Sym(k.numel, k.dtype, k.grad), Sym(v.numel, v.dtype, v.grad)
 
-    def linear(self, r: Replay, x: Sym, name: str, n_in: int, n_out: int, rank: int | None = None) -> Sym:
+    def adapter(self, r: Replay, x: Sym, y: Sym, n_in: int, n_out: int, rank: int) -> Sym:
         t, p, s = r.tape, r.p, r.s
-        y = self.base_linear(r, x, name, n_in, n_out)
-        rank = r.lora_rank(name, rank)
-        if not rank:
-            return y
         # peft's lora.Linear / lora.bnb.Linear4bit: result = base(x) (cloned for 4-bit), then
         # result + lora_B(lora_A(dropout(x cast to the adapters' dtype))) * scaling, cast back
         h = x if s.quantized and t.autocast else t.to(x, p.adapter)
@@ -207,12 +213,8 @@ class Minilora(Stack):
     def checkpoint_inputs(self, r: Replay, x: Sym) -> list:
         return [x, *r.rope]
 
-    def linear(self, r: Replay, x: Sym, name: str, n_in: int, n_out: int, rank: int | None = None) -> Sym:
+    def adapter(self, r: Replay, x: Sym, y: Sym, n_in: int, n_out: int, rank: int) -> Sym:
         t, p, s = r.tape, r.p, r.s
-        y = self.base_linear(r, x, name, n_in, n_out)
-        rank = r.lora_rank(name, rank)
-        if not rank:
-            return y
         h = t.dropout(t.to(x, p.adapter), s.lora_dropout)
         if y.dtype != p.adapter:           # LoRALinear's unfused path
             t.linear(t.linear(h, n_in, rank, True, p.adapter), rank, n_out, True, p.adapter)
