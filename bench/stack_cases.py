@@ -25,12 +25,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "gpt2")
 METHODS = ("full", "lora-qv", "lora-all", "qlora", "qlora-prepare")
 PRECISIONS = ("fp32", "bf16", "fp32+autocast")   # weights; "fp32+autocast": Trainer(bf16=True)
 SHAPES = ((2, 24, 64), (1, 40, 96))              # (batch, seq, width)
 VOCAB, LAYERS, HEADS, KV_HEADS, DROPOUT, RANK, POSITIONS = 128, 2, 4, 2, 0.1, 4, 512
-_QV = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"]}
+_QV = {"gpt2": ["c_attn"], **{f: ["q_proj", "v_proj"] for f in ("llama", "qwen2", "mistral", "qwen3")}}
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,12 @@ def hf_config(case: Case):
     if case.family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=case.width, n_layer=LAYERS, n_head=HEADS,
                              resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, bos_token_id=0, eos_token_id=0)
-    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[case.family]
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig,
+           "qwen3": tf.Qwen3Config}[case.family]
     return cls(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-               max_position_embeddings=POSITIONS, attention_dropout=p, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+               head_dim=case.width // HEADS, max_position_embeddings=POSITIONS, attention_dropout=p, bos_token_id=0,
+               eos_token_id=0, pad_token_id=None)
 
 
 _SAVED_FOLDERS: dict = {}
@@ -127,7 +129,8 @@ def build_minilora(case: Case):
     else:
         model = Llama(LlamaConfig(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                                  attention_dropout=p, attn_impl=case.attn, model_type=case.family,
+                                  head_dim=case.width // HEADS, attention_dropout=p, attn_impl=case.attn,
+                                  model_type=case.family,
                                   attention_bias=case.family == "qwen2", o_proj_bias=False))
     model = model.to(case.dtype)
     if case.method == "full":

@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.stack_grid --quick         # the first shape only, no dropout variants
 
 For each stack ("hf": transformers + peft + bitsandbytes; "minilora": reference_models + minilora),
-family (llama, qwen2, mistral, gpt2), method (full, LoRA q,v, LoRA all-linear, QLoRA without and
+family (llama, qwen2, mistral, qwen3, gpt2), method (full, LoRA q,v, LoRA all-linear, QLoRA without and
 with prepare-for-k-bit), precision (fp32, bf16, fp32 weights under bf16 autocast; QLoRA in fp32 and
 bf16), checkpointing off / on, sdpa / eager, dropout 0 / config (0.1), two shapes, and for "hf" LoRA
 peft's autocast_adapter_dtype on and off: the bytes saved for backward by forward + loss and the

@@ -9,13 +9,13 @@ here, next to the layout it changes, reading its feature from the ModelSpec.
 gpt2_block:     ln_1 -> c_attn (q, k, v views of one output) -> attention -> c_proj -> dropout -> add,
                 ln_2 -> c_fc -> activation -> c_proj -> dropout -> add
 decoder_block:  norm -> q, k, v projections (fused for phi3) -> RoPE -> attention -> o_proj -> add,
-                norm -> gate, up -> act(gate) * up -> down -> add (gemma2's extra norms); on a sparse
-                layer the MLP is reference_models.moe.SparseMoE (_moe_mlp)
-Checked against saved_tensors_hooks on both stacks for gpt2, llama, mistral and qwen2
+                norm -> gate, up -> act(gate) * up -> down -> add (qwen3's per-head q/k norms before
+                RoPE; gemma2's extra norms); on a sparse layer the MLP is reference_models.moe.SparseMoE
+Checked against saved_tensors_hooks on both stacks for gpt2, llama, mistral, qwen2 and qwen3
 (tests/test_calc_stack_hf.py, tests/test_calc_activations.py), and for our mixtral and qwen2_moe
 (tests/test_calc_moe.py: transformers' own MoE code is not replayed, the hf stack estimates it with
-ours); the other families use decoder_block as an estimate until their steps are added (qk norms,
-sandwich norms, partial RoPE, parallel residual, latent attention).
+ours); the other families use decoder_block as an estimate until their steps are added (OLMo 2's
+whole-projection q/k norms, sandwich norms, partial RoPE, parallel residual, latent attention).
 """
 from __future__ import annotations
 
@@ -114,6 +114,8 @@ def decoder_block(r: Replay, x: Sym, layer: int = 0) -> Sym:
     h = spec.hidden_size
     shape = AttentionShape(s.batch, spec.num_heads, spec.num_kv_heads, s.seq, spec.head_dim)
     q, k, v = _attention_projections(r, r.norm(x), h)
+    if spec.qk_norm == "head":                                       # qwen3: RMSNorm over each head of q and k
+        q, k = r.norm(q, spec.head_dim), r.norm(k, spec.head_dim)
     q, k = r.stack.rope(r, q), r.stack.rope(r, k)                    # (B, H, T, D), (B, H_kv, T, D)
     k, v2 = r.stack.training_kv(r, k, v)
     y = r.attention(q, k, v2, shape, s.attn_pdrop, v_contiguous=v2 is not v)

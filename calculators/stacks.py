@@ -59,8 +59,9 @@ class Replay:
     def linear(self, x: Sym, name: str, n_in: int, n_out: int) -> Sym:
         return self.stack.linear(self, x, name, n_in, n_out)
 
-    def norm(self, x: Sym) -> Sym:
-        return self.stack.norm(self, x)
+    def norm(self, x: Sym, dim: int | None = None) -> Sym:
+        """A norm over the last `dim` elements (the hidden size, or a head's for q/k norms)."""
+        return self.stack.norm(self, x, dim or self.spec.hidden_size)
 
     def act(self, x: Sym) -> Sym:
         return self.stack.activation(self, x)
@@ -72,20 +73,20 @@ class Replay:
         return self.tape.sdpa(q, k, v, shape, p, v_is_view=v_contiguous or shape.batch == 1)
 
 
-def rmsnorm(r: Replay, x: Sym, weight_dtype: str) -> Sym:
-    """transformers' LlamaRMSNorm and reference_models/norms.py, op for op."""
-    t, h = r.tape, r.spec.hidden_size
+def rmsnorm(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
+    """transformers' LlamaRMSNorm (Qwen3's q/k norms too) and reference_models/norms.py, op for op."""
+    t = r.tape
     x32 = t.to(x, "fp32")
     t.saves_input(x32, fp32_list=True)                               # x32.pow(2) keeps x32
-    inv = t.saves_output(Sym(x.numel // h, "fp32", x.grad), fp32_list=True)   # rsqrt(mean + eps): (B, T, 1)
+    inv = t.saves_output(Sym(x.numel // dim, "fp32", x.grad), fp32_list=True)   # rsqrt(mean + eps): (.., 1)
     y = t.to(t.mul(x32, inv), x.dtype)                               # keeps x32 and inv
-    return t.mul(t.param(h, weight_dtype, r.full), y)                # keeps y when the weight trains
+    return t.mul(t.param(dim, weight_dtype, r.full), y)              # keeps y when the weight trains
 
 
-def norm_body(r: Replay, x: Sym, weight_dtype: str) -> Sym:
+def norm_body(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
     if r.spec.norm == "layernorm":
-        return r.tape.layer_norm(x, x.numel // r.spec.hidden_size, r.full)
-    return rmsnorm(r, x, weight_dtype)
+        return r.tape.layer_norm(x, x.numel // dim, r.full)
+    return rmsnorm(r, x, weight_dtype, dim)
 
 
 def eager_core(r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float, *, mask_kept: bool,
@@ -185,8 +186,8 @@ class Transformers(Stack):
         t.linear(t.linear(h, n_in, rank, True, p.adapter), rank, n_out, True, p.adapter)
         return Sym(y.numel, y.dtype, True)
 
-    def norm(self, r: Replay, x: Sym) -> Sym:
-        return norm_body(r, x, r.p.norm)
+    def norm(self, r: Replay, x: Sym, dim: int) -> Sym:
+        return norm_body(r, x, r.p.norm, dim)
 
     def activation(self, r: Replay, x: Sym) -> Sym:
         t, name = r.tape, r.spec.activation
@@ -228,11 +229,11 @@ class Minilora(Stack):
         t.keep(h.numel // n_in * rank, h.dtype)                      # h @ A^T, (rows, r)
         return Sym(y.numel, h.dtype, True)
 
-    def norm(self, r: Replay, x: Sym) -> Sym:
+    def norm(self, r: Replay, x: Sym, dim: int) -> Sym:
         if not r.s.prepare_kbit:
-            return norm_body(r, x, r.p.norm)
+            return norm_body(r, x, r.p.norm, dim)
         # prepare_for_kbit_training: fp32 norm on an upcast copy of the input, the output cast back
-        return r.tape.to(norm_body(r, r.tape.to(x, "fp32"), r.p.norm), x.dtype)
+        return r.tape.to(norm_body(r, r.tape.to(x, "fp32"), r.p.norm, dim), x.dtype)
 
     def activation(self, r: Replay, x: Sym) -> Sym:
         return r.tape.saves_output(x) if r.spec.activation == "relu" else r.tape.saves_input(x)
