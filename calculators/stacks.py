@@ -73,7 +73,7 @@ class Replay:
         return self.tape.sdpa(q, k, v, shape, p, v_is_view=v_contiguous or shape.batch == 1)
 
 
-def rmsnorm(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
+def _rmsnorm(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
     """transformers' LlamaRMSNorm (Qwen3's q/k norms too) and reference_models/norms.py, op for op."""
     t = r.tape
     x32 = t.to(x, "fp32")
@@ -83,13 +83,13 @@ def rmsnorm(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
     return t.mul(t.param(dim, weight_dtype, r.full), y)              # keeps y when the weight trains
 
 
-def norm_body(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
+def _norm_body(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
     if r.spec.norm == "layernorm":
         return r.tape.layer_norm(x, x.numel // dim, r.full)
-    return rmsnorm(r, x, weight_dtype, dim)
+    return _rmsnorm(r, x, weight_dtype, dim)
 
 
-def eager_core(r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float, *, mask_kept: bool,
+def _eager_core(r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float, *, mask_kept: bool,
                mask: Sym | None, softmax_dtype: str | None, probs_dtype: str) -> Sym:
     """softmax(q k^T * scale [+ mask]) @ v as batched matmuls -> (B, T, H*D), o_proj's input. matmul
     reshapes q, k^T and v (B, H, T, D) to (B*H, T, D): a copy of the transposed views, except with
@@ -114,6 +114,8 @@ def eager_core(r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: floa
 
 
 class Stack:
+    """The steps of a forward pass that a stack runs its own way (the table in the module docstring);
+    what both run alike is written once here or in blocks.py."""
     name = ""
 
     def input_requires_grad(self, r: Replay) -> bool:
@@ -187,7 +189,7 @@ class Transformers(Stack):
         return Sym(y.numel, y.dtype, True)
 
     def norm(self, r: Replay, x: Sym, dim: int) -> Sym:
-        return norm_body(r, x, r.p.norm, dim)
+        return _norm_body(r, x, r.p.norm, dim)
 
     def activation(self, r: Replay, x: Sym) -> Sym:
         t, name = r.tape, r.spec.activation
@@ -201,7 +203,7 @@ class Transformers(Stack):
     def eager_attention(self, r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float) -> Sym:
         gpt2 = r.spec.family == "gpt2"
         # Llama-family eager_attention_forward: softmax(dtype=fp32).to(q.dtype); GPT-2's in the scores' dtype
-        return eager_core(r, q, k, v, shape, p, mask_kept=False, mask=r.mask,
+        return _eager_core(r, q, k, v, shape, p, mask_kept=False, mask=r.mask,
                           softmax_dtype=None if gpt2 else "fp32", probs_dtype=v.dtype if gpt2 else q.dtype)
 
 
@@ -231,15 +233,15 @@ class Minilora(Stack):
 
     def norm(self, r: Replay, x: Sym, dim: int) -> Sym:
         if not r.s.prepare_kbit:
-            return norm_body(r, x, r.p.norm, dim)
+            return _norm_body(r, x, r.p.norm, dim)
         # prepare_for_kbit_training: fp32 norm on an upcast copy of the input, the output cast back
-        return r.tape.to(norm_body(r, r.tape.to(x, "fp32"), r.p.norm, dim), x.dtype)
+        return r.tape.to(_norm_body(r, r.tape.to(x, "fp32"), r.p.norm, dim), x.dtype)
 
     def activation(self, r: Replay, x: Sym) -> Sym:
         return r.tape.saves_output(x) if r.spec.activation == "relu" else r.tape.saves_input(x)
 
     def eager_attention(self, r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float) -> Sym:
-        return eager_core(r, q, k, v, shape, p, mask_kept=True, mask=None, softmax_dtype="fp32", probs_dtype=q.dtype)
+        return _eager_core(r, q, k, v, shape, p, mask_kept=True, mask=None, softmax_dtype="fp32", probs_dtype=q.dtype)
 
     def rope(self, r: Replay, x: Sym) -> Sym:
         return r.tape.to(super().rope(r, x), x.dtype)
