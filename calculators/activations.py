@@ -140,8 +140,9 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     """Bytes autograd keeps from the forward pass and the loss for backward, split into parts.
 
     Returns {"embedding": ..., "layers": [per-layer bytes], "shared": RoPE cos/sin and transformers'
-    eager mask (made once, kept by the first layer that needs them, reported here), "head": final norm + lm_head input, "loss": fp32
-    log-softmax + targets, "total": their sum, "layer_full": one layer's bytes without checkpointing}.
+    eager mask (made once, kept by the first layer that needs them, reported here), "head": final
+    norm + lm_head input, "loss": fp32 log-softmax + targets, "total": their sum, "layer_full": one
+    layer's bytes without checkpointing}.
     """
     s = setup
     if s.batch <= 0 or s.seq <= 0:

@@ -18,7 +18,8 @@ def add_recipe_flags(p) -> None:
     p.add_argument("--stack", default="hf", help="hf (transformers + peft + bitsandbytes as shipped) | "
                    "minilora (reference_models + minilora)")
     p.add_argument("--autocast", default="none", help="none | bf16 | fp16: torch.autocast, as Trainer(bf16=True)")
-    p.add_argument("--prepare-kbit", default="auto", help="QLoRA: prepare_model_for_kbit_training, auto (yes) | yes | no")
+    p.add_argument("--prepare-kbit", default="auto",
+                   help="QLoRA: prepare_model_for_kbit_training, auto (yes) | yes | no")
     p.add_argument("--autocast-adapter-dtype", default="auto",
                    help="hf LoRA: peft's fp32 adapters on a 16-bit base, auto (yes) | yes | no")
     p.add_argument("--model-dropout", default="config",

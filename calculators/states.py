@@ -145,7 +145,8 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> ModelStates:
         trainable, frozen = lora_tensors(spec, setup.lora), list(zip(tensors, sizes))
     quantized = {f"{lin.name}.weight" for lin in quantized_linears(spec)} if setup.method == "qlora" else set()
     quantized_bytes = block_quantized = 0
-    dense, block_dense = [], sum(math.prod(shape) for name, shape in trainable if _in_first_block(name)) * trainable_bytes
+    dense = []
+    block_dense = sum(math.prod(shape) for name, shape in trainable if _in_first_block(name)) * trainable_bytes
     for t, size in frozen:
         nf4 = _nf4_size(t, setup, quantized)
         if nf4 is None:

@@ -201,8 +201,9 @@ def optimizer_states_term(run: TrainingRun) -> Term:
     s, st, p = run.setup, run.states, run.precision
     state = "fp32" if p.optimizer_states == 4 else (p.linear if s.method == "full" else p.adapter)
     assumption = {
-        "adamw": f"AdamW m and v in {state}" + (" (on the fp32 master copy)" if p.master else
-                                                 " (torch AdamW: the parameters' own dtype)") + " (+4 B step per tensor)",
+        "adamw": f"AdamW m and v in {state}"
+                 + (" (on the fp32 master copy)" if p.master else " (torch AdamW: the parameters' own dtype)")
+                 + " (+4 B step per tensor)",
         "adamw8bit": "bitsandbytes 8-bit AdamW: uint8 m, v + fp32 absmax per 256; tensors < 4096 elements keep fp32",
         "sgd": "plain SGD: no state",
         "sgd-momentum": f"SGD momentum buffer in {state}",

@@ -102,7 +102,8 @@ def _refused_recipe(s: TrainingSetup) -> str | None:
         return (f"prepare_kbit=True (--prepare-kbit yes) is prepare_model_for_kbit_training, for 4-bit models: "
                 f"it needs method='qlora' (--method qlora), got {s.method!r}")
     if s.autocast_adapter_dtype is not None and s.method == "full":
-        return "autocast_adapter_dtype (--autocast-adapter-dtype) is about LoRA adapters: it needs --method lora or qlora"
+        return ("autocast_adapter_dtype (--autocast-adapter-dtype) is about LoRA adapters: it needs --method lora "
+                "or qlora")
     if s.autocast_adapter_dtype is not None and not hf:
         return ("autocast_adapter_dtype (--autocast-adapter-dtype) is peft's option (--stack hf); minilora keeps "
                 "adapters in the base dtype")
