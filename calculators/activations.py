@@ -100,8 +100,9 @@ def _shared_inputs(r: Replay, x: Sym) -> None:
     """What the model makes once per forward for every layer: RoPE's cos and sin (in the residual
     stream's dtype) and, for transformers' eager attention, the float causal mask (B, 1, T, T)."""
     s, spec = r.s, r.spec
-    if spec.family != "gpt2":
-        r.rope = (Sym(s.seq * spec.head_dim, x.dtype, False), Sym(s.seq * spec.head_dim, x.dtype, False))
+    if spec.family != "gpt2":   # (T, rotated dims) each, the rotated part of a head (partial RoPE: less)
+        rotated = spec.rotary_dim or spec.head_dim
+        r.rope = (Sym(s.seq * rotated, x.dtype, False), Sym(s.seq * rotated, x.dtype, False))
     if r.stack.name == "hf" and s.attn == "eager":
         r.mask = Sym(s.batch * s.seq * s.seq, x.dtype, False)
 
