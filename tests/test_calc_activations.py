@@ -27,7 +27,7 @@ def saved_bytes(model, batch, seq, vocab):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=4)
+@settings(max_examples=8)
 @given(drawn=cases)
 def test_saved_activation_and_model_state_bytes_exact_vs_reference_models(family, method, drawn):
     case = case_of("minilora", family, method, drawn)

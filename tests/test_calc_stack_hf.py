@@ -18,7 +18,7 @@ pytestmark = pytest.mark.interop
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=4)
+@settings(max_examples=8)
 @given(drawn=cases)
 def test_saved_activation_and_model_state_bytes_exact_vs_transformers_peft_bitsandbytes(family, method, drawn):
     case = case_of("hf", family, method, drawn)
