@@ -274,7 +274,11 @@ class Llama(CausalLM):
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
                        self.model.embed_tokens.weight.device, sliding_windows=windows)
 
-    def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    @property
+    def logit_softcap(self) -> float | None:  # Gemma 2/3's final_logit_softcapping
+        return self.config.final_logit_softcapping
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         x = self.model.embed_tokens(idx)  # (B, T, C)
@@ -287,6 +291,4 @@ class Llama(CausalLM):
             x = self._run_block(block, x, *rope[block.layer_type], cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return self.model.norm(x)  # (B, T, C)
