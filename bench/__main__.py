@@ -30,6 +30,7 @@ from bench._harness import RESULTS, machine_info, machine_name
 SUITE = {
     "models": ("bench.models", None),
     "lora_step": ("bench.lora_step", None),
+    "lora_profile": ("bench.lora_profile", None),   # torch.profiler: where the LoRA step's time goes
     "nf4": ("bench.nf4", None),
     "quant_error": ("bench.quant_error", None),
     "offload": ("bench.offload", None),

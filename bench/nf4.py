@@ -1,34 +1,45 @@
-"""NF4 throughput, side by side: minilora vs bitsandbytes vs torchao's NF4Tensor, and LinearNF4
-forward/backward vs a dense nn.Linear.
+"""NF4 throughput, side by side: minilora (each backend) vs bitsandbytes vs torchao's NF4Tensor, and
+LinearNF4 forward vs bitsandbytes' Linear4bit and a dense nn.Linear.
 
-    .venv/bin/python -m bench.nf4            # 4096 x 4096 (a 7B-class projection)
+    .venv/bin/python -m bench.nf4            # CUDA: 4096 x 4096 and 8192 x 28672; CPU: 4096 x 4096
     .venv/bin/python -m bench.nf4 --quick    # 1024 x 1024
+    .venv/bin/python -m bench.nf4 --clock cpu  # CPU: 1 thread, process CPU time (for a machine shared with others)
+    .venv/bin/python -m bench.nf4 --dry-run  # CPU, tiny shapes, Triton's interpreter: every row's code, nothing written
 
-Rows: quantize (NF4, block 64, double quantization) and dequantize (to fp32 and bf16) of one
-weight; then LinearNF4 forward and forward+backward (input gradients only, as under LoRA) for
-`tokens` rows, against nn.Linear in fp32/bf16 and bitsandbytes' Linear4bit forward. Every figure
-is a median of interleaved repeats, so machine load hits all columns alike; ratios are the point.
-On CUDA it also reports dequantize bandwidth as a fraction of the device's copy bandwidth, measured
-in the same run (a 1 GiB device-to-device copy, bytes read plus written), or of --peak-gbs if given.
-Goals on CUDA (issue 4): dequantize at >= 70% of that bandwidth; LinearNF4 forward within 1.3x of
-bitsandbytes' Linear4bit.
+Rows: quantize (NF4, block 64, double quantization) of the first weight; dequantize to fp32 and bf16
+of each weight, by minilora's backends ("eager", "triton" where it runs, "compiled" with --compile),
+bitsandbytes and torchao; on CUDA also bytes moved (codes, scales and output) per second as a
+fraction of the device's copy bandwidth, measured in the same run (a 1 GiB device-to-device copy,
+bytes read plus written) or --peak-gbs. On CPU, dequantize into a new tensor vs into a reused one
+(why LinearNF4 reuses a buffer). Then LinearNF4 forward at 1, 16, 64 and 256 tokens (bf16 on CUDA,
+fp32 on CPU): the layer per backend, and the two paths of backend="triton" forced (the fused kernel,
+and dequantize into the buffer + matmul), so the fused range (matmul_4bit.FUSED_MAX_TOKENS) can be
+read off; beside it Linear4bit and nn.Linear; and forward + backward (input gradient) at 256 tokens.
+Every figure is a median of interleaved repeats, so machine load hits all columns alike.
+
+Goals on CUDA (issue 18), judged on backend="triton": dequantize <= 1.0x bitsandbytes' time and
+>= 60% of the copy bandwidth at 4096 x 4096 and 8192 x 28672; LinearNF4 forward <= 1.0x Linear4bit
+at 1, 16 and 256 tokens. The JSON also says which backend was faster in every row ("faster_backend":
+what minilora.quant.backends.AUTO_BACKEND["cuda"] should be) and up to how many tokens the fused
+kernel beat the buffer path ("fused_wins_up_to_tokens").
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
 
 import torch
 from torch import nn
 
 from bench._harness import machine_info, report, timeit_interleaved
-from minilora.quant.nf4 import dequantize_4bit, quantize_4bit
-from minilora.quant.qlora import LinearNF4
 
-
-def _torchao():
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
-
-    return to_nf4
+CUDA_SHAPES, CPU_SHAPES, QUICK_SHAPES, DRY_SHAPES = [(4096, 4096), (8192, 28672)], [(4096, 4096)], [(1024, 1024)], [(256, 192)]
+TOKENS, DRY_TOKENS = (1, 16, 64, 256), (1, 16, 80)
+GOAL_SHAPES, GOAL_TOKENS = ("4096x4096", "8192x28672"), (1, 16, 256)
+GOAL = ("backend='triton': dequantize <= 1.0x bitsandbytes' time and >= 60% of copy bandwidth at 4096x4096 and "
+        "8192x28672; LinearNF4 forward <= 1.0x Linear4bit at 1, 16 and 256 tokens (bf16)")
 
 
 def copy_bandwidth_gbs(nbytes: int = 2**30, repeats: int = 20) -> float:
@@ -39,128 +50,209 @@ def copy_bandwidth_gbs(nbytes: int = 2**30, repeats: int = 20) -> float:
     return 2 * nbytes / seconds / 1e9
 
 
-def main(argv=None):
+def minilora_backends(args) -> list[str]:
+    from minilora.quant.backends import triton_unavailable
+
+    names = ["eager"] + (["triton"] if triton_unavailable(args.device) is None else [])
+    return names + (["compiled"] if args.compile else [])
+
+
+def quantize_rows(w, args) -> list[dict]:
+    import bitsandbytes.functional as bnbF
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    from minilora.quant.nf4 import quantize_4bit
+
+    t = args.timer({"minilora": lambda: quantize_4bit(w, "nf4", 64, True),
+                    "bitsandbytes": lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
+                    "torchao": lambda: to_nf4(w, 64, 256)})
+    return [{"op": "quantize nf4+dq", "dtype": "fp32", "shape": shape_name(w), **ms(t),
+             "bnb / minilora": t["bitsandbytes"] / t["minilora"]}]
+
+
+def dequantize_rows(w, args) -> list[dict]:
+    import bitsandbytes.functional as bnbF
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    from minilora.quant.nf4 import dequantize_4bit, quantize_4bit
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = w.to(dtype)
+        ours = quantize_4bit(weight, "nf4", 64, True)
+        packed, qs = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+        assert torch.equal(ours.packed, packed), "minilora and bitsandbytes disagree: run the tests"
+        ao = to_nf4(weight, 64, 256) if weight.numel() % 16384 == 0 else None  # torchao's size rule
+        fns = {f"minilora {b}": (lambda b=b: dequantize_4bit(ours, backend=b)) for b in minilora_backends(args)}
+        fns["bitsandbytes"] = lambda: bnbF.dequantize_4bit(packed, qs)
+        if ao is not None:
+            fns["torchao"] = ao.get_original_weight
+        if args.device.type == "cpu":  # what LinearNF4's reused buffer saves: a new tensor's first-touch page faults
+            buffer = torch.empty(weight.numel(), dtype=dtype)
+            fns["minilora eager into a reused buffer"] = lambda: dequantize_4bit(ours, out=buffer)
+        t = args.timer(fns)
+        row = {"op": "dequantize", "dtype": short(dtype), "shape": shape_name(w), **ms(t)}
+        for name in fns:
+            if name.startswith("minilora"):
+                row[f"{name} / bnb"] = t[name] / t["bitsandbytes"]
+                if args.peak_gbs:  # bytes moved: codes and scales read, the weight written
+                    moved = ours.nbytes + weight.numel() * weight.element_size()
+                    row[f"{name} fraction of copy bw"] = moved / t[name] / 1e9 / args.peak_gbs
+        rows.append(row)
+    return rows
+
+
+def linear_layers(w, dtype, args):
+    """LinearNF4 per backend, bitsandbytes' Linear4bit on the same bytes, and the dense nn.Linear."""
+    import bitsandbytes as bnb
+
+    from minilora.quant.qlora import LinearNF4
+
+    rows, cols = w.shape
+    dense = nn.Linear(cols, rows, bias=False, device=args.device, dtype=dtype).requires_grad_(False)
+    dense.weight.data.copy_(w)
+    ours = {}
+    for backend in minilora_backends(args):
+        ours[backend] = LinearNF4.from_linear(dense, "nf4", 64, True, dtype)
+        ours[backend].backend = backend
+    theirs = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    sd = ours["eager"].state_dict()  # bitsandbytes' format: load the same bytes into Linear4bit
+    theirs.weight = bnb.nn.Params4bit.from_prequantized(data=sd.pop("weight"), quantized_stats=sd,
+                                                        requires_grad=False, device=args.device, module=theirs)
+    return ours, theirs.eval(), dense
+
+
+def linear_rows(w, args) -> list[dict]:
+    from minilora.quant.matmul_4bit import matmul_dequantized
+    from minilora.quant.nf4 import packed_weight
+
+    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
+    ours, theirs, dense = linear_layers(w, dtype, args)
+    rows = []
+    for tokens in args.tokens:
+        x = torch.randn(tokens, w.shape[1], device=args.device, dtype=dtype)
+        fns = {f"LinearNF4 {b}": (lambda layer=layer: layer(x)) for b, layer in ours.items()}
+        if "triton" in ours:  # the two paths of backend="triton", each forced
+            from minilora.quant.triton_matmul import fused_matmul
+
+            state = ours["triton"].quant_state
+            fns["triton fused kernel"] = lambda: fused_matmul(x, packed_weight(state), transposed=True)
+            fns["triton dequantize + matmul"] = lambda: matmul_dequantized(x, state, dtype, "triton", True)
+        fns["bnb Linear4bit"] = lambda: theirs(x)
+        fns["nn.Linear"] = lambda: dense(x)
+        with torch.no_grad():
+            t = args.timer(fns)
+        row = {"op": f"linear forward x({tokens},{w.shape[1]})", "dtype": short(dtype), "shape": shape_name(w),
+               "tokens": tokens, **ms(t)}
+        row.update({f"{name} / bnb": t[name] / t["bnb Linear4bit"] for name in fns if name.startswith(("Linear", "triton"))})
+        rows.append(row)
+    x = torch.randn(args.tokens[-1], w.shape[1], device=args.device, dtype=dtype, requires_grad=True)
+    t = args.timer({f"LinearNF4 {b}": fwd_bwd(layer, x) for b, layer in ours.items()} | {"nn.Linear": fwd_bwd(dense, x)})
+    rows.append({"op": f"linear fwd+bwd (input grad) x({args.tokens[-1]},{w.shape[1]})", "dtype": short(dtype),
+                 "shape": shape_name(w), **ms(t)} | {f"{n} / nn.Linear": t[n] / t["nn.Linear"] for n in t if n != "nn.Linear"})
+    return rows
+
+
+def fwd_bwd(module, x):
+    def run():
+        y = module(x)
+        y.backward(torch.ones_like(y))
+    return run
+
+
+def judge(rows: list[dict]) -> dict:
+    """The goal on CUDA (module docstring), which backend was faster in every row, and the fused range."""
+    deq = [r for r in rows if r["op"] == "dequantize"]
+    fwd = [r for r in rows if r["op"].startswith("linear forward")]
+    if not any("minilora triton ms" in r for r in deq):
+        return {"goal": GOAL, "goal_met": None, "faster_backend": None}
+    timed = [(r["minilora triton ms"], r["minilora eager ms"]) for r in deq]
+    timed += [(r["LinearNF4 triton ms"], r["LinearNF4 eager ms"]) for r in rows if r["op"].startswith("linear")]
+    verdict = {"goal": GOAL, "goal_met": None,
+               "faster_backend": "triton" if all(tri <= eager for tri, eager in timed) else "eager",
+               "fused_wins_up_to_tokens": max((r["tokens"] for r in fwd
+                                               if r["triton fused kernel ms"] <= r["triton dequantize + matmul ms"]),
+                                              default=0)}
+    deq = [r for r in deq if r["shape"] in GOAL_SHAPES]
+    fwd = [r for r in fwd if r["tokens"] in GOAL_TOKENS]
+    if {r["shape"] for r in deq} != set(GOAL_SHAPES) or len(fwd) != len(GOAL_TOKENS):
+        return verdict  # not the goal's shapes (--quick, --size): nothing to judge
+    verdict.update(worst_dequantize_vs_bnb=max(r["minilora triton / bnb"] for r in deq),
+                   worst_dequantize_fraction_of_copy_bw=min(r.get("minilora triton fraction of copy bw", 0.0)
+                                                            for r in deq),
+                   worst_forward_vs_bnb=max(r["LinearNF4 triton / bnb"] for r in fwd))
+    verdict["goal_met"] = (verdict["worst_dequantize_vs_bnb"] <= 1.0 and verdict["worst_forward_vs_bnb"] <= 1.0
+                           and verdict["worst_dequantize_fraction_of_copy_bw"] >= 0.60)
+    return verdict
+
+
+def shape_name(w) -> str:
+    return "x".join(map(str, w.shape))
+
+
+def short(dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def ms(times: dict) -> dict:
+    return {f"{k} ms": 1e3 * v for k, v in times.items()}
+
+
+def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1024 x 1024 weight, fewer repeats")
-    parser.add_argument("--size", type=int, default=None, help="weight is size x size (default 4096, quick 1024)")
-    parser.add_argument("--tokens", type=int, default=None, help="rows of x for the linear rows (default 256)")
+    parser.add_argument("--quick", action="store_true", help="1024 x 1024 weight")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, tiny shapes, one repeat, Triton's interpreter: runs every row's code, writes nothing")
+    parser.add_argument("--size", type=int, nargs=2, action="append", metavar=("ROWS", "COLS"),
+                        help="a weight shape (repeatable; default: see the docstring)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--bf16-linear", action="store_true", help="also time bf16 linears on CPU (slow)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time dequantize_4bit(backend='compiled'), torch.compile'd (CUDA)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: wall-clock; cpu: process CPU time on 1 thread (robust on a shared machine; CPU only)")
+    parser.add_argument("--compile", action="store_true", help="also time backend='compiled' (torch.compile)")
     parser.add_argument("--peak-gbs", type=float, default=None,
                         help="device memory bandwidth, GB/s (CUDA; default: a device-to-device copy, measured)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = args.size or (1024 if args.quick else 4096)
-    tokens = args.tokens or (64 if args.quick else 256)
-    repeats = args.repeats or 5
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    peak_gbs = args.peak_gbs or (copy_bandwidth_gbs() if device == "cuda" else None)
+    return parser.parse_args(argv)
 
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbF
 
-    to_nf4 = _torchao()
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.dry_run and "triton" not in sys.modules:  # the interpreter is chosen when triton is first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    args.device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    cuda = args.device.type == "cuda"
+    if cuda and args.clock == "cpu":
+        raise SystemExit("--clock cpu measures host CPU time, which says nothing about CUDA kernels; use --clock wall")
+    if args.threads or args.clock == "cpu":
+        torch.set_num_threads(1 if args.clock == "cpu" else args.threads)
+    shapes = [tuple(s) for s in args.size] if args.size else (
+        DRY_SHAPES if args.dry_run else QUICK_SHAPES if args.quick else CUDA_SHAPES if cuda else CPU_SHAPES)
+    args.tokens = DRY_TOKENS if args.dry_run else TOKENS
+    repeats, warmup = (1, 0) if args.dry_run else (args.repeats or 5, 2 if cuda else 1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    args.timer = lambda fns: timeit_interleaved(fns, repeats=repeats, warmup=warmup, clock=clock)
+    args.peak_gbs = args.peak_gbs or (copy_bandwidth_gbs() if cuda else None)
     torch.manual_seed(0)
-    w = torch.randn(size, size, device=device)
-    ours = quantize_4bit(w, "nf4", 64, True)
-    packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    assert torch.equal(ours.packed, packed), "minilora and bitsandbytes disagree: run the tests"
-    ao = to_nf4(w, 64, 256)
-    w_bf16 = w.to(torch.bfloat16)
-    ours_bf16 = quantize_4bit(w_bf16, "nf4", 64, True)
-    packed_bf16, qs_bf16 = bnbF.quantize_4bit(w_bf16, blocksize=64, quant_type="nf4", compress_statistics=True)
-    ao_bf16 = to_nf4(w_bf16, 64, 256)
-
-    ops = {
-        ("quantize nf4+dq", "fp32"): {
-            "minilora": lambda: quantize_4bit(w, "nf4", 64, True),
-            "bitsandbytes": lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
-            "torchao": lambda: to_nf4(w, 64, 256),
-        },
-        ("dequantize", "fp32"): {
-            "minilora": lambda: dequantize_4bit(ours),
-            "bitsandbytes": lambda: bnbF.dequantize_4bit(packed, qs),
-            "torchao": lambda: ao.get_original_weight(),
-        },
-        ("dequantize", "bf16"): {
-            "minilora": lambda: dequantize_4bit(ours_bf16),
-            "bitsandbytes": lambda: bnbF.dequantize_4bit(packed_bf16, qs_bf16),
-            "torchao": lambda: ao_bf16.get_original_weight(),
-        },
-    }
-    if args.compile and device == "cuda":  # backend="compiled": dequantize_nibbles through torch.compile
-        ops[("dequantize", "fp32")]["minilora compiled"] = lambda: dequantize_4bit(ours, backend="compiled")
-        ops[("dequantize", "bf16")]["minilora compiled"] = lambda: dequantize_4bit(ours_bf16, backend="compiled")
-    rows = []
-    for (op, dtype), fns in ops.items():
-        t = timeit_interleaved(fns, repeats=repeats, warmup=1)
-        row = {"op": op, "dtype": dtype, "shape": f"{size}x{size}"}
-        row.update({f"{k} ms": 1e3 * v for k, v in t.items()})
-        row["bnb / minilora"] = t["bitsandbytes"] / t["minilora"]
-        row["torchao / minilora"] = t["torchao"] / t["minilora"]
-        if op == "dequantize" and device == "cuda":
-            out_bytes = size * size * (4 if dtype == "fp32" else 2)
-            moved = ours.nbytes + out_bytes
-            row["minilora GB/s"] = moved / t["minilora"] / 1e9
-            row["fraction of copy bw"] = row["minilora GB/s"] / peak_gbs
-        rows.append(row)
-
-    # LinearNF4 vs dense nn.Linear vs bitsandbytes Linear4bit (forward)
-    # bf16 matmuls on a CPU without AVX512-BF16 take seconds each (35 s per fwd+bwd at 4096): opt in
-    computes = (torch.float32, torch.bfloat16) if device == "cuda" or args.bf16_linear else (torch.float32,)
-    for compute in computes:
-        dense = nn.Linear(size, size, bias=False, device=device, dtype=compute)
-        dense.weight.data.copy_(w)
-        dense.requires_grad_(False)
-        layer = LinearNF4.from_linear(dense, "nf4", 64, True, compute)
-        bnb_layer = bnb.nn.Linear4bit(size, size, bias=False, compute_dtype=compute, quant_type="nf4",
-                                      compress_statistics=True)
-        sd = layer.state_dict()  # bitsandbytes' format: load the same bytes into Linear4bit
-        bnb_layer.weight = bnb.nn.Params4bit.from_prequantized(
-            data=sd.pop("weight"), quantized_stats=sd, requires_grad=False, device=torch.device(device),
-            module=bnb_layer)
-        bnb_layer = bnb_layer.eval()
-        x = torch.randn(tokens, size, device=device, dtype=compute)
-        xg = x.clone().requires_grad_(True)
-
-        def fwd_bwd(module):
-            def run():
-                y = module(xg)
-                y.backward(torch.ones_like(y))
-            return run
-
-        with torch.no_grad():
-            t_fwd = timeit_interleaved({"LinearNF4": lambda: layer(x), "nn.Linear": lambda: dense(x),
-                                        "bnb Linear4bit": lambda: bnb_layer(x)}, repeats=repeats, warmup=1)
-        t_bwd = timeit_interleaved({"LinearNF4": fwd_bwd(layer), "nn.Linear": fwd_bwd(dense)},
-                                   repeats=repeats, warmup=1)
-        name = str(compute).removeprefix("torch.")
-        rows.append({"op": f"linear forward x({tokens},{size})", "dtype": name, "shape": f"{size}x{size}",
-                     "minilora ms": 1e3 * t_fwd["LinearNF4"], "bitsandbytes ms": 1e3 * t_fwd["bnb Linear4bit"],
-                     "nn.Linear ms": 1e3 * t_fwd["nn.Linear"],
-                     "bnb / minilora": t_fwd["bnb Linear4bit"] / t_fwd["LinearNF4"],
-                     "minilora / nn.Linear": t_fwd["LinearNF4"] / t_fwd["nn.Linear"]})
-        rows.append({"op": f"linear fwd+bwd (input grad) x({tokens},{size})", "dtype": name,
-                     "shape": f"{size}x{size}", "minilora ms": 1e3 * t_bwd["LinearNF4"],
-                     "nn.Linear ms": 1e3 * t_bwd["nn.Linear"],
-                     "minilora / nn.Linear": t_bwd["LinearNF4"] / t_bwd["nn.Linear"]})
-
+    weights = [torch.randn(*shape, device=args.device) for shape in shapes]
+    rows = quantize_rows(weights[0], args)
+    for w in weights:
+        rows += dequantize_rows(w, args)
+    rows += linear_rows(weights[0], args)
     info = machine_info()
-    note = ("ratios come from interleaved repeats; absolute times depend on the machine's load "
-            "(machine.loadavg)" if device == "cpu" else "")
-    extra = {"note": note, "device": device, "threads": info["threads"], "tokens": tokens}
-    if device == "cuda":
-        deq = [r["fraction of copy bw"] for r in rows if r["op"] == "dequantize"]
-        fwd = [1 / r["bnb / minilora"] for r in rows if r["op"].startswith("linear forward")]
-        extra.update(copy_bandwidth_gbs=peak_gbs,
-                     goal="dequantize >= 70% of copy bandwidth; LinearNF4 forward <= 1.3x Linear4bit",
-                     goal_met=bool(deq and fwd) and min(deq) >= 0.70 and max(fwd) <= 1.3,
-                     worst_dequantize_fraction=min(deq), worst_forward_vs_bnb=max(fwd))
+    extra = {"device": args.device.type, "threads": info["threads"], "clock": args.clock, "tokens": list(args.tokens),
+             "copy_bandwidth_gbs": args.peak_gbs, **judge(rows)}
+    if not cuda:
+        extra["goal_met"] = None
+        extra["note"] = ("CPU: the goals are CUDA's (not judged here); ratios come from interleaved repeats, absolute "
+                         "times depend on the machine's load (machine.loadavg)")
+    if args.dry_run:
+        from tabulate import tabulate
+
+        print(tabulate(rows, headers="keys", floatfmt=".4g"))
+        print("dry run: every row's code ran on the CPU (nothing measured, nothing written)")
+        return {"results": rows, **extra}
     report("nf4" + ("-quick" if args.quick else ""), rows, extra=extra)
+    return {"results": rows, **extra}
 
 
 if __name__ == "__main__":

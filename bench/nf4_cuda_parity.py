@@ -4,7 +4,8 @@ bitsandbytes' own CPU path.
     python -m bench.nf4_cuda_parity          # needs CUDA and bitsandbytes
 
 For each case (shape, dtype, quant type, block size, double quantization) it counts the bytes
-that differ: packed 4-bit codes, 8-bit absmax codes, absmax2 and offset; for minilora once per
+that differ: packed 4-bit codes, 8-bit absmax codes, absmax2 and offset; the dequantized weight of
+bitsandbytes' state, by minilora's eager path and its Triton kernel; for minilora once per
 reciprocal mode ("ieee" = kernel="cuda-ieee", a correctly rounded 1/absmax; "approx" = kernel="cuda",
 the GPU's rcp.approx, what bitsandbytes' --use_fast_math build computes), and for bitsandbytes'
 CPU path on the same values. A row of zeros is bit-identity. Also the plain 8-bit blockwise
@@ -88,6 +89,20 @@ def dump(w: torch.Tensor, quant_type: str, block_size: int = 64, limit: int = 12
               f"x/absmax={(x / a).item()!r} ours={int(mine[i])} bnb={int(theirs[i])}")
 
 
+def _dequantize_counts(packed, qs, w, quant_type: str, block_size: int, dq: bool) -> dict:
+    """Differing bytes of minilora's dequantize of bitsandbytes' own state, per backend, vs its CUDA dequantize."""
+    import bitsandbytes.functional as F
+
+    from minilora.quant import nf4
+    from minilora.quant.backends import triton_unavailable
+
+    state = nf4.QuantState4bit(packed, qs.absmax, w.shape, w.dtype, block_size, quant_type,
+                               qs.state2.absmax if dq else None, qs.offset if dq else None)
+    theirs = F.dequantize_4bit(packed, qs)
+    backends = ["eager"] + (["triton"] if triton_unavailable(w.device) is None else [])
+    return {f"dequantize {b}": _count(nf4.dequantize_4bit(state, backend=b), theirs) for b in backends}
+
+
 def main(argv=None) -> int:
     if "--dump" in (argv if argv is not None else sys.argv[1:]):
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -112,6 +127,7 @@ def main(argv=None) -> int:
             ours = _ours_parts(nf4.quantize_4bit(w, quant_type, block_size, dq, kernel=kernel))
             for part, a, b in zip(("packed", "absmax", "absmax2", "offset"), ours, theirs):
                 row[f"{mode}:{part}"] = _count(a, b)
+        row.update(_dequantize_counts(packed, qs, w, quant_type, block_size, dq))
         cpu_packed, cpu_qs = F.quantize_4bit(w.cpu(), blocksize=block_size, quant_type=quant_type,
                                              compress_statistics=dq)
         for part, a, b in zip(("packed", "absmax"), _bnb_parts(cpu_packed, cpu_qs), theirs):
@@ -132,7 +148,9 @@ def main(argv=None) -> int:
         rows.append(row)
     report("nf4_cuda_parity", rows, extra={
         "note": "counts of differing bytes vs bitsandbytes' CUDA kernel (-1: shapes or dtypes differ); "
-                "ieee/approx: minilora with that reciprocal; bnb cpu: bitsandbytes' CPU path on the same values"})
+                "ieee/approx: minilora with that reciprocal; dequantize eager/triton: minilora's dequantize of "
+                "bitsandbytes' state by that backend vs bitsandbytes' CUDA dequantize; bnb cpu: bitsandbytes' "
+                "CPU path on the same values"})
     return 0
 
 

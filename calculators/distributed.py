@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["STRATEGIES", "parse_strategy", "shard", "fsdp_rank0_elements",
+__all__ = ["STRATEGIES", "parse_strategy", "is_sharded", "shard", "shard_note", "fsdp_rank0_elements",
            "deepspeed_zero2_estimate", "deepspeed_zero3_estimate"]
 
 STRATEGIES = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp-full", "fsdp-grad-op")
@@ -76,15 +76,26 @@ def fsdp_rank0_elements(shapes, gpus: int) -> int:
     return sum(-(-(shape[0] if shape else 1) // gpus) * math.prod(shape[1:]) for shape in shapes)
 
 
+def is_sharded(category: str, strategy: str, gpus: int) -> bool:
+    """Whether `strategy` on `gpus` GPUs divides a model-state category (weights | gradients |
+    optimizer) among them (the table in the module docstring)."""
+    return gpus > 1 and category in _SHARDED[strategy]
+
+
 def shard(category: str, nbytes: int, strategy: str, gpus: int, shapes=None, bytes_per_el=None) -> int:
     """Per-GPU bytes of one category (weights | gradients | optimizer) under `strategy`: ZeRO's
     flat split ceil(nbytes / N), or under FSDP with the tensors' `shapes` (and `bytes_per_el`)
     rank 0's torch.chunk piece of every tensor."""
-    if category not in _SHARDED[strategy] or gpus == 1:
+    if not is_sharded(category, strategy, gpus):
         return nbytes
     if strategy.startswith("fsdp") and shapes is not None and bytes_per_el:
         return fsdp_rank0_elements(shapes, gpus) * bytes_per_el
     return -(-nbytes // gpus)
+
+
+def shard_note(category: str, strategy: str, gpus: int) -> str:
+    """The clause a memory term's assumption ends with when its category is sharded."""
+    return f", sharded over {gpus} GPUs ({strategy})" if is_sharded(category, strategy, gpus) else ""
 
 
 def deepspeed_zero2_estimate(total_params: int, gpus: int, cpu_offload: bool = False) -> int:

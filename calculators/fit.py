@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .memory import METHODS, TrainingSetup, training_memory
+from .memory import training_memory
 from .models import ModelSpec
+from .training_setup import METHODS, TrainingSetup
 
 __all__ = ["largest_fitting", "methods_that_fit", "fits"]
 

@@ -28,6 +28,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Without a GPU, minilora's Triton kernels run in Triton's interpreter on CPU tensors
+# (tests/test_nf4_triton.py). The switch must be set before triton is first imported, as triton
+# decorates its own library kernels then, and the interop libraries checked below import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 INTEROP = ("transformers", "peft", "bitsandbytes", "torchao", "accelerate")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from calculators import ActivationSetup, activation_bytes, block_targets, lora_layers, model_spec
-from reference_models import GPT, GPTConfig, Llama, LlamaConfig
+from factories import tiny_gpt, tiny_llama
 
 TOLERANCE = 0.03
 
@@ -33,16 +33,12 @@ def saved_bytes(model, batch, seq, vocab):
 
 
 def build(family, width, attn, dtype, pdrop=0.0):
-    torch.manual_seed(0)
     if family == "gpt2":
-        cfg = GPTConfig(vocab_size=101, n_positions=64, n_embd=width, n_layer=2, n_head=4, attn_impl=attn,
-                        embd_pdrop=pdrop, resid_pdrop=pdrop, attn_pdrop=pdrop)
-        model = GPT(cfg)
+        model = tiny_gpt(0, vocab_size=101, n_positions=64, n_embd=width, attn_impl=attn,
+                         embd_pdrop=pdrop, resid_pdrop=pdrop, attn_pdrop=pdrop)
     else:
-        cfg = LlamaConfig(vocab_size=101, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, attn_impl=attn)
-        model = Llama(cfg)
-    return model.to(dtype).train(), model_spec(cfg.to_hf_dict())
+        model = tiny_llama(0, vocab_size=101, hidden_size=width, intermediate_size=3 * width, attn_impl=attn)
+    return model.to(dtype).train(), model_spec(model.config.to_hf_dict())
 
 
 def predicted(spec, batch, seq, dtype, attn, ckpt, pdrop=0.0, **lora):

@@ -1,6 +1,8 @@
-"""calculators.memory: model-state bytes equal the real tensors' nbytes after a training step on the
-reference models; sharding arithmetic against torch.chunk and DeepSpeed's estimators."""
+"""calculators.states / terms / memory: model-state bytes equal the real tensors' nbytes after a
+training step on the reference models; sharding arithmetic against torch.chunk and DeepSpeed's
+estimators; the peak is composed from the terms as the memory module's docstring says."""
 import math
+import re
 
 import pytest
 import torch
@@ -9,20 +11,16 @@ from hypothesis import given, strategies as st
 from calculators import (LoRASpec, TrainingSetup, deepspeed_zero2_estimate, deepspeed_zero3_estimate,
                          fsdp_rank0_elements, model_spec, model_state_bytes, nf4_bytes, parameter_tensors,
                          training_memory)
-from reference_models import Llama, LlamaConfig, GPT, GPTConfig
+from factories import tiny_gpt, tiny_llama
 
 
 def tiny(family, dtype):
-    torch.manual_seed(0)
     if family == "llama":
-        cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
-                          o_proj_bias=False, model_type="qwen2")
-        model = Llama(cfg)
+        model = tiny_llama(0, vocab_size=101, hidden_size=64, intermediate_size=96, attention_bias=True,
+                           o_proj_bias=False, model_type="qwen2")
     else:
-        cfg = GPTConfig(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-        model = GPT(cfg)
-    return model.to(dtype), model_spec(cfg.to_hf_dict())
+        model = tiny_gpt(0, vocab_size=101, n_positions=64, n_embd=64)
+    return model.to(dtype), model_spec(model.config.to_hf_dict())
 
 
 def unique_nbytes(tensors):
@@ -49,7 +47,7 @@ def real_states(model, optimizer):
 
 def predicted(spec, **kw):
     s = model_state_bytes(spec, TrainingSetup(**kw))
-    return {"weights": s["weights"], "gradients": s["gradients"], "optimizer": s["optimizer"] + s["master"]}
+    return {"weights": s.weights, "gradients": s.gradients, "optimizer": s.optimizer + s.master}
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -103,8 +101,8 @@ def test_offload_host_bytes_exact(state_bits, dtype):
                                               optimizer="offload" if state_bits == 32 else "offload8bit",
                                               master_weights=master is not None))
     mem = opt.memory_bytes()
-    assert mem["cpu"] == s["host"]
-    assert mem["device"] == s["weights"] + opt.link.staging_bytes
+    assert mem["cpu"] == s.host
+    assert mem["device"] == s.weights + opt.link.staging_bytes
 
 
 def test_nf4_bits_per_parameter():
@@ -163,6 +161,44 @@ def test_peak_grows_with_batch_and_seq_and_shrinks_with_checkpointing():
     assert training_memory(spec, TrainingSetup(**{**base.__dict__, "grad_ckpt": "full"})).peak < peak
 
 
+@given(model=st.sampled_from(["gpt2", "llama-2-7b", "mixtral-8x7b", "phi-3-mini", "gemma-2-9b"]),
+       method=st.sampled_from(["full", "lora", "qlora"]),
+       optimizer=st.sampled_from(["adamw", "adamw8bit", "sgd", "sgd-momentum", "offload", "offload8bit"]),
+       grad_ckpt=st.sampled_from(["none", "full", "selective"]), attn=st.sampled_from(["sdpa", "eager"]),
+       dtype=st.sampled_from(["fp32", "bf16"]), gpus=st.sampled_from([1, 2, 8]),
+       zero=st.sampled_from(["none", "ddp", "zero1", "zero2", "zero3", "fsdp-full", "fsdp-grad-op"]),
+       grad_accum=st.sampled_from([1, 4]), device=st.sampled_from(["cuda", "cpu"]),
+       batch=st.integers(1, 4), seq=st.integers(1, 4096))
+def test_peak_is_the_held_terms_plus_the_largest_phase(model, method, optimizer, grad_ckpt, attn, dtype, gpus,
+                                                       zero, grad_accum, device, batch, seq):
+    """peak = weights + master + optimizer + strategy and cuBLAS buffers + max(backward start, backward
+    end, step), each phase holding its terms; host bytes are the terms' CPU bytes; the note says the same."""
+    setup = TrainingSetup(method=method, optimizer=optimizer, grad_ckpt=grad_ckpt, attn=attn, dtype=dtype, gpus=gpus,
+                          zero=zero, grad_accum=grad_accum, device=device, batch=batch, seq=seq)
+    b = training_memory(model_spec(model), setup)
+    terms = {t.name: t for t in b.terms}
+    assert len(terms) == len(b.terms)
+
+    def gpu(*names):
+        return sum(terms[n].gpu for n in names if n in terms)
+
+    static, start, end, step = (int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", b.notes[0]))
+    assert static == gpu("weights", "master weights", "optimizer states", "DDP gradient buckets",
+                         "gathered parameters", "cuBLAS workspaces")
+    # backward start also holds the gradients produced before it (none, the head's, or all of them)
+    assert gpu("activations", "logits and loss") <= start <= gpu("activations", "logits and loss", "gradients")
+    if grad_accum > 1:
+        assert start == gpu("activations", "logits and loss", "gradients")
+    # backward end also holds what the first block saved (a part of the activations)
+    assert gpu("gradients", "recomputed block", "backward workspace") <= end
+    assert end <= gpu("gradients", "recomputed block", "backward workspace", "activations")
+    assert step == gpu("gradients")
+    assert b.peak == static + max(start, end, step)
+    assert b.total_gpu == b.peak + terms["CUDA context"].gpu
+    assert b.cpu == sum(t.cpu for t in b.terms)
+    assert ("recomputed block" in terms) == (grad_ckpt == "full")
+
+
 def test_every_term_states_its_assumption():
     for method in ("full", "lora", "qlora"):
         b = training_memory(model_spec("mistral-7b"), TrainingSetup(method=method, optimizer="offload"))
@@ -207,7 +243,7 @@ def test_fsdp_grad_op_weights_plus_gathered_equal_unsharded_weights(method, gpus
     setup = TrainingSetup(method=method, lora=LoRASpec(rank=16, targets="all-linear"), seq=2048, grad_ckpt="full",
                           gpus=gpus, zero="fsdp-grad-op")
     terms = {t.name: t.gpu for t in training_memory(spec, setup).terms}
-    assert terms["weights"] + terms["gathered parameters"] == model_state_bytes(spec, setup)["weights"]
+    assert terms["weights"] + terms["gathered parameters"] == model_state_bytes(spec, setup).weights
 
 
 def test_fsdp_qlora_gathers_only_the_sharded_dense_part():
@@ -222,11 +258,11 @@ def test_fsdp_qlora_gathers_only_the_sharded_dense_part():
     block = sum(t.numel for t in parameter_tensors(spec) if ".layers.0." in t.name and t.kind == "norm")
     block += sum(math.prod(shape) for name, shape in lora_tensors(spec, lora) if ".layers.0." in name)
     assert terms["gathered parameters"] == 2 * block * 2
-    dense = sum(math.prod(s) for s in states["dense_shapes"] + states["trainable_shapes"])
+    dense = sum(math.prod(s) for s in states.dense_shapes + states.trainable_shapes)
     grad_op = {t.name: t.gpu for t in training_memory(spec, TrainingSetup(**{**setup.__dict__, "zero": "grad-op"})).terms}
     assert grad_op["gathered parameters"] == 2 * dense - 2 * fsdp_rank0_elements(
-        states["dense_shapes"] + states["trainable_shapes"], 2)
-    assert grad_op["gathered parameters"] < states["weights"] - states["quantized_bytes"]
+        states.dense_shapes + states.trainable_shapes, 2)
+    assert grad_op["gathered parameters"] < states.weights - states.quantized_bytes
 
 
 def test_distributed_docstring_names_only_options_that_exist():

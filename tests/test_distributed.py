@@ -15,23 +15,19 @@ from torch import nn
 
 from minilora import distributed as D
 from minilora.train import load_checkpoint, save_checkpoint, train_distributed
-from reference_models import Llama, LlamaConfig
+import factories
+from reference_models import Llama
 
 WORLD = 2
 
 
 def tiny_llama(seed: int = 0) -> Llama:
     # every dim 0 (vocab 64, hidden 32, kv 2*8, mlp 64) divides by 2: shards are even, no padding
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_impl="sdpa")
-    return Llama(cfg)
+    return factories.tiny_llama(seed, attn_impl="sdpa")
 
 
 def odd_llama() -> Llama:
-    torch.manual_seed(0)
-    return Llama(LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2))
+    return factories.tiny_llama(0, vocab_size=67)
 
 
 def batch(rows: int = 4, seq: int = 12, seed: int = 1) -> torch.Tensor:

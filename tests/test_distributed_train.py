@@ -9,16 +9,15 @@ from safetensors.torch import load_file
 import minilora
 from minilora import distributed as D
 from minilora.train import TrainConfig, train, train_distributed
-from reference_models import Llama, LlamaConfig
+from factories import tiny_llama
+from reference_models import Llama
 from test_distributed import spawn
 
 DATA = str(Path(minilora.__file__).parent / "data" / "corpus_eval.txt")
 
 
 def byte_llama() -> Llama:
-    torch.manual_seed(0)  # vocab 260 >= the byte tokenizer's 259 ids; every dim divides by 2
-    return Llama(LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2))
+    return tiny_llama(0, vocab_size=260)  # >= the byte tokenizer's 259 ids; every dim divides by 2
 
 
 def config(out, batch_size: int, **kw) -> TrainConfig:

@@ -1,5 +1,5 @@
-"""minilora's custom autograd Functions under bf16 autocast (LowRankAdd in lora.py, _DequantizeLinear in
-qlora.py), checked on CPU autocast: QLoRA on CUDA runs fp32 adapters on a 4-bit base under bf16 autocast,
+"""minilora's custom autograd Functions under bf16 autocast (LowRankAdd in lora.py, Linear4bitFunction in
+matmul_4bit.py), checked on CPU autocast: QLoRA on CUDA runs fp32 adapters on a 4-bit base under bf16 autocast,
 and a custom Function's backward runs outside autocast, so mixed dtypes there once raised
 "expected mat1 and mat2 to have the same dtype". Gradients must come back in each input's dtype and equal
 what the same math in plain ops gives under autocast."""

@@ -9,20 +9,15 @@ from torch import nn
 from minilora.lora.layer import LoRAConfig, LoRALinear
 from minilora.lora.model import (adapter_names_per_sample, delete_adapter, disable_adapters, inject, lora_layers,
                                  merge, set_adapter, target_names, trainable_parameters, unload, unmerge)
-from reference_models import GPT, GPTConfig, Llama, LlamaConfig
+import factories
 
 
 def tiny_gpt(seed=0, **kw):
-    torch.manual_seed(seed)
-    config = GPTConfig(**{**dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, embd_pdrop=0.0,
-                                 resid_pdrop=0.0, attn_pdrop=0.0), **kw})
-    return GPT(config).eval()
+    return factories.tiny_gpt(seed, **{**dict(embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0), **kw}).eval()
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    return Llama(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)).eval()
+    return factories.tiny_llama(seed, intermediate_size=48, max_position_embeddings=32).eval()
 
 
 def randomize_(model, adapter="default", std=0.2, seed=0):

@@ -3,6 +3,7 @@ eager reference, "auto" is deterministic, and a compiled path that cannot be bui
 the eager path serves. The compiled paths run here through inductor's C++ backend; the CUDA test
 (Triton) runs where a GPU exists."""
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,8 +121,37 @@ def test_backend_errors_name_the_value_and_what_is_allowed():
     x = torch.randn(512)
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'eager', 'compiled'\), got 'fast'"):
         quantize_blockwise_8bit(x, backend="fast")
-    with pytest.raises(ValueError, match="backend must be one of .*got 'triton'"):
-        dequantize_4bit(quantize_4bit(x), backend="triton")
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'eager', 'compiled', 'triton'\), got 'fast'"):
+        dequantize_4bit(quantize_4bit(x), backend="fast")
+    # the Triton kernels dequantize only; the 8-bit quantizer has no Triton backend
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'eager', 'compiled'\), got 'triton'"):
+        quantize_blockwise_8bit(x, backend="triton")
     # the compiled encoder reproduces the CPU rounding; asking it for the CUDA kernel's cannot work
     with pytest.raises(ValueError, match="backend='compiled' .* 'cpu' rounding on CPU tensors only, got kernel 'cuda-ieee'"):
         quantize_blockwise_8bit(x, kernel="cuda", backend="compiled")
+
+
+def test_triton_backend_where_it_cannot_run_raises_why_and_auto_never_picks_it(monkeypatch):
+    state = quantize_4bit(torch.randn(64, 64))
+
+    def not_installed():
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(backends, "load_triton_kernels", not_installed)
+    with pytest.raises(ImportError, match="backend='triton' needs Triton: Triton is not installed .*pip install triton"):
+        dequantize_4bit(state, backend="triton")
+    monkeypatch.setitem(backends.AUTO_BACKEND, "cpu", "triton")  # as if measured to pay: still eager without Triton
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "eager"
+    assert torch.equal(dequantize_4bit(state), dequantize_4bit(state, backend="eager"))
+    # installed, but its kernels were not decorated for the interpreter: a CPU tensor cannot run them
+    monkeypatch.setattr(backends, "load_triton_kernels", lambda: SimpleNamespace(INTERPRETED=False))
+    with pytest.raises(ValueError, match="cannot run here: Triton kernels run on CUDA tensors, or on CPU tensors "
+                                         "in Triton's interpreter .*got a tensor on cpu"):
+        dequantize_4bit(state, backend="triton")
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "eager"
+
+
+def test_auto_is_eager_on_every_device_until_the_triton_kernels_are_measured_on_a_gpu():
+    # the documented default (minilora/quant/backends.py): bench/nf4.py on CUDA decides when CUDA's entry changes
+    assert backends.AUTO_BACKEND == {"cpu": "eager", "cuda": "eager"}
+    assert [backends.resolve_backend("auto", torch.device(d)) for d in ("cpu", "cuda", "meta")] == ["eager"] * 3

@@ -1,6 +1,7 @@
 """minilora.quant.qlora: LinearNF4 (forward, backward without a saved dense weight, the bitsandbytes
 state-dict format), quantize_model, prepare_for_kbit_training, and QLoRA = quantize + LoRA."""
 import json
+import threading
 
 import bitsandbytes.functional as bnbF
 import pytest
@@ -9,18 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from minilora.quant.matmul_4bit import WEIGHT_BUFFERS
 from minilora.quant.nf4 import nf4_codebook, quantize_4bit
 from minilora.quant.bnb_format import Bnb4bitFormat, quant_state_from_dict
 from minilora.quant.qlora import LinearNF4, prepare_for_kbit_training, quantize_model
-from reference_models import GPT, GPTConfig, save_pretrained
+import factories
+from reference_models import save_pretrained
 
 
 
 def tiny_gpt(seed=0):
-    torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                       embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    return GPT(config)
+    return factories.tiny_gpt(seed, vocab_size=96, n_embd=64, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
 
 
 # ------------------------------------------------------------------------------------ LinearNF4
@@ -70,6 +70,67 @@ def test_linear_nf4_trainable_bias_gets_its_gradient():
     x = torch.randn(6, 64)
     layer(x).sum().backward()
     assert torch.equal(layer.bias.grad, torch.full((8,), 6.0))
+
+
+def eager_linear_reference(layers, x):
+    """The layers' forward and input gradient through fresh dequantize_4bit tensors and nn.functional.linear."""
+    x = x.detach().clone().requires_grad_(True)
+    h = x
+    for layer in layers:
+        h = nn.functional.linear(h, layer.quant_state.dequantize(layer.compute_dtype), layer.bias)
+    h.backward(torch.ones_like(h))
+    return h.detach(), x.grad
+
+
+def test_linear_nf4_layers_of_different_sizes_share_one_reused_buffer_bit_identical_to_eager():
+    # a wide layer, a narrow one, a wide one: each call dequantizes over the previous layer's weight,
+    # and backward decodes again after the forward of the others, so any stale value would show
+    WEIGHT_BUFFERS.release()
+    sizes = [(96, 200), (200, 24), (24, 160)]
+    layers = [LinearNF4.from_linear(nn.Linear(i, o), "nf4", 64, True) for i, o in sizes]
+    x = torch.randn(7, 96, requires_grad=True)
+    h = x
+    for layer in layers:
+        h = layer(h)
+    h.backward(torch.ones_like(h))
+    y_ref, grad_ref = eager_linear_reference(layers, x)
+    assert torch.equal(h, y_ref) and torch.equal(x.grad, grad_ref)
+    held = [entry[1] for entry in WEIGHT_BUFFERS.entries.values()]
+    assert len(held) == 1 and held[0].numel() == max(i * o for i, o in sizes)  # one buffer, the largest weight
+    WEIGHT_BUFFERS.release()
+    assert not WEIGHT_BUFFERS.entries
+
+
+def test_linear_nf4_in_concurrent_threads_gets_one_buffer_per_thread():
+    layers = [LinearNF4.from_linear(nn.Linear(128, 128 + 64 * k)) for k in range(2)]
+    x = torch.randn(5, 128)
+    expected, results, barrier = {}, {}, threading.Barrier(2)
+
+    def run(k):
+        # the reference in the same thread: a new thread's matmul may use another intra-op thread count
+        expected[k] = eager_linear_reference([layers[k]], x)[0]
+        barrier.wait()
+        results[k] = [layers[k](x) for _ in range(30)]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        assert all(torch.equal(y, expected[k]) for y in results[k]), k
+
+
+def test_linear_nf4_backend_is_checked_and_shown():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'eager', 'compiled', 'triton'\), got 'gpu'"):
+        LinearNF4(64, 16, backend="gpu")
+    layer = LinearNF4.from_linear(nn.Linear(64, 16))
+    assert layer.backend == "auto" and "backend" not in repr(layer)
+    layer.backend = "eager"
+    assert "backend=eager" in repr(layer) and "backend" not in json.dumps(list(layer.state_dict()))
+    layer.backend = "fast"
+    with pytest.raises(ValueError, match="backend must be one of .*got 'fast'"):
+        layer(torch.randn(2, 64))
 
 
 def test_requantize_of_dequantized_weight_is_exact_without_double_quant():

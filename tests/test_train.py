@@ -5,29 +5,25 @@ import json
 import pytest
 import torch
 
+from factories import tiny_gpt, tiny_llama
 from minilora.train import TrainConfig, lr_at, main, train
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 
 def _tiny_llama(folder, seed=0):
-    from reference_models import Llama, LlamaConfig, save_pretrained
+    from reference_models import save_pretrained
 
-    torch.manual_seed(seed)
-    model = Llama(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                              bos_token_id=256, eos_token_id=257))
+    model = tiny_llama(seed, vocab_size=259, max_position_embeddings=256, bos_token_id=256, eos_token_id=257)
     save_pretrained(model, folder)
     return folder
 
 
 def _tiny_gpt(folder, seed=0):
-    from reference_models import GPT, GPTConfig, save_pretrained
+    from reference_models import save_pretrained
 
-    torch.manual_seed(seed)
-    # dropout on: an exact resume must also restore the RNG that draws the dropout masks
-    model = GPT(GPTConfig(vocab_size=259, n_positions=256, n_embd=32, n_layer=2, n_head=4,
-                          bos_token_id=256, eos_token_id=257))
+    # dropout on (GPTConfig's defaults): an exact resume must also restore the RNG that draws the masks
+    model = tiny_gpt(seed, vocab_size=259, n_positions=256, bos_token_id=256, eos_token_id=257)
     save_pretrained(model, folder)
     return folder
 

@@ -25,7 +25,7 @@ import torch
 
 from minilora.quant import bnb_cuda
 from minilora.quant.backends import resolve_backend, run_compiled
-from minilora.quant.codebooks import dynamic_map
+from minilora.quant.codebooks import dynamic_map, shared_dynamic_map
 
 __all__ = [
     "FLOAT_DTYPES", "CHUNK_ELEMENTS", "chunk_elements", "check_block_size", "check_input", "check_finite",
@@ -163,7 +163,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     check_input(x, "x")
     check_block_size(block_size)
     kernel = bnb_cuda.resolve_kernel(kernel, x.device)
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, x.device, allowed=("auto", "eager", "compiled"))
     if backend == "compiled" and (kernel != "cpu" or x.device.type != "cpu"):
         raise ValueError(f"backend='compiled' has a compiled 8-bit encoder for the 'cpu' rounding on CPU tensors "
                          f"only, got kernel {kernel!r} on {x.device}; use backend 'auto' or 'eager'")
@@ -201,11 +201,6 @@ def _encode_chunk(chunk, block_size: int, kernel: str, code, grid: LogGrid | Non
     return nearest_codes_8bit(scaled, grid), absmax
 
 
-@lru_cache(maxsize=None)
-def _dynamic_map_on(device: torch.device) -> torch.Tensor:
-    return dynamic_map(True, device)  # cached, read-only: the double-quantization map
-
-
 @torch.no_grad()
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
                               block_size: int = 256, shape=None, dtype: torch.dtype = torch.float32):
@@ -216,7 +211,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
     n = codes.numel()
     if absmax.numel() != -(-n // block_size):
         raise ValueError(f"absmax has {absmax.numel()} entries, expected ceil({n}/{block_size}) = {-(-n // block_size)}")
-    code = _dynamic_map_on(codes.device) if code is None else code.to(codes.device, torch.float32)
+    code = shared_dynamic_map(codes.device) if code is None else code.to(codes.device, torch.float32)
     out = torch.index_select(code, 0, codes.reshape(-1).int())  # (n,) fp32, scaled in place below
     full = n - n % block_size
     out[:full].view(-1, block_size).mul_(absmax[:full // block_size].unsqueeze(1))

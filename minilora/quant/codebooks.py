@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "QUANT_TYPES", "GRID_CELLS", "nf4_codebook", "fp4_codebook", "int4_codebook", "codebook", "dynamic_map",
-    "CodeGrid", "CodebookTables", "codebook_tables", "nearest_codes",
+    "shared_dynamic_map", "CodeGrid", "CodebookTables", "codebook_tables", "nearest_codes",
 ]
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
@@ -90,6 +90,13 @@ def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     """bitsandbytes' 8-bit dynamic map (fp32[256], sorted; a fresh tensor on `device`, default CPU).
     signed=True is the double-quantization map; signed=False is 8-bit Adam's map for v."""
     return torch.tensor(_dynamic_values(bool(signed)), dtype=torch.float32, device=device)
+
+
+@lru_cache(maxsize=None)
+def shared_dynamic_map(device: torch.device) -> torch.Tensor:
+    """dynamic_map(signed=True) on `device`, built once and shared (read it, do not write): the map
+    the double-quantized 4-bit scales decode with."""
+    return dynamic_map(True, device)
 
 
 # ----------------------------------------------------------------------------------- 4-bit tables

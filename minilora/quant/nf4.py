@@ -32,18 +32,19 @@ from dataclasses import dataclass
 import torch
 
 from minilora.quant import bnb_cuda
-from minilora.quant.backends import resolve_backend, run_compiled
+from minilora.quant.backends import load_triton_kernels, require_triton, resolve_backend, run_compiled
 from minilora.quant.blockwise import (
     FLOAT_DTYPES, check_block_size, check_finite, check_input, chunk_elements, dequantize_blockwise_8bit,
     quantize_blockwise_8bit, scale_blocks,
 )
 from minilora.quant.codebooks import (
     QUANT_TYPES, codebook, codebook_tables, dynamic_map, fp4_codebook, int4_codebook, nearest_codes, nf4_codebook,
+    shared_dynamic_map,
 )
 
 __all__ = [
     "nf4_codebook", "fp4_codebook", "int4_codebook", "codebook", "dynamic_map",
-    "QuantState4bit", "quantize_4bit", "dequantize_4bit", "dequantize_nibbles",
+    "QuantState4bit", "quantize_4bit", "dequantize_4bit", "dequantize_nibbles", "packed_weight",
     "quantize_blockwise_8bit", "dequantize_blockwise_8bit", "quantization_error",
 ]
 
@@ -161,32 +162,42 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", block_size: int = 64
 # ----------------------------------------------------------------------------------- dequantize
 
 @torch.no_grad()
-def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None, backend: str = "auto", *,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """codebook[code] * absmax in fp32, cast to `dtype` (default: the original dtype), original shape.
 
-    backend "eager" (what "auto" runs): a byte -> (high, low) table of int64 gathers two fp32 values
-    at once, so each chunk is one gather and one multiply. "compiled": `dequantize_nibbles` through
-    torch.compile (one kernel; Triton on CUDA, C++ on CPU) for a tensor of whole blocks; one with a
-    partial last block runs eager. The same bits either way."""
+    backend (minilora/quant/backends.py; "auto" is "eager" today): "eager", a byte -> (high, low)
+    table of int64 gathers two fp32 values at once, so each chunk is one gather and one multiply.
+    "compiled": `dequantize_nibbles` through torch.compile (one kernel; Triton on CUDA, C++ on CPU)
+    for a tensor of whole blocks; one with a partial last block runs eager. "triton": one Triton
+    kernel that decodes the double-quantized scales in the same pass (minilora/quant/triton_dequantize.py;
+    CUDA, or CPU under TRITON_INTERPRET=1). The same bits every way.
+
+    `out`: a contiguous tensor of `dtype` with the weight's number of elements, on its device, to
+    write into instead of a new tensor (LinearNF4 reuses one buffer); returned viewed as the shape."""
     if not isinstance(state, QuantState4bit):
         raise TypeError(f"state must be a QuantState4bit, got {type(state).__name__}")
     dtype = state.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    backend = resolve_backend(backend)
     n, bs = state.numel, state.block_size
     packed = state.packed.reshape(-1)
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
     if packed.numel() != (n + 1) // 2:
         raise ValueError(f"packed has {packed.numel()} bytes, shape {tuple(state.shape)} needs {(n + 1) // 2}")
-    absmax = state.scales()
+    backend = resolve_backend(backend, packed.device)
+    out = _output(out, n, dtype, packed.device)
     tables = codebook_tables(state.quant_type, packed.device)
+    if backend == "triton":
+        require_triton(packed.device)
+        load_triton_kernels().dequantize_into(out, packed_weight(state))
+        return out.view(state.shape)
+    absmax = state.scales()
     if backend == "compiled" and n % bs == 0:
-        out = run_compiled("dequantize", dequantize_nibbles, packed, absmax, tables.codebook, bs, dtype, dynamic=True)
-        if out is not None:
-            return out.view(state.shape)
-    out = torch.empty(n, dtype=dtype, device=packed.device)
+        whole = run_compiled("dequantize", dequantize_nibbles, packed, absmax, tables.codebook, bs, dtype, dynamic=True)
+        if whole is not None:
+            return out.copy_(whole).view(state.shape)
     full = n - n % bs
     step = chunk_elements(packed.device, bs)
     # gather pairs into a cache-sized scratch, then one multiply writes (and first touches) the
@@ -202,6 +213,31 @@ def dequantize_4bit(state: QuantState4bit, dtype: torch.dtype | None = None, bac
         tail = tables.pair_table[packed[full // 2:].long()].view(torch.float32)[:n - full]
         out[full:] = tail * absmax[-1]
     return out.view(state.shape)
+
+
+def packed_weight(state: QuantState4bit):
+    """The state's tensors as the Triton kernels read them (a triton_dequantize.PackedWeight)."""
+    kernels = load_triton_kernels()
+    packed = state.packed.reshape(-1).view(torch.uint8)
+    device = packed.device
+    absmax = state.absmax.contiguous() if state.double_quant else state.absmax.float().contiguous()
+    absmax2 = state.absmax2.contiguous() if state.double_quant else absmax  # read only with double quantization
+    offset = state.offset.reshape(1) if state.double_quant else absmax
+    return kernels.PackedWeight(packed, codebook_tables(state.quant_type, device).codebook, absmax, absmax2,
+                                shared_dynamic_map(device), offset, state.block_size, state.double_quant,
+                                state.dq_block_size, tuple(state.shape))
+
+
+def _output(out: torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The flat (n,) tensor dequantize_4bit writes: a new one, or the caller's `out`, checked."""
+    if out is None:
+        return torch.empty(n, dtype=dtype, device=device)
+    if not isinstance(out, torch.Tensor) or out.dtype != dtype or out.numel() != n or out.device != device \
+            or not out.is_contiguous():
+        got = (f"{type(out).__name__}" if not isinstance(out, torch.Tensor) else
+               f"{out.dtype} {tuple(out.shape)} on {out.device}" + ("" if out.is_contiguous() else ", not contiguous"))
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements on {device}, got {got}")
+    return out.view(-1)
 
 
 def dequantize_nibbles(packed: torch.Tensor, scales: torch.Tensor, codebook: torch.Tensor, block_size: int,

@@ -19,8 +19,9 @@ from torch import nn
 
 from reference_models.quantized_formats import register_quantized_format
 
-from ..lora.layer import autocast_dtype
+from .backends import BACKENDS
 from .bnb_format import STORABLE, Bnb4bitFormat, quant_state_from_dict, quant_state_to_dict
+from .matmul_4bit import linear_4bit
 from .nf4 import QuantState4bit, dequantize_4bit, quantize_4bit
 
 __all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training"]
@@ -30,32 +31,6 @@ def _check_storable(quant_type: str) -> None:
     if quant_type not in STORABLE:
         raise ValueError(f"LinearNF4 supports quant_type nf4 or fp4 (bitsandbytes' state-dict format stores only "
                          f"those), got {quant_type!r}; int4 is available in minilora.quant.nf4.quantize_4bit for comparison")
-
-
-class _DequantizeLinear(torch.autograd.Function):
-    """y = x @ dequantize(state).T + bias, saving only the 4-bit state for backward.
-
-    Under autocast the weight is dequantized straight to the autocast dtype (no fp32 temporary for
-    autocast to cast) and x, bias are cast to it, as autocast casts linear's inputs; backward, which
-    runs outside autocast, computes in that dtype and returns gradients in x's and bias's dtypes."""
-
-    @staticmethod
-    def forward(ctx, x, state: QuantState4bit, bias):
-        dtype = autocast_dtype(x) or x.dtype
-        weight = dequantize_4bit(state, dtype)  # (out, in), freed when forward returns
-        ctx.state, ctx.dtype, ctx.x_dtype = state, dtype, x.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return nn.functional.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x = grad_bias = None
-        grad_out = grad_out.to(ctx.dtype)
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ dequantize_4bit(ctx.state, ctx.dtype)).to(ctx.x_dtype)  # (..., out) @ (out, in)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias
 
 
 class LinearNF4(nn.Module):
@@ -70,6 +45,11 @@ class LinearNF4(nn.Module):
     `compute_dtype` is kept too, as bitsandbytes' Linear4bit keeps its `compute_dtype` under
     `.to(dtype)`; set `layer.compute_dtype` (or pass compute_dtype to quantize_model /
     from_linear) to compute in another dtype. The output is always cast back to the input's dtype.
+
+    `backend` ("auto" | "eager" | "compiled" | "triton", minilora/quant/backends.py) is how the
+    weight is decoded for each forward and backward (minilora/quant/matmul_4bit.py): "triton" also
+    runs few-token calls through fused dequantize-matmul kernels. Set it on the layer; it is not
+    part of the state dict.
     """
 
     lora_compatible = True
@@ -77,9 +57,12 @@ class LinearNF4(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=torch.float32,
                  quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
-                 weight_dtype=torch.float32):
+                 weight_dtype=torch.float32, backend: str = "auto"):
         super().__init__()
         _check_storable(quant_type)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         self.quant_type, self.block_size, self.double_quant = quant_type, block_size, double_quant
@@ -175,12 +158,12 @@ class LinearNF4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _DequantizeLinear.apply(x.to(self.compute_dtype), self.quant_state, bias).to(x.dtype)
+        return linear_4bit(x.to(self.compute_dtype), self.quant_state, bias, self.backend).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, block_size={self.block_size}, double_quant={self.double_quant}, "
-                f"compute_dtype={self.compute_dtype}")
+                f"compute_dtype={self.compute_dtype}" + ("" if self.backend == "auto" else f", backend={self.backend}"))
 
     # ------------------------------------------------------------- bitsandbytes state-dict format
 

@@ -1,5 +1,6 @@
+"""`python -m minilora.train`: the training command line (minilora/train/cli.py)."""
 import sys
 
-from .cli import main
+from minilora.train.cli import main
 
 sys.exit(main())

@@ -1,0 +1,139 @@
+"""Model states: the exact bytes of weights, gradients, master weights and optimizer states on one
+device before sharding (they equal the sum of the real tensors' nbytes in tests/test_calc_memory.py).
+
+NF4 sizes follow bitsandbytes' layout (REFERENCE.md section 1); AdamW keeps m, v and a 4-byte
+`step` per tensor; bitsandbytes' 8-bit AdamW keeps uint8 m, v with an fp32 absmax per 256
+elements; CPUOffloadAdamW keeps its states on the host. Which tensors train, and in which dtype,
+comes from the setup (`Precision.of`), decided once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .lora import lora_tensors
+from .parameters import Linear, Tensor, linear_layers, parameter_tensors
+from .spec import ModelSpec
+from .training_setup import Precision, TrainingSetup
+
+__all__ = ["ModelStates", "model_state_bytes", "nf4_bytes", "quantized_linears"]
+
+BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Model-state bytes on ONE device before sharding, and the tensor shapes sharding needs."""
+    weights: int                  # every weight: frozen (NF4 or dense) and trainable
+    gradients: int                # 0 with an offload optimizer (each .grad goes to the host)
+    master: int                   # fp32 master copy of the trainable weights
+    optimizer: int                # optimizer states on the device, `optimizer_scalars` included
+    optimizer_scalars: int        # AdamW's fp32 `step` per tensor: never sharded
+    host: int                     # the offload optimizer's host bytes
+    params: int                   # the model's parameter count (adapters excluded)
+    trainable: int                # trainable elements (all parameters, or the adapters)
+    trainable_shapes: tuple       # shapes of the trainable tensors
+    all_shapes: tuple             # shapes of the model's parameters (adapters excluded)
+    dense_shapes: tuple           # LoRA / QLoRA: shapes of the frozen tensors kept in `precision.weights`
+    quantized_bytes: int          # QLoRA: the NF4 codes and constants (module buffers, not parameters)
+    block_quantized_bytes: int    # the first transformer block's NF4 bytes
+    block_dense_bytes: int        # the first transformer block's other weight bytes (adapters included)
+    precision: Precision
+
+
+def nf4_bytes(numel: int, block_size: int = 64, double_quant: bool = True) -> int:
+    """Bytes of one NF4 weight in memory: packed codes (two per byte), then per block of
+    `block_size` an fp32 absmax, or with double quantization a uint8 absmax plus one fp32 absmax2
+    per 256 blocks and an fp32 offset (REFERENCE.md section 1: 4.5 vs 4.127 bits per parameter).
+    The 16-entry codebook and the 256-entry dynamic map are shared constants, not counted
+    (bitsandbytes' serialized format repeats them per layer: 64 B + 1 KiB)."""
+    packed = (numel + 1) // 2
+    blocks = -(-numel // block_size)
+    if not double_quant:
+        return packed + 4 * blocks
+    return packed + blocks + 4 * -(-blocks // 256) + 4
+
+
+def quantized_linears(spec: ModelSpec) -> list[Linear]:
+    """QLoRA quantizes every linear layer except lm_head (embeddings and norms stay 16-bit)."""
+    return [lin for lin in linear_layers(spec) if lin.name != "lm_head"]
+
+
+def _in_first_block(name: str) -> bool:  # GPT-2's `h.0` or the Llama family's `layers.0`
+    return ".layers.0." in name or ".h.0." in name
+
+
+def _adam8bit_bytes(n: int) -> int:
+    """bitsandbytes 8-bit m and v of one tensor: uint8 + an fp32 absmax per 256 elements; tensors
+    under 4096 elements keep fp32 states."""
+    return 2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT else 2 * 4 * n
+
+
+def _optimizer_state_bytes(numels: list[int], optimizer: str, state_bytes: int) -> int:
+    """Optimizer states on the device for the given trainable tensors (list of numel)."""
+    if optimizer == "adamw":  # m and v, plus torch's per-tensor fp32 `step`
+        return sum(2 * n * state_bytes + 4 for n in numels)
+    if optimizer == "adamw8bit":  # bitsandbytes: uint8 m, v + fp32 absmax per 256; small tensors fp32
+        total = 2 * 256 * 4  # the signed and unsigned dynamic maps, shared by all tensors
+        return total + sum(_adam8bit_bytes(n) for n in numels)
+    if optimizer == "sgd-momentum":
+        return sum(n * state_bytes for n in numels)
+    return 0  # sgd, offload (states live on the host)
+
+
+def _offload_host_bytes(numels: list[int], master_fp32: bool, eight_bit: bool) -> int:
+    """CPUOffloadAdamW host memory (interfaces.md): m, v, fp32 grad buffer, fp32 master."""
+    total = 0
+    for n in numels:
+        total += _adam8bit_bytes(n) if eight_bit else 8 * n
+        total += 4 * n + (4 * n if master_fp32 else 0)
+    return total
+
+
+def _nf4_size(tensor: Tensor, setup: TrainingSetup, quantized: set) -> int | None:
+    """NF4 bytes of a frozen tensor that QLoRA quantizes; None for one that stays dense."""
+    if tensor.name in quantized:
+        return nf4_bytes(tensor.numel, setup.block_size, setup.double_quant)
+    if setup.method == "qlora" and tensor.kind == "experts":
+        per = tensor.numel // tensor.shape[0]  # each expert quantized as its own (out, in) matrix
+        return tensor.shape[0] * nf4_bytes(per, setup.block_size, setup.double_quant)
+    return None
+
+
+def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> ModelStates:
+    """Exact bytes of weights, gradients, master weights and optimizer states on ONE device,
+    before sharding: full fine-tuning trains every parameter; LoRA and QLoRA train the adapters
+    and freeze the rest (QLoRA's linear layers in NF4)."""
+    p = Precision.of(setup)
+    tensors = parameter_tensors(spec)
+    if setup.method == "full":
+        trainable, frozen, trainable_bytes = [(t.name, t.shape) for t in tensors], [], p.weights
+    else:
+        trainable, frozen, trainable_bytes = lora_tensors(spec, setup.lora), tensors, p.adapters
+    quantized = {f"{lin.name}.weight" for lin in quantized_linears(spec)} if setup.method == "qlora" else set()
+    quantized_bytes = dense_bytes = block_quantized = 0
+    dense_shapes = []
+    block_dense = sum(math.prod(shape) for name, shape in trainable if _in_first_block(name)) * trainable_bytes
+    for t in frozen:
+        nf4 = _nf4_size(t, setup, quantized)
+        first = _in_first_block(t.name)
+        if nf4 is None:
+            dense_bytes += t.numel * p.weights
+            dense_shapes.append(t.shape)
+            block_dense += t.numel * p.weights if first else 0
+        else:
+            quantized_bytes += nf4
+            block_quantized += nf4 if first else 0
+    numels = [math.prod(shape) for _, shape in trainable]
+    offload = setup.optimizer.startswith("offload")
+    return ModelStates(
+        weights=quantized_bytes + dense_bytes + sum(numels) * trainable_bytes,
+        gradients=0 if offload else sum(numels) * p.gradients,
+        master=0 if offload else sum(numels) * p.master,
+        optimizer=_optimizer_state_bytes(numels, setup.optimizer, p.optimizer_states),
+        optimizer_scalars=4 * len(numels) if setup.optimizer == "adamw" else 0,
+        host=_offload_host_bytes(numels, p.master > 0, setup.optimizer == "offload8bit") if offload else 0,
+        params=sum(t.numel for t in tensors), trainable=sum(numels),
+        trainable_shapes=tuple(shape for _, shape in trainable), all_shapes=tuple(t.shape for t in tensors),
+        dense_shapes=tuple(dense_shapes), quantized_bytes=quantized_bytes,
+        block_quantized_bytes=block_quantized, block_dense_bytes=block_dense, precision=p)
