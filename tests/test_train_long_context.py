@@ -106,3 +106,32 @@ def test_the_cli_trains_with_both_switches(llama_dir, corpus, tmp_path, capsys):
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["loss"] == "chunked" and summary["config"]["offload_activations"] is True
+
+
+def _fsdp_worker(env, out, data):
+    from factories import tiny_llama
+
+    from minilora.train import train_distributed
+
+    cfg = config("", data, out, method="full", batch_size=2, steps=2, lr=1e-3, loss="chunked", loss_chunk=8,
+                 eval_fraction=0.0, save_final=True)
+    train_distributed(cfg, "full_shard", tiny_llama(0, vocab_size=260), env)
+
+
+def test_fsdp2_shards_the_head_the_chunked_loss_reads(corpus, tmp_path):
+    # full fine-tuning: FSDP2 shards lm_head.weight, which the chunked loss multiplies by directly
+    # (inside the root's forward, where FSDP2 has gathered it); 2 ranks x 2 = one process x 4
+    from factories import tiny_llama
+    from safetensors.torch import load_file
+    from test_distributed import spawn
+
+    spawn(_fsdp_worker, str(tmp_path / "dist"), str(corpus))
+    single = config("", corpus, tmp_path / "single", method="full", batch_size=4, steps=2, lr=1e-3, loss="chunked",
+                    loss_chunk=8, eval_fraction=0.0, save_final=True)
+    train(single, model=tiny_llama(0, vocab_size=260))
+    got = load_file(str(tmp_path / "dist" / "model" / "model.safetensors"))
+    want = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+    assert got.keys() == want.keys() and "lm_head.weight" in got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert (got["lm_head.weight"] - tiny_llama(0, vocab_size=260).lm_head.weight).abs().max() > 1e-4  # it trained
