@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -140,12 +141,18 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")
     p.add_argument("--gpu", action="store_true", help="the CUDA run (bench/long_context_gpu.py)")
     p.add_argument("--dry-run", action="store_true", help="with --gpu: a tiny Llama on the CPU through the same code")
+    p.add_argument("--gib", type=float, default=None, help="with --gpu: the memory to fit in (default: the device's)")
+    p.add_argument("--throughput-seq", type=int, default=None,
+                   help="with --gpu: the length of the tokens/s comparison (default: the longest 'none' fits)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are meaningful with 1)")
     args = p.parse_args(argv)
     if args.gpu:
+        if not args.dry_run:  # fewer fragmentation failures at the cap; read once, when CUDA starts
+            os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         from bench.long_context_gpu import run_gpu
-        return run_gpu(dry_run=args.dry_run)
+        run_gpu(dry_run=args.dry_run, gib=args.gib, throughput_seq=args.throughput_seq)
+        return 0
     torch.set_num_threads(args.threads)
     models = QUICK if args.quick else MODELS
     repeats = args.repeats or (3 if args.quick else 7)
