@@ -20,8 +20,9 @@ compute dtype's bytes: the autocast dtype, else the hidden states'):
                         or c * V * 4 in fp32; soft-capping adds one more (c, V) buffer in dt. The
                         softmax and its gradient are computed in place in the fp32 buffer.
     backward            the gradient of the hidden states (N, C), and with a trainable head an fp32
-                        (V, C) accumulator for the head's gradient (plus a (V, C) dt product per
-                        chunk when dt is not fp32)
+                        (V, C) accumulator for the head's gradient (in fp32 it is the gradient
+                        itself; otherwise each chunk's (V, C) product in dt is added to it, and it
+                        is cast to the head's dtype at the end)
 Tokens whose target is ignored (-100: prompts and padding in instruction data) never reach the head.
 Finding them costs one device-to-host sync per call on a GPU.
 """
@@ -135,17 +136,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            h = hidden[rows].to(w.dtype)  # (c, C)
-            grad, squashed = _chunk_logits(h, w, ctx.softcap)  # (c, V) fp32, recomputed
-            grad.sub_(lse[rows, None]).exp_()  # softmax
-            grad[torch.arange(h.shape[0], device=h.device), targets[rows]] -= 1  # minus the one-hot target
-            grad = grad.mul_(scale).to(w.dtype)  # d loss / d logits, in the head's dtype
-            if squashed is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh(z / cap)^2
-                grad.mul_(squashed.square_().neg_().add_(1))
-            if want_hidden:
-                grad_hidden[rows] = grad @ w  # (c, C)
-            if want_weight:
-                grad_weight += (grad.t() @ h).float()  # (V, C)
+            _chunk_backward(hidden[rows], w, targets[rows], lse[rows], scale, ctx.softcap,
+                            grad_hidden[rows] if want_hidden else None, grad_weight)
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _chunk_backward(hidden, w, targets, lse, scale, softcap, grad_hidden, grad_weight) -> None:
+    """One chunk's share of backward: its rows of grad_hidden, and its sum into grad_weight (fp32).
+
+    A function of its own so that the chunk's (c, V) buffers are freed before the next chunk's exist."""
+    h = hidden.to(w.dtype)  # (c, C)
+    grad, squashed = _chunk_logits(h, w, softcap)  # (c, V) fp32, recomputed
+    grad.sub_(lse[:, None]).exp_()  # softmax
+    grad[torch.arange(h.shape[0], device=h.device), targets] -= 1  # minus the one-hot target
+    grad = grad.mul_(scale).to(w.dtype)  # d loss / d logits, in the head's dtype
+    if squashed is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh(z / cap)^2
+        grad.mul_(squashed.square_().neg_().add_(1))
+    if grad_hidden is not None:  # (c, C), written in place when the dtypes allow
+        if grad_hidden.dtype == grad.dtype:
+            torch.mm(grad, w, out=grad_hidden)
+        else:
+            grad_hidden.copy_(grad @ w)
+    if grad_weight is not None:  # (V, C), accumulated in fp32 over the chunks
+        if grad.dtype == torch.float32:
+            grad_weight.addmm_(grad.t(), h)
+        else:
+            grad_weight += grad.t() @ h
