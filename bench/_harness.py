@@ -7,7 +7,7 @@ median of several repeats, so that a busy machine slows both alike.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -15,6 +15,14 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the checkout when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(RESULTS.parent.parent))
+    except ValueError:
+        return str(path)
 
 
 def machine_name() -> str:
@@ -40,10 +48,13 @@ def machine_info() -> dict:
         # other work on the machine slows everything alike in interleaved ratios, but not absolute times
         "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
+    # the installed versions, from the packages' metadata: importing them only to read __version__
+    # would run their import-time work (torchao tries to load its CUDA .so files and logs a
+    # "Failed to load ..." warning per file on a CPU build of torch)
     for lib in ("transformers", "peft", "bitsandbytes", "torchao", "numpy"):
         try:
-            info[lib] = importlib.import_module(lib).__version__
-        except Exception:
+            info[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
             info[lib] = None
     return info
 
@@ -89,8 +100,10 @@ def timeit_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, clock=time.
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def report(name: str, rows: list[dict], extra: dict | None = None, floatfmt: str = ".4g") -> Path:
-    """Print rows as a table and write bench/results/<name>-<machine>.json atomically."""
+def report(name: str, rows: list[dict], extra: dict | None = None, floatfmt: str = ".4g",
+           results: Path | None = None) -> Path:
+    """Print rows as a table and write <results>/<name>-<machine>.json atomically (default
+    bench/results, the committed figures)."""
     from tabulate import tabulate
 
     from reference_models.files import write_json_atomic
@@ -99,7 +112,7 @@ def report(name: str, rows: list[dict], extra: dict | None = None, floatfmt: str
     payload = {"benchmark": name, "machine": machine_info(), "results": rows}
     if extra:
         payload.update(extra)
-    path = RESULTS / f"{name}-{machine_name()}.json"
+    path = Path(results or RESULTS) / f"{name}-{machine_name()}.json"
     write_json_atomic(path, payload)
-    print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
+    print(f"wrote {_shown(path)}")
     return path

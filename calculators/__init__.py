@@ -11,12 +11,13 @@ from .fit import fits, largest_fitting, methods_that_fit
 from .gpus import GPU, GPUS, gpu_from_text, parse_size
 from .kv_cache import kv_bytes_per_position, kv_cache_bytes, kv_cache_positions
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_tensors, lora_trainable_parameters, parse_targets
-from .memory import Breakdown, inference_memory, training_memory
+from .memory import Breakdown, Phase, inference_memory, training_memory
 from .states import ModelStates, model_state_bytes, nf4_bytes
 from .terms import Term
 from .training_setup import Precision, TrainingSetup
 from .models import (FAMILIES, PRESETS, ConfigError, ModelSpec, count_parameters, linear_layers,
                      load_config, model_spec, parameter_tensors)
+from .moe import active_parameters, busiest_expert_tokens, expert_parameters
 
 __all__ = [
     "ActivationSetup", "activation_bytes", "block_targets",
@@ -26,8 +27,9 @@ __all__ = [
     "GPU", "GPUS", "gpu_from_text", "parse_size",
     "kv_bytes_per_position", "kv_cache_bytes", "kv_cache_positions",
     "DEFAULT_TARGETS", "LoRASpec", "lora_layers", "lora_tensors", "lora_trainable_parameters", "parse_targets",
-    "Breakdown", "inference_memory", "training_memory", "ModelStates", "model_state_bytes", "nf4_bytes", "Term",
+    "Breakdown", "Phase", "inference_memory", "training_memory", "ModelStates", "model_state_bytes", "nf4_bytes", "Term",
     "Precision", "TrainingSetup",
     "FAMILIES", "PRESETS", "ConfigError", "ModelSpec", "count_parameters", "linear_layers", "load_config",
     "model_spec", "parameter_tensors",
+    "active_parameters", "busiest_expert_tokens", "expert_parameters",
 ]

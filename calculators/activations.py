@@ -17,9 +17,11 @@ Device differences we model (the CPU numbers are measured in tests/test_calc_act
   - LayerNorm mean/rstd: fp32 on CUDA, the input's dtype on CPU;
   - SDPA with attention dropout: flash attention on CUDA (q, k, v, out, logsumexp); on CPU it
     falls back to the math path in fp32, which keeps the (B, H, T, T) matrices.
-Other families (gemma, gemma2, phi3, mixtral) are estimated with the Llama block (gemma2 adds its
-two extra norms, mixtral runs the MLP for experts_per_token experts per token); only GPT-2 and the
-Llama family (llama, mistral, qwen2) are checked against measurements.
+Other families (gemma, gemma2, phi3) are estimated with the Llama block (gemma2 adds its two extra
+norms); only GPT-2 and the Llama family (llama, mistral, qwen2) are checked against measurements. A
+mixture-of-experts layer replays reference_models.moe.SparseMoE (router, the N*k routed token copies
+through their experts, the shared expert): exact against measurements for mixtral and qwen2_moe
+(qwen3_moe's q/k norms and deepseek_v3's latent attention are estimated like the others).
 """
 from __future__ import annotations
 
@@ -114,17 +116,18 @@ class _Tape:
         return self.new(x.nbytes, x.grad)
 
 
-def _lora_linear(tape: _Tape, x, name: str, n_in: int, n_out: int, trainable_all: bool):
-    """A (maybe LoRA-wrapped) nn.Linear as the reference models / minilora.LoRALinear run it."""
+def _lora_linear(tape: _Tape, x, name: str, n_in: int, n_out: int, trainable_all: bool, rank: int | None = None):
+    """A (maybe LoRA-wrapped) nn.Linear as the reference models / minilora.LoRALinear run it. `rank`:
+    an expert tensor's adapter (adapted when given), else the setup's rank on a layer it targets."""
     s = tape.s
     rows = x.nbytes // (s.dtype_bytes * n_in)  # B * T
     out = tape.linear(x, rows * n_out * s.dtype_bytes, trainable_all)
-    if trainable_all or name not in s.lora_targets:
+    if trainable_all or (rank is None and name not in s.lora_targets) or rank == 0:
         return out
     lb = s.lora_dtype_bytes or s.dtype_bytes
     h = tape.cast(x, rows * n_in * lb)                 # x.to(A.dtype)
     h = tape.dropout(h, s.lora_dropout) if s.lora_dropout > 0 else h
-    a = tape.linear(h, rows * s.lora_rank * lb, True)  # (B, T, r), saves h
+    a = tape.linear(h, rows * (rank or s.lora_rank) * lb, True)  # (B, T, r), saves h
     tape.linear(a, rows * n_out * lb, True)            # (B, T, out), saves a
     return tape.new(out.nbytes, True)                  # base + (b * scaling).to(dtype)
 
@@ -215,7 +218,7 @@ def _gpt_block(tape, x, spec, full):
     return tape.new(x.nbytes, x.grad or m.grad)
 
 
-def _llama_block(tape, x, spec, full, rope):
+def _llama_block(tape, x, spec, full, rope, layer=0):
     s = tape.s
     B, T, h, d = s.batch, s.seq, spec.hidden_size, s.dtype_bytes
     H, Hkv, D, inter = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size
@@ -237,20 +240,81 @@ def _llama_block(tape, x, spec, full, rope):
     n = _rmsnorm(tape, x, full)
     if spec.family == "gemma2":                                 # post-attention + pre-feed-forward norms
         n = _rmsnorm(tape, n, full)
-    experts = spec.experts_per_token if spec.num_experts else 1
-    for _ in range(experts):
-        if spec.family == "phi3":
-            gu = _lora_linear(tape, n, "mlp.gate_up_proj", h, 2 * inter, full)
-            g, u = gu, gu
-        else:
-            g = _lora_linear(tape, n, "mlp.gate_proj", h, inter, full)
-            u = _lora_linear(tape, n, "mlp.up_proj", h, inter, full)
-        act = tape.unary_saving_input(g)                        # silu saves its input
-        prod = tape.mul(act, u)
-        m = _lora_linear(tape, prod, "mlp.down_proj", inter, h, full)
+    if spec.is_sparse(layer):
+        m = _moe_mlp(tape, n, spec, full)
+    else:
+        m = _gated_mlp(tape, n, "mlp", h, inter, full, fused=spec.family == "phi3")
     if spec.family == "gemma2":
         m = _rmsnorm(tape, m, full)
     return tape.new(x.nbytes, x.grad or m.grad)
+
+
+def _gated_mlp(tape, n, prefix: str, h: int, inter: int, full: bool, fused: bool = False):
+    """act(gate_proj(n)) * up_proj(n) -> down_proj (phi3: one fused gate_up_proj)."""
+    if fused:
+        gu = _lora_linear(tape, n, f"{prefix}.gate_up_proj", h, 2 * inter, full)
+        g, u = gu, gu
+    else:
+        g = _lora_linear(tape, n, f"{prefix}.gate_proj", h, inter, full)
+        u = _lora_linear(tape, n, f"{prefix}.up_proj", h, inter, full)
+    act = tape.unary_saving_input(g)                            # silu saves its input
+    prod = tape.mul(act, u)
+    return _lora_linear(tape, prod, f"{prefix}.down_proj", inter, h, full)
+
+
+# an expert tensor's adapter: named by its per-expert projections (peft's transformers-4 names, which the
+# LoRA count uses); the gate and up pair is one adapter of twice the rank on gate_up_proj
+_EXPERT_LORA = {"gate_up_proj": ("mlp.experts.w1", "mlp.experts.gate_proj", "mlp.experts.gate_up_proj"),
+                "down_proj": ("mlp.experts.w2", "mlp.experts.down_proj")}
+
+
+def _expert_rank(s: ActivationSetup, tensor: str) -> int:
+    if not s.lora_targets.intersection(_EXPERT_LORA[tensor]):
+        return 0
+    return s.lora_rank * (2 if tensor == "gate_up_proj" and "mlp.experts.gate_up_proj" not in s.lora_targets else 1)
+
+
+def _moe_mlp(tape, n, spec, full):
+    """reference_models.moe.SparseMoE, op by op. Each expert's saved tensors grow linearly with the
+    tokens routed to it, so the N*k (token, expert) pairs are replayed as one batch: the same bytes
+    whatever the routing (calculators/moe.py)."""
+    s = tape.s
+    N, C, k, d = s.batch * s.seq, spec.hidden_size, spec.experts_per_token, s.dtype_bytes
+    inter, nk = spec.moe_intermediate_size, N * k
+    logits = tape.linear(n, N * spec.num_experts * d, full)      # the router saves n when it trains
+    probs = tape.new(N * spec.num_experts * 4, logits.grad)     # softmax in fp32 keeps its output
+    weights = tape.new(nk * 4, logits.grad)                      # top-k values
+    if logits.grad:
+        tape.save(probs, tape.new(nk * 8, False))                # and top-k keeps its int64 indices
+    if spec.norm_topk_prob and weights.grad:                     # weights / weights.sum(): both kept
+        tape.save(weights, tape.new(N * 4, True))
+        weights = tape.new(nk * 4, True)
+    wb = 4 if spec.family == "mixtral" else d                    # Qwen casts the weights to the compute dtype
+    weights = tape.cast(weights, nk * wb)
+    xe = tape.new(nk * C * d, n.grad)                            # x[token]: the routed tokens, copied
+    gu = _lora_linear(tape, xe, "mlp.experts.gate_up_proj", C, 2 * inter, full, _expert_rank(s, "gate_up_proj"))
+    act = tape.unary_saving_input(gu, nk * inter * d)            # silu(gate) keeps gate_up's output
+    tape.mul(act, gu)                                            # act * up keeps act and up (gate_up's output)
+    prod = tape.new(nk * inter * d, act.grad)
+    y = _lora_linear(tape, prod, "mlp.experts.down_proj", inter, C, full, _expert_rank(s, "down_proj"))
+    scaled = tape.mul(y, tape.new(nk * wb, weights.grad))        # y * weights[token, slot]: keeps both
+    source = tape.cast(scaled, nk * C * d)                       # (Mixtral: fp32 products back to the dtype)
+    if source.grad:
+        tape.save(source)                                        # index_add_ keeps its source
+    if n.grad or weights.grad or source.grad:                    # each expert's (slot, token) int64 pairs,
+        tape.save(tape.new(nk * 16, False))                      # kept by the gather, the lookup, index_add_
+    out = tape.new(N * C * d, source.grad)
+    if not spec.shared_expert_size:
+        return out
+    shared = _gated_mlp(tape, n, "mlp.shared_expert" if spec.shared_expert_gate else "mlp.shared_experts", C,
+                        spec.shared_expert_size, full)
+    if spec.shared_expert_gate:                                  # Qwen2-MoE: sigmoid(Linear(h -> 1)) * shared
+        gate = tape.linear(n, N * d, full)
+        sig = tape.new(N * d, gate.grad)
+        if gate.grad:
+            tape.save(sig)                                       # sigmoid keeps its output
+        shared = tape.mul(sig, shared)
+    return tape.new(out.nbytes, out.grad or shared.grad)
 
 
 def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
@@ -282,18 +346,18 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     if not gpt:
         rope = (tape.new(T * spec.head_dim * d, False), tape.new(T * spec.head_dim * d, False))
     layers = []
-    for _ in range(spec.num_layers):
+    for i in range(spec.num_layers):
         before = dict(tape.saved)
         if s.grad_ckpt == "full":
             sub = _Tape(s)
             sub.hidden, sub._next = spec.hidden_size, tape._next
             x_in = x
-            x = _gpt_block(sub, x, spec, full) if gpt else _llama_block(sub, x, spec, full, rope)
+            x = _gpt_block(sub, x, spec, full) if gpt else _llama_block(sub, x, spec, full, rope, i)
             tape._next = sub._next
             if sub.saved:  # checkpoint keeps the block's inputs (x, and cos/sin) for recomputation
                 tape.save(x_in, *rope)
         else:
-            x = _gpt_block(tape, x, spec, full) if gpt else _llama_block(tape, x, spec, full, rope)
+            x = _gpt_block(tape, x, spec, full) if gpt else _llama_block(tape, x, spec, full, rope, i)
         layers.append(sum(v for k, v in tape.saved.items() if k not in before))
     shared = sum(r.nbytes for r in rope if r.sid in tape.saved)
     layers = [n - (shared if i == _first_rope_layer(layers, tape, rope) else 0) for i, n in enumerate(layers)]
@@ -306,7 +370,8 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     one = _Tape(s)
     one.hidden = spec.hidden_size
     x1 = _T(0, B * T * h * d, True)
-    _gpt_block(one, x1, spec, full) if gpt else _llama_block(one, x1, spec, full, rope)
+    widest = next((i for i in range(spec.num_layers) if spec.is_sparse(i)), 0)  # an MoE layer keeps the most
+    _gpt_block(one, x1, spec, full) if gpt else _llama_block(one, x1, spec, full, rope, widest)
     total = emb + sum(layers) + shared + head + loss
     return {"embedding": emb, "layers": layers, "shared": shared, "head": head, "loss": loss,
             "total": total, "layer_full": sum(one.saved.values())}

@@ -9,7 +9,9 @@ for keys a config.json leaves out. A row lists only what differs from Llama (the
 Families that share another's parameter layout are rows of their own, because their configuration
 classes have their own defaults: ministral is mistral with per-layer `layer_types`, granite is llama
 (its multipliers scale activations, not shapes), olmo3 is olmo2 with sliding layers (every 4th layer
-full). smollm2 checkpoints are model_type llama. tests/test_calc_models.py checks every row against
+full). smollm2 checkpoints are model_type llama. The mixture-of-experts rows (mixtral, qwen2_moe,
+qwen3_moe, deepseek_v3) name how their configs size the experts (moe.py); deepseek_v3 also has
+multi-head latent attention (mla.py). tests/test_calc_models.py checks every row against
 transformers on the meta device.
 """
 from __future__ import annotations
@@ -35,18 +37,23 @@ class Family:
     scaled_embeddings: bool = False
     softcapping: bool = False    # reads attn_logit_softcapping / final_logit_softcapping
     attention_bias: str = "config"  # "config": the config's attention_bias, on q, k, v and o |
-                                    # "qkv": always on q, k, v (qwen2) | "none" | "always" (gpt2)
+                                    # "qkv": always on q, k, v (qwen2) | "qkv_bias": on q, k, v when the
+                                    # config's qkv_bias says so (qwen2_moe) | "none" | "always" (gpt2)
     mlp_bias: str = "none"       # "none" | "config" (the config's mlp_bias) | "always"
     sliding: str = "none"        # which layers slide when layer_types is absent:
                                  # "none" (no sliding-window attention) | "all" (every layer when
                                  # sliding_window is set) | "qwen" (use_sliding_window, layers from
-                                 # max_window_layers on) | "pattern" (all but every pattern-th layer)
+                                 # max_window_layers on) | "pattern" (all but every pattern-th layer) |
+                                 # "qwen-all" (qwen3_moe: every layer, with use_sliding_window) |
+                                 # "qwen-alternate" (qwen2_moe: even layers below max_window_layers, with it)
     pattern: int = 0             # "pattern": every pattern-th layer is full (gemma2 2, olmo3 4) ...
     reads_pattern: bool = False  # ... or the config's sliding_window_pattern (gemma3, default 6)
     reads_layer_types: bool = False  # honours a config's explicit layer_types
     local_rope: bool = False     # sliding layers have their own rope parameters (theta)
     rope_types: tuple = ROPE_TYPES
-    experts: bool = False        # mixtral: a router and 3-D expert parameters instead of the MLP
+    moe: str = ""                # "" (dense MLP) | "mixtral" | "qwen" | "deepseek": a router and 3-D expert
+                                 # parameters instead of the MLP; the config keys that size them (moe.py)
+    attention: str = "mha"       # "mha" (q, k, v, o projections; GQA) | "mla" (deepseek_v3, mla.py)
     activation_key: str = "hidden_act"
     renames: dict = field(default_factory=dict)     # older config keys -> the names models.py reads
     defaults: dict = field(default_factory=dict)    # the configuration class's defaults
@@ -56,6 +63,8 @@ _NO_BIAS_SLIDING = dict(attention_bias="none", sliding="all")
 _GEMMA = dict(scaled_embeddings=True, activation_key="hidden_activation")
 _GEMMA_DEFAULTS = dict(head_dim=256, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh")
 _OLMO2 = dict(norm_layout="post", qk_norm="projection")
+_QWEN_MOE = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=24, max_position_embeddings=32768,
+                 sliding_window=4096, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False)
 
 FAMILIES = {
     # learned positions, LayerNorm with bias, fused c_attn, 4h GELU MLP, every projection biased
@@ -76,9 +85,25 @@ FAMILIES = {
                                                         sliding_window=4096)),
     "ministral": Family(**_NO_BIAS_SLIDING, reads_layer_types=True,
                         defaults=dict(num_key_value_heads=8, max_position_embeddings=131072, sliding_window=4096)),
-    "mixtral": Family(**_NO_BIAS_SLIDING, experts=True,
+    "mixtral": Family(**_NO_BIAS_SLIDING, moe="mixtral",
                       defaults=dict(num_key_value_heads=8, max_position_embeddings=131072, rope_theta=1e6,
                                     num_local_experts=8, num_experts_per_tok=2)),
+    # qwen2 with experts (every layer unless mlp_only_layers / decoder_sparse_step) and a gated shared expert
+    "qwen2_moe": Family(attention_bias="qkv_bias", sliding="qwen-alternate", reads_layer_types=True, moe="qwen",
+                        defaults=dict(**_QWEN_MOE, intermediate_size=5632, num_attention_heads=16,
+                                      num_key_value_heads=16, max_window_layers=28, moe_intermediate_size=1408,
+                                      shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4)),
+    # qwen3 with experts, no shared one; use_sliding_window slides every layer
+    "qwen3_moe": Family(qk_norm="head", sliding="qwen-all", moe="qwen",
+                        defaults=dict(**_QWEN_MOE, intermediate_size=6144, num_attention_heads=32,
+                                      num_key_value_heads=4, moe_intermediate_size=768, num_experts=128,
+                                      num_experts_per_tok=8)),
+    # multi-head latent attention; the first first_k_dense_replace layers dense, then routed + shared experts
+    "deepseek_v3": Family(attention="mla", moe="deepseek", defaults=dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_hidden_layers=61, num_attention_heads=128,
+        max_position_embeddings=4096, moe_intermediate_size=2048, n_routed_experts=256,
+        n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=3, kv_lora_rank=512, q_lora_rank=1536,
+        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, bos_token_id=0, eos_token_id=1)),
     # bias on q, k, v only; layers from max_window_layers on slide when use_sliding_window is set
     "qwen2": Family(attention_bias="qkv", sliding="qwen", reads_layer_types=True,
                     defaults=dict(num_key_value_heads=32, max_position_embeddings=32768, sliding_window=4096,

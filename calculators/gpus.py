@@ -56,14 +56,17 @@ _UNITS = {"": GiB, "g": GiB, "gb": GiB, "gib": GiB, "m": MiB, "mb": MiB, "mib": 
           "t": 1024 * GiB, "tb": 1024 * GiB, "tib": 1024 * GiB}
 
 
+_SIZE = re.compile(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*")
+
+
 def parse_size(text: str) -> int:
     """"24GB" / "24 GiB" / "24" (GiB) / "16000MiB" -> bytes (binary units, see module docstring)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    m = _SIZE.fullmatch(str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a memory size: use e.g. 24GB, 80GiB, 16000MiB")
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"memory size must be > 0, got {text!r}")
+    if value < 1:
+        raise ValueError(f"memory size must be > 0, got {text!r}: use e.g. 24GB, 80GiB, 16000MiB")
     return int(value)
 
 
@@ -72,10 +75,9 @@ def gpu_from_text(text: str) -> GPU:
     key = str(text).strip().lower()
     if key in GPUS:
         return GPUS[key]
-    try:
-        size = parse_size(key)
-    except ValueError:
-        raise ValueError(f"unknown GPU {text!r}: use a size such as 24GB or one of "
-                         f"{', '.join(GPUS)}") from None
+    m = _SIZE.fullmatch(key)
+    if not m or m.group(2) not in _UNITS:  # neither a name nor a size: say both are possible
+        raise ValueError(f"unknown GPU {text!r}: use a size such as 24GB or one of {', '.join(GPUS)}")
+    size = parse_size(text)  # a size: its own error (a size of 0 is no unknown GPU)
     a100 = GPUS["a100-80gb"]  # a bare size: assume an A100's speed and price
     return GPU(f"{size / GiB:g} GiB GPU", size, a100.bf16_tflops, a100.price_per_hour, a100.fp32_tflops)

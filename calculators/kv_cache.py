@@ -12,11 +12,16 @@ What transformers' DynamicCache (cache_utils.py, 5.24) holds, measured in tests/
     per step, its storage holds min(positions, window) positions: a sliding layer caches at most its
     window. Right after a prefill longer than the window the view still pins the whole prompt's
     keys (positions, not window) until the first decode step replaces it.
+Multi-head latent attention (DeepSeek-V3, mla.py) caches, per layer and position, one compressed
+latent of kv_lora_rank values and the rotated key part all heads share, qk_rope_head_dim values, not
+per-head keys and values: 576 values instead of 2 x 128 heads x 192, which is what transformers'
+DeepseekV3Attention stores in the same DynamicCache.
 `positions` counts the tokens the model has run: after generate(prompt, max_new_tokens=n) that
 is prompt + n - 1 (the last token is sampled, never fed back).
 """
 from __future__ import annotations
 
+from .mla import mla_cache_elements
 from .spec import SLIDING, ModelSpec
 
 __all__ = ["kv_cache_positions", "kv_cache_bytes", "kv_bytes_per_position"]
@@ -35,8 +40,11 @@ def kv_cache_positions(spec: ModelSpec, positions: int) -> list[int]:
 
 
 def kv_bytes_per_position(spec: ModelSpec, dtype_bytes: int = 2) -> int:
-    """Bytes one layer caches per position and sequence: a key and a value per KV head."""
+    """Bytes one layer caches per position and sequence: a key and a value per KV head (MLA: the
+    latent and the shared rotated key part)."""
     _check("dtype_bytes", dtype_bytes, 1)
+    if spec.mla:
+        return mla_cache_elements(spec) * dtype_bytes
     return 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
 
 

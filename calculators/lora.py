@@ -10,12 +10,17 @@ Only linear layers can carry LoRA here; a target that matches none of them is an
 Each adapted layer (in -> out) trains A (rank, in) and B (out, rank): rank * (in + out) parameters,
 plus out for DoRA's magnitude vector. Bias stays frozen (peft's bias="none").
 
-Mixtral in transformers 5 stores its experts as 3-D parameters, not nn.Linear. peft keeps the
-transformers-4 names working (peft/utils/transformers_weight_conversion.py): targets name the
-router "gate" and the per-expert "w1", "w3" (fused into gate_up_proj) and "w2" (down_proj), and
-"all-linear" includes all four. peft then wraps each 3-D parameter with one LoRA of rank
-rank * experts (A: (rank*E, in), B: (out, rank*E)), and gate_up_proj with doubled rank because it
-fuses w1 and w3: so the count is NOT the per-expert transformers-4 count. We count what peft builds.
+Mixture-of-experts models in transformers 5 store their experts as 3-D parameters, not nn.Linear.
+peft keeps the transformers-4 names working (peft/utils/transformers_weight_conversion.py) for
+mixtral, qwen3_moe and deepseek_v3: targets name the router "gate" and the per-expert gate and up
+projections (Mixtral's "w1", "w3"; "gate_proj", "up_proj"), fused into gate_up_proj, and the down
+projection ("w2"; "down_proj"); "all-linear" includes all four. Those names then mean the experts
+only: a dense layer's or shared expert's gate_proj / up_proj / down_proj is no longer adapted.
+peft wraps each 3-D parameter with one LoRA of rank rank * experts (A: (rank*E, in), B: (out,
+rank*E)), and gate_up_proj with doubled rank because it fuses two projections: so the count is NOT
+the per-expert transformers-4 count. peft converts nothing for qwen2_moe (transformers' conversion
+table has no row naming it): its names mean the shared expert's linear layers and no expert is
+adapted. We count what peft builds. (minilora differs on purpose: see minilora/lora/targets.py.)
 """
 from __future__ import annotations
 
@@ -34,8 +39,13 @@ __all__ = ["LoRASpec", "DEFAULT_TARGETS", "parse_targets", "lora_layers", "lora_
 # analogue of q_proj + v_proj, phi3's fused qkv_proj.
 _QV = ["q_proj", "v_proj"]
 DEFAULT_TARGETS = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "phi3": ["qkv_proj"],
+                   "deepseek_v3": ["q_proj", "q_b_proj", "kv_b_proj"],
                    **{family: list(_QV) for family in ("llama", "granite", "mistral", "ministral", "mixtral", "qwen2",
-                                                 "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3")}}
+                                                 "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3",
+                                                 "qwen2_moe", "qwen3_moe")}}
+# peft's _MOE_TARGET_MODULE_MAPPING: the router, then the per-expert gate, up and down names it converts
+_EXPERT_NAMES = {"mixtral": ("gate", "w1", "w3", "w2"), "qwen3_moe": ("gate", "gate_proj", "up_proj", "down_proj"),
+                 "deepseek_v3": ("gate", "gate_proj", "up_proj", "down_proj")}
 
 _REGEX_CHARS = set("*+?()[]{}|^$\\")
 
@@ -71,20 +81,25 @@ def _matches(name: str, targets) -> bool:
 
 
 def _candidates(spec: ModelSpec) -> list[Linear]:
-    """Linear layers plus, for Mixtral, the transformers-4 names peft maps onto the MoE parameters."""
+    """Linear layers, with the transformers-4 expert names peft maps onto the MoE parameters in place of
+    the linear layers those names can no longer reach (see the module docstring)."""
     linears = linear_layers(spec)
-    if not spec.num_experts:
+    names = _EXPERT_NAMES.get(spec.family)
+    if names is None:
         return linears
-    h, inter, moe = spec.hidden_size, spec.intermediate_size, []
+    router, gate, up, down = names
+    linears = [lin for lin in linears if lin.name.rsplit(".", 1)[-1] not in (gate, up, down)]
+    h, inter, moe = spec.hidden_size, spec.moe_intermediate_size, []
     for i in range(spec.num_layers):
-        p = f"model.layers.{i}.mlp"
-        moe += [Linear(f"{p}.gate", h, spec.num_experts, False), Linear(f"{p}.experts.w1", h, inter, False),
-                Linear(f"{p}.experts.w3", h, inter, False), Linear(f"{p}.experts.w2", inter, h, False)]
+        if spec.is_sparse(i):
+            p = f"model.layers.{i}.mlp"
+            moe += [Linear(f"{p}.{router}", h, spec.num_experts, False), Linear(f"{p}.experts.{gate}", h, inter, False),
+                    Linear(f"{p}.experts.{up}", h, inter, False), Linear(f"{p}.experts.{down}", inter, h, False)]
     return linears[:-1] + moe + linears[-1:]
 
 
 def lora_layers(spec: ModelSpec, targets=None) -> list[Linear]:
-    """The layers `targets` selects, with peft's matching rules (Mixtral experts by their v4 names)."""
+    """The layers `targets` selects, with peft's matching rules (experts by their transformers-4 names)."""
     if targets is None:
         targets = DEFAULT_TARGETS[spec.family]
     linears = _candidates(spec)
@@ -117,7 +132,7 @@ def lora_tensors(spec: ModelSpec, lora: LoRASpec) -> list[tuple[str, tuple]]:
     names = {lin.name for lin in chosen}
     for lin in chosen:
         leaf = lin.name.rsplit(".", 1)[-1]
-        if spec.num_experts and leaf in ("gate", "w1", "w2", "w3") and ".mlp." in lin.name:
+        if leaf in _EXPERT_NAMES.get(spec.family, ()) and ".mlp." in lin.name:
             out += _moe_tensors(spec, lin, lora, names)
             continue
         _check_rank(lin, lora.rank)
@@ -129,24 +144,24 @@ def lora_tensors(spec: ModelSpec, lora: LoRASpec) -> list[tuple[str, tuple]]:
 
 
 def _moe_tensors(spec: ModelSpec, lin: Linear, lora: LoRASpec, names: set) -> list:
-    """peft's ParamWrapper tensors for a Mixtral router / expert target (see the module docstring)."""
+    """peft's ParamWrapper tensors for a router / expert target (see the module docstring)."""
     prefix, leaf = lin.name.rsplit(".", 1)
-    e = spec.num_experts
+    e, (router, gate, up, down) = spec.num_experts, _EXPERT_NAMES[spec.family]
     if lora.use_dora:
-        raise ValueError("DoRA cannot adapt Mixtral's router or experts (peft's ParamWrapper has no DoRA)")
-    if leaf == "gate":  # the router: a 2-D parameter (E, h), one plain LoRA
+        raise ValueError("DoRA cannot adapt a router or experts (peft's ParamWrapper has no DoRA)")
+    if leaf == router:  # the router: a 2-D parameter (E, h), one plain LoRA
         return [(f"{lin.name}.lora_A.default.weight", (lora.rank, lin.in_features)),
                 (f"{lin.name}.lora_B.default.weight", (e, lora.rank))]
     _check_rank(lin, lora.rank)
-    if leaf == "w2":
+    if leaf == down:
         r = lora.rank * e
         return [(f"{prefix}.down_proj.lora_A.default.weight", (r, lin.in_features)),
                 (f"{prefix}.down_proj.lora_B.default.weight", (lin.out_features, r))]
-    other = prefix + (".w3" if leaf == "w1" else ".w1")
+    other = f"{prefix}.{up if leaf == gate else gate}"
     if other not in names:
-        raise ValueError(f"targets must name both w1 and w3 of Mixtral's experts (fused into gate_up_proj), "
+        raise ValueError(f"targets must name both {gate} and {up} of the experts (fused into gate_up_proj), "
                          f"got only {leaf}")
-    if leaf == "w3":  # counted once, with w1
+    if leaf == up:  # counted once, with the gate projection
         return []
     r = 2 * lora.rank * e
     return [(f"{prefix}.gate_up_proj.lora_A.default.weight", (r, lin.in_features)),

@@ -10,12 +10,18 @@ Gradients already held at backward start are all of them with grad_accum > 1 (th
 between micro-batches), else the head's (lm_head / embedding) with full fine-tuning, else none.
 Host memory is the sum of the terms' CPU bytes (the offload optimizer's states).
 
+The same sum as phases (Breakdown.phases), for a reader: what is held throughout (the static terms
+and the CUDA context), then what each moment adds; total_gpu = held + the largest moment. A term
+can be alive in part (the gradients produced before backward starts, the first block's
+activations at backward end); the terms therefore add up to more than the peak.
+
 A new term is one function in terms.py and one line here, in the phase it is alive in.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .kv_cache import kv_bytes_per_position
 from .parameters import parameter_tensors
 from .spec import ModelSpec
 from .states import model_state_bytes, nf4_bytes, quantized_linears
@@ -28,8 +34,27 @@ from .training_setup import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, Tra
 
 # TrainingSetup, Term and the rest are defined next door and re-exported: `calculators.memory` is
 # where bench/ and the tests have always imported them from.
-__all__ = ["TrainingSetup", "Term", "Breakdown", "training_memory", "inference_memory", "nf4_bytes",
+__all__ = ["TrainingSetup", "Term", "Phase", "Breakdown", "training_memory", "inference_memory", "nf4_bytes",
            "DTYPE_BYTES", "METHODS", "OPTIMIZERS", "CHECKPOINTING", "model_state_bytes"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """GPU bytes alive together at one moment of a step, by term name (a term may be alive in part)."""
+    name: str
+    parts: dict
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "bytes": self.bytes, "parts": self.parts}
+
+
+def _phase(name: str, *parts: tuple) -> Phase:
+    """A Phase from (term name, bytes) pairs, leaving out what is absent or empty."""
+    return Phase(name, {term: n for term, n in parts if n})
 
 
 @dataclass
@@ -42,11 +67,12 @@ class Breakdown:
     params: int
     trainable: int
     notes: list = field(default_factory=list)
+    phases: list = field(default_factory=list)  # [held throughout, then each moment]: see the module docstring
 
     def as_dict(self) -> dict:
         return {"terms": [t.__dict__ for t in self.terms], "peak_bytes": self.peak,
                 "total_gpu_bytes": self.total_gpu, "cpu_bytes": self.cpu, "params": self.params,
-                "trainable": self.trainable, "notes": self.notes}
+                "trainable": self.trainable, "notes": self.notes, "phases": [p.as_dict() for p in self.phases]}
 
 
 def _gpu(*terms: Term | None) -> int:
@@ -64,10 +90,18 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
     context = cuda_context_term(run)
 
     static = _gpu(weights, master, optimizer, *buffers)
-    backward_start = _gpu(activations, logits) + gradients_held_at_backward_start(run, gradients.gpu)
+    held = gradients_held_at_backward_start(run, gradients.gpu)
+    backward_start = _gpu(activations, logits) + held
     backward_end = _gpu(gradients, recomputed, workspace) + first_block_activations(run)
     step = gradients.gpu
     peak = static + max(backward_start, backward_end, step)
+    phases = [_phase("held throughout", *((t.name, t.gpu) for t in (weights, master, optimizer, *buffers, context)
+                                          if t is not None)),
+              _phase("backward start", ("activations", activations.gpu), ("logits and loss", logits.gpu),
+                     ("gradients", held)),
+              _phase("backward end", ("gradients", gradients.gpu), ("recomputed block", _gpu(recomputed)),
+                     ("backward workspace", workspace.gpu), ("activations", first_block_activations(run))),
+              _phase("optimizer step", ("gradients", step))]
 
     terms = [t for t in (weights, gradients, master, optimizer, activations, recomputed, logits, workspace,
                          *buffers, context) if t is not None]
@@ -76,7 +110,7 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
              f"strategy {run.strategy} on {setup.gpus} GPU(s); micro-batch {setup.batch}, "
              f"grad_accum {setup.grad_accum}"]
     return Breakdown(terms, peak, peak + context.gpu, sum(t.cpu for t in terms), run.states.params,
-                     run.states.trainable, notes)
+                     run.states.trainable, notes, phases)
 
 
 def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tokens: int = 256,
@@ -93,22 +127,36 @@ def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tok
     d = DTYPE_BYTES[dtype]
     tensors = parameter_tensors(spec)
     quantized = {f"{lin.name}.weight" for lin in quantized_linears(spec)} if quant == "nf4" else set()
-    weights = sum(nf4_bytes(t.numel, 64, double_quant) if t.name in quantized else t.numel * d for t in tensors)
+    if quant == "nf4":  # each expert's matrices too, as minilora's quantize_model stores them (ExpertsNF4)
+        quantized |= {t.name for t in tensors if t.kind == "experts"}
+    nf4 = sum(t.shape[0] * nf4_bytes(t.numel // t.shape[0], 64, double_quant) if t.kind == "experts"
+              else nf4_bytes(t.numel, 64, double_quant) for t in tensors if t.name in quantized)
+    dense = sum(t.numel for t in tensors if t.name not in quantized)
     total_len = prompt + new_tokens
-    kv = 2 * spec.num_layers * batch * spec.num_kv_heads * total_len * spec.head_dim * d
+    kv = spec.num_layers * batch * total_len * kv_bytes_per_position(spec, d)
     inter = widest_intermediate(spec)
     prefill = batch * prompt * (spec.vocab_size + 2 * inter + 2 * spec.hidden_size) * d
+    prefill_formula = (f"{batch} batch x {prompt:,} prompt x ({spec.vocab_size:,} vocab + 2 x {inter:,} widest + "
+                       f"2 x {spec.hidden_size:,} hidden) x {d} B")
     if attn == "eager":
         prefill += batch * spec.num_heads * prompt * total_len * (4 + d)
-    terms = [Term("weights", weights, f"{'NF4 linear layers, ' if quant == 'nf4' else ''}{dtype} otherwise"),
-             Term("KV cache", kv, f"keys and values of {spec.num_layers} layers x {spec.num_kv_heads} kv heads x "
-                                  f"{total_len} positions x batch {batch}, {dtype}, preallocated"),
+        prefill_formula += f" + {batch} batch x {spec.num_heads} heads x {prompt:,} x {total_len:,} positions x " \
+                           f"(4 + {d}) B scores and probabilities"
+    cached = (f"MLA latent + rope key of {spec.num_layers} layers" if spec.mla
+              else f"keys and values of {spec.num_layers} layers x {spec.num_kv_heads} kv heads")
+    terms = [Term("weights", nf4 + dense * d, f"{'NF4 linear layers, ' if quant == 'nf4' else ''}{dtype} otherwise",
+                  formula=(f"{nf4:,} B NF4 codes and constants + " if nf4 else "") + f"{dense:,} params x {d} B"),
+             Term("KV cache", kv, f"{cached} x {total_len} positions x batch {batch}, {dtype}, preallocated",
+                  formula=f"{spec.num_layers} layers x {batch} batch x {total_len:,} positions x "
+                          f"{kv_bytes_per_position(spec, d):,} B per position"),
              Term("prefill working memory", prefill,
                   "logits for every prompt position + one block's widest intermediates"
-                  + (" + eager attention scores" if attn == "eager" else "")),
+                  + (" + eager attention scores" if attn == "eager" else ""), formula=prefill_formula),
              Term("cuBLAS workspace", CUBLAS_WORKSPACE, "torch's cuBLAS workspace for the one thread that "
-                  "runs the matmuls (32 MiB on Hopper)"),
+                  "runs the matmuls (32 MiB on Hopper)", formula=f"{CUBLAS_WORKSPACE:,} B"),
              Term("CUDA context", CUDA_CONTEXT, "assumed 500 MiB for the driver context and kernels; "
-                  "not in max_memory_allocated")]
-    peak = weights + kv + prefill + CUBLAS_WORKSPACE
-    return Breakdown(terms, peak, peak + CUDA_CONTEXT, 0, sum(t.numel for t in tensors), 0)
+                  "not in max_memory_allocated", formula=f"{CUDA_CONTEXT:,} B assumed")]
+    peak = nf4 + dense * d + kv + prefill + CUBLAS_WORKSPACE
+    phases = [_phase("held throughout", *((t.name, t.gpu) for t in terms if t.name != "prefill working memory")),
+              _phase("prefill", ("prefill working memory", prefill))]
+    return Breakdown(terms, peak, peak + CUDA_CONTEXT, 0, sum(t.numel for t in tensors), 0, phases=phases)

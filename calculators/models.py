@@ -17,6 +17,8 @@ import json
 import os
 
 from .families import FAMILIES, Family
+from .mla import mla_sizes
+from .moe import moe_sizes
 from .parameters import Linear, Tensor, count_parameters, linear_layers, parameter_tensors
 from .presets import PRESETS
 from .spec import FULL, SLIDING, ModelSpec
@@ -134,18 +136,18 @@ def _sizes(r: _Reader) -> dict:
                  intermediate_size=r.positive_int("intermediate_size", 4 * hidden if inter is None else inter),
                  max_positions=r.positive_int("max_position_embeddings"),
                  tie_word_embeddings=bool(r.get("tie_word_embeddings", False)))
-    if heads % sizes["num_kv_heads"]:
+    if fam.attention == "mla":  # no key/value heads: keys and values come from one latent (mla.py)
+        sizes["num_kv_heads"] = heads
+    elif heads % sizes["num_kv_heads"]:
         r.refuse(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({sizes['num_kv_heads']})")
     attention_bias = _bias(r, fam.attention_bias, "attention_bias")
-    sizes.update(qkv_bias=attention_bias or fam.attention_bias == "qkv", o_bias=attention_bias,
-                 mlp_bias=_bias(r, fam.mlp_bias, "mlp_bias"))
-    if fam.experts:
-        experts = r.positive_int("num_local_experts")
-        per_token = r.positive_int("num_experts_per_tok")
-        if per_token > experts:
-            raise ConfigError(f"{r.name}: num_experts_per_tok ({per_token}) must be at most "
-                              f"num_local_experts ({experts})")
-        sizes.update(num_experts=experts, experts_per_token=per_token)
+    qkv_bias = attention_bias or fam.attention_bias == "qkv" or (fam.attention_bias == "qkv_bias"
+                                                                  and bool(r.get("qkv_bias", True)))
+    sizes.update(qkv_bias=qkv_bias, o_bias=attention_bias, mlp_bias=_bias(r, fam.mlp_bias, "mlp_bias"))
+    if fam.moe:
+        sizes.update(moe_sizes(r, sizes["num_layers"], sizes["intermediate_size"]))
+    if fam.attention == "mla":
+        sizes.update(mla_sizes(r))
     return sizes
 
 
@@ -163,7 +165,7 @@ def _attention(r: _Reader, num_layers: int) -> tuple[tuple, int | None]:
                  "not a causal LM")
     if fam.sliding == "none" and window is not None:
         r.refuse(f"sliding_window={window!r} is not read: this family has no sliding-window attention")
-    if fam.sliding == "qwen" and not r.get("use_sliding_window", False):
+    if fam.sliding.startswith("qwen") and not r.get("use_sliding_window", False):
         window = None  # Qwen2Config/Qwen3Config drop the window unless use_sliding_window is set
     derived = [_slides(r, i, window) for i in range(num_layers)]
     if given is not None and not fam.reads_layer_types and list(given) != derived:
@@ -187,6 +189,8 @@ def _slides(r: _Reader, i: int, window) -> str:
         return FULL
     if fam.sliding == "qwen":
         return SLIDING if i >= r.positive_int("max_window_layers", minimum=0) else FULL
+    if fam.sliding == "qwen-alternate":  # Qwen2MoeConfig: even layers below max_window_layers
+        return SLIDING if (i + 1) % 2 and i < r.positive_int("max_window_layers", minimum=0) else FULL
     if fam.sliding == "pattern":
         pattern = r.positive_int("sliding_window_pattern", r.get("sliding_window_pattern", fam.pattern)
                                  if fam.reads_pattern else fam.pattern)

@@ -15,7 +15,10 @@ Three layouts (families.Family.layout):
   gpt_neox  gpt_neox.embed_in, gpt_neox.layers.i.{input_layernorm, post_attention_layernorm,
             attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h},
             gpt_neox.final_layer_norm, lm_head
-Mixtral's experts are 3-D parameters (E, 2I, h) and (E, h, I) plus a router (E, h), not nn.Linear.
+A sparse layer's experts (mixtral, qwen2_moe, qwen3_moe, deepseek_v3) are 3-D parameters mlp.experts.
+gate_up_proj (E, 2I, h) and down_proj (E, h, I) plus a router mlp.gate (E, h), not nn.Linear; the
+shared expert (qwen2_moe mlp.shared_expert + mlp.shared_expert_gate, deepseek_v3 mlp.shared_experts)
+and a dense layer's MLP are. DeepSeek-V3's attention is MLA (mla.py).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 from .families import FAMILIES
+from .mla import mla_norms, mla_projections
 from .spec import ModelSpec
 
 __all__ = ["Tensor", "Linear", "parameter_tensors", "linear_layers", "layer_linears", "count_parameters"]
@@ -74,19 +78,30 @@ def layer_linears(spec: ModelSpec, i: int) -> list[Linear]:
                 Linear(f"{p}.attention.dense", h, h, spec.o_bias),
                 Linear(f"{p}.mlp.dense_h_to_4h", h, inter, spec.mlp_bias),
                 Linear(f"{p}.mlp.dense_4h_to_h", inter, h, spec.mlp_bias)]
-    if spec.fused_qkv:
+    if spec.mla:
+        out = [Linear(f"{p}.self_attn.{n}", n_in, n_out, bias) for n, n_in, n_out, bias in mla_projections(spec)]
+    elif spec.fused_qkv:
         out = [Linear(f"{p}.self_attn.qkv_proj", h, qkv, spec.qkv_bias)]
     else:
         out = [Linear(f"{p}.self_attn.{n}_proj", h, size, spec.qkv_bias)
                for n, size in (("q", spec.q_size), ("k", spec.kv_size), ("v", spec.kv_size))]
-    out.append(Linear(f"{p}.self_attn.o_proj", spec.q_size, h, spec.o_bias))
-    if spec.num_experts:
-        return out  # the experts are 3-D parameters, see parameter_tensors
+    if not spec.mla:
+        out.append(Linear(f"{p}.self_attn.o_proj", spec.q_size, h, spec.o_bias))
+    if spec.is_sparse(i):  # the routed experts are 3-D parameters (parameter_tensors); a shared expert is an MLP
+        if not spec.shared_expert_size:
+            return out
+        shared = "shared_expert" if spec.shared_expert_gate else "shared_experts"
+        out += _gated_mlp(f"{p}.mlp.{shared}", h, spec.shared_expert_size, False)
+        return out + ([Linear(f"{p}.mlp.shared_expert_gate", h, 1, False)] if spec.shared_expert_gate else [])
     if spec.fused_gate_up:
         return out + [Linear(f"{p}.mlp.gate_up_proj", h, 2 * inter, spec.mlp_bias),
                       Linear(f"{p}.mlp.down_proj", inter, h, spec.mlp_bias)]
-    return out + [Linear(f"{p}.mlp.{n}_proj", i_, o_, spec.mlp_bias)
-                  for n, i_, o_ in (("gate", h, inter), ("up", h, inter), ("down", inter, h))]
+    return out + _gated_mlp(f"{p}.mlp", h, inter, spec.mlp_bias)
+
+
+def _gated_mlp(prefix: str, h: int, inter: int, bias: bool) -> list[Linear]:
+    return [Linear(f"{prefix}.{n}_proj", i_, o_, bias) for n, i_, o_ in (("gate", h, inter), ("up", h, inter),
+                                                                         ("down", inter, h))]
 
 
 def linear_layers(spec: ModelSpec) -> list[Linear]:
@@ -107,8 +122,10 @@ def _layer_tensors(spec: ModelSpec, i: int) -> list[Tensor]:
     if spec.qk_norm != "none":  # "head": one norm over head_dim shared by the heads; "projection": all heads
         q, k = (spec.head_dim, spec.head_dim) if spec.qk_norm == "head" else (spec.q_size, spec.kv_size)
         tensors += _norm(spec, f"{p}.self_attn.q_norm", q) + _norm(spec, f"{p}.self_attn.k_norm", k)
-    if spec.num_experts:
-        e, inter = spec.num_experts, spec.intermediate_size
+    if spec.mla:
+        tensors += [t for name, dim in mla_norms(spec) for t in _norm(spec, f"{p}.self_attn.{name}", dim)]
+    if spec.is_sparse(i):
+        e, inter = spec.num_experts, spec.moe_intermediate_size
         tensors += [Tensor(f"{p}.mlp.gate.weight", (e, h), "router"),
                     Tensor(f"{p}.mlp.experts.gate_up_proj", (e, 2 * inter, h), "experts"),
                     Tensor(f"{p}.mlp.experts.down_proj", (e, h, inter), "experts")]

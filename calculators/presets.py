@@ -37,6 +37,13 @@ def _qwen3(hidden, inter, layers, heads, tie):
                     use_sliding_window=False, sliding_window=None, max_window_layers=layers)
 
 
+def _qwen3_moe(hidden, inter, moe_inter, layers, heads):
+    return _decoder("qwen3_moe", 151936, hidden, inter, layers, heads, 4, 40960, head_dim=128, rope_theta=1000000.0,
+                    moe_intermediate_size=moe_inter, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                    decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False, sliding_window=None,
+                    max_window_layers=layers)
+
+
 def _gemma3(hidden, inter, layers, heads, kv, head_dim, window, **extra):
     # google/gemma-3-{4,12,27}b-pt text_config lists only these; vocab_size 262208, 131072 positions,
     # rope_theta 1e6 (local 1e4) and sliding_window_pattern 6 are Gemma3TextConfig's defaults
@@ -78,9 +85,29 @@ PRESETS = {
     # mistralai/Mistral-Nemo-Base-2407: head_dim 128 although 5120 / 32 = 160; 12B [12,247,782,400]
     "mistral-nemo": _decoder("mistral", 131072, 5120, 14336, 40, 32, 8, 1024000, head_dim=128,
                              rope_theta=1000000.0, sliding_window=None),
-    # mistralai/Mixtral-8x7B-v0.1; 46.7B [46,702,792,704]
+    # mistralai/Mixtral-8x7B-v0.1; 46.7B total, 12.9B active [46,702,792,704 / 12,879,925,248]
     "mixtral-8x7b": _decoder("mixtral", 32000, 4096, 14336, 32, 32, 8, 32768, num_local_experts=8,
                              num_experts_per_tok=2, rope_theta=1000000.0, sliding_window=None),
+    # mistralai/Mixtral-8x22B-v0.1; 141B total, 39B active [140,620,634,112 / 39,152,031,744]
+    "mixtral-8x22b": _decoder("mixtral", 32000, 6144, 16384, 56, 48, 8, 65536, num_local_experts=8,
+                              num_experts_per_tok=2, rope_theta=1000000.0, sliding_window=None),
+    # Qwen/Qwen3-30B-A3B, Qwen3-235B-A22B: 128 experts, 8 per token, on every layer; model cards 30.5B total
+    # / 3.3B activated / 29.9B non-embedding [30,532,122,624 / 3,353,032,704 / 29,909,792,768], 235B / 22B /
+    # 234B [235,093,634,560 / 22,190,763,520 / 233,848,974,848]
+    "qwen3-30b-a3b": _qwen3_moe(2048, 6144, 768, 48, 32),
+    "qwen3-235b-a22b": _qwen3_moe(4096, 12288, 1536, 94, 64),
+    # deepseek-ai/DeepSeek-V3: MLA, 3 dense layers, then 256 routed experts (8 per token) + 1 shared; 671B
+    # total, 37B activated in the report [671,026,404,352 / 37,552,282,624] (the hub's 685B adds the 14B
+    # multi-token-prediction module, which transformers does not build)
+    "deepseek-v3": dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                        num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8,
+                        first_k_dense_replace=3, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                        qk_nope_head_dim=128, v_head_dim=128, n_group=8, topk_group=4, norm_topk_prob=True,
+                        routed_scaling_factor=2.5, max_position_embeddings=163840, rope_theta=10000,
+                        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
+                                          beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+                        tie_word_embeddings=False),
     # Qwen/Qwen2.5-7B; 7.61B [7,615,616,512]
     "qwen2.5-7b": _decoder("qwen2", 152064, 3584, 18944, 28, 28, 4, 131072, rope_theta=1000000.0,
                            use_sliding_window=False, sliding_window=131072, max_window_layers=28),

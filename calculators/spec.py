@@ -13,6 +13,11 @@ config dict, so each term can say which feature it depends on:
   blocks       norm (RMSNorm, or LayerNorm with a bias), norm_layout, parallel_residual,
                gated_mlp / fused_gate_up, activation, biases
   positions    rotary_dim (partial rotary), rope_type, rope_theta, local_rope_theta
+  experts      num_experts routed experts of moe_intermediate_size, experts_per_token per token, on
+               every layer but dense_layers; a shared expert (Qwen2-MoE, with its gate; DeepSeek-V3)
+               every token also passes (moe.py)
+  MLA          DeepSeek-V3's multi-head latent attention: q_lora_rank, kv_lora_rank, qk_nope_head_dim,
+               qk_rope_head_dim, v_head_dim (mla.py)
 """
 from __future__ import annotations
 
@@ -39,8 +44,20 @@ class ModelSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    num_experts: int = 0        # mixtral: experts per layer (0 = dense MLP)
+    num_experts: int = 0        # routed experts per sparse layer (0 = dense MLP everywhere)
     experts_per_token: int = 0
+    moe_intermediate_size: int = 0  # each routed expert's I (Mixtral: intermediate_size)
+    shared_expert_size: int = 0     # I of the shared MLP every token also passes (0: none)
+    shared_expert_gate: bool = False  # qwen2_moe: sigmoid(Linear(h -> 1)) scales the shared expert
+    dense_layers: tuple = ()        # layers that keep a dense MLP of intermediate_size
+    norm_topk_prob: bool = False    # the k routing weights renormalised to sum to 1 (Mixtral: always)
+    # Multi-head latent attention (deepseek_v3): queries through a rank-q_lora_rank bottleneck (None:
+    # one q_proj), keys and values from a kv_lora_rank latent plus a shared qk_rope_head_dim key part
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     # Attention. A sliding layer attends to the last `sliding_window` positions (itself included);
     # transformers' DynamicCache keeps at most that many of its keys and values (kv_cache.py).
     layer_types: tuple = ()     # one of FULL / SLIDING per layer
@@ -72,6 +89,14 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def is_sparse(self, layer: int) -> bool:
+        """Does decoder layer `layer` route to experts (else it has a dense MLP)?"""
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     @property
     def sliding_layers(self) -> int:

@@ -55,8 +55,9 @@ def nf4_bytes(numel: int, block_size: int = 64, double_quant: bool = True) -> in
 
 
 def quantized_linears(spec: ModelSpec) -> list[Linear]:
-    """QLoRA quantizes every linear layer except lm_head (embeddings and norms stay 16-bit)."""
-    return [lin for lin in linear_layers(spec) if lin.name != "lm_head"]
+    """QLoRA quantizes every linear layer except lm_head and a MoE gate (Qwen2-MoE's shared_expert_gate,
+    kept dense like the router, as minilora's quantize_model does); embeddings and norms stay 16-bit."""
+    return [lin for lin in linear_layers(spec) if lin.name != "lm_head" and not lin.name.endswith("shared_expert_gate")]
 
 
 def _in_first_block(name: str) -> bool:  # GPT-2's `h.0` or the Llama family's `layers.0`

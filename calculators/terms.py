@@ -11,15 +11,23 @@ tensors on CPU); the transient terms (logits gradients, backward workspace) and 
 are estimates and say so. The cuBLAS workspaces and the loss's two fp32 gradient buffers were
 calibrated against torch.cuda.max_memory_allocated on an H100 (bench/memory_validation.py,
 bench/memory_explain.py).
+
+Each term also carries its formula with the numbers put in (`python -m minilora.calc vram
+--explain`), written so that it evaluates to the term's GPU bytes: numbers joined by x, +, -, /,
+parentheses and ceil(...), each number followed by words saying what it counts (no numbers
+inside those words).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .activations import ActivationSetup, activation_bytes, block_targets
-from .distributed import parse_strategy, shard, shard_note
+from .distributed import is_sharded, parse_strategy, shard, shard_note
 from .gpus import MiB
 from .lora import lora_layers
+from .mla import mla_projections
+from .moe import busiest_expert_tokens
 from .spec import ModelSpec
 from .states import ModelStates, model_state_bytes
 from .training_setup import Precision, TrainingSetup, check_setup
@@ -44,6 +52,7 @@ class Term:
     gpu: int
     assumption: str
     cpu: int = 0
+    formula: str = ""             # how `gpu` is computed, with the numbers put in (module docstring)
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,23 @@ class TrainingRun:
     def shard_note(self, category: str) -> str:
         return shard_note(category, self.strategy, self.setup.gpus)
 
+    def sharded(self, category: str, nbytes: int, formula: str, shapes=None, bytes_per_el=None) -> tuple[int, str]:
+        """`shard`'s bytes, and the formula that gives them from the unsharded `formula` of `nbytes`."""
+        rank0 = self.shard(category, nbytes, shapes, bytes_per_el)
+        if not is_sharded(category, self.strategy, self.setup.gpus):
+            return rank0, formula
+        if self.strategy.startswith("fsdp") and shapes is not None and bytes_per_el:
+            return rank0, f"{rank0 // bytes_per_el:,} rank-0 elements x {bytes_per_el} B"
+        return rank0, f"ceil(({formula}) / {self.setup.gpus} GPUs)"
+
+    def per_trainable(self, category: str, nbytes: int, bytes_per_el: int) -> tuple[int, str]:
+        """Rank 0's bytes and formula of a tensor per trainable parameter (gradients, master copy),
+        `nbytes` in all before sharding (0: the run keeps none on the GPU)."""
+        if not nbytes:
+            return 0, "0 B"
+        return self.sharded(category, nbytes, f"{self.states.trainable:,} params x {bytes_per_el} B",
+                            self.states.trainable_shapes, bytes_per_el)
+
 
 def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
     """Validate the setup and resolve everything the terms read (errors name the bad value)."""
@@ -90,8 +116,14 @@ def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
 
 
 def widest_intermediate(spec: ModelSpec) -> int:
-    """Width of a block's widest activation: the (gated) MLP input or the fused q/k/v output."""
-    return max(spec.intermediate_size * (2 if spec.gated_mlp else 1), spec.q_size + 2 * spec.kv_size)
+    """Width of a block's widest activation over all its tokens: the (gated) MLP input (a mixture of
+    experts: its dense layers' or shared expert's; routed experts see fewer tokens, see
+    backward_workspace_term) or the fused q/k/v output (MLA: its widest projection)."""
+    mlp = spec.intermediate_size
+    if spec.num_experts:
+        mlp = max(spec.intermediate_size if spec.dense_layers else 0, spec.shared_expert_size)
+    attention = max(n_out for _, _, n_out, _ in mla_projections(spec)) if spec.mla else spec.q_size + 2 * spec.kv_size
+    return max(mlp * (2 if spec.gated_mlp else 1), attention)
 
 
 # --- model states -------------------------------------------------------------------------------
@@ -105,35 +137,41 @@ def weights_term(run: TrainingRun) -> Term:
                   f"{'double quantization: 4.127' if s.double_quant else 'fp32 absmax: 4.5'} bits/param"
                   f" + constants); embeddings, norms, lm_head and {st.trainable:,} LoRA "
                   f"parameters in {p.name}")}[s.method]
+    if run.spec.num_experts:
+        assumption += (f"; all {run.spec.num_experts} experts of every sparse layer resident"
+                       + (f" (each expert's matrices in NF4), routers in {p.name}" if s.method == "qlora" else ""))
+    nf4 = f"{st.quantized_bytes:,} B NF4 codes and constants + " if st.quantized_bytes else ""
+    dense = sum(math.prod(shape) for shape in st.dense_shapes)
+    dense = f"{dense:,} frozen params x {p.weights} B + " if dense else ""
+    trained = f"{st.trainable:,} {'params' if s.method == 'full' else 'LoRA params'} x " \
+              f"{p.weights if s.method == 'full' else p.adapters} B"
     if s.method == "qlora" and run.strategy.startswith("fsdp") and s.gpus > 1:
         # FSDP2 shards parameters only; LinearNF4 keeps its codes and scales in buffers, which every
         # rank holds whole (measured in tests/test_distributed.py)
-        dense = run.shard("weights", st.weights - st.quantized_bytes, st.dense_shapes + st.trainable_shapes,
-                          p.weights)
+        dense, formula = run.sharded("weights", st.weights - st.quantized_bytes, dense + trained,
+                                     st.dense_shapes + st.trainable_shapes, p.weights)
         return Term("weights", st.quantized_bytes + dense, assumption + f", NF4 buffers replicated and the rest "
-                    f"sharded over {s.gpus} GPUs ({run.strategy})")
+                    f"sharded over {s.gpus} GPUs ({run.strategy})", formula=nf4 + formula)
     # FSDP2 chunks every tensor on dim 0 (rank 0 holds the largest piece); ZeRO one flat buffer
     shapes = None if s.method == "qlora" else st.all_shapes + (() if s.method == "full" else st.trainable_shapes)
-    return Term("weights", run.shard("weights", st.weights, shapes, p.weights),
-                assumption + run.shard_note("weights"))
+    gpu, formula = run.sharded("weights", st.weights, nf4 + dense + trained, shapes, p.weights)
+    return Term("weights", gpu, assumption + run.shard_note("weights"), formula=formula)
 
 
 def gradients_term(run: TrainingRun) -> Term:
-    st = run.states
-    gpu = run.shard("gradients", st.gradients, st.trainable_shapes, run.precision.gradients) if st.gradients else 0
+    gpu, formula = run.per_trainable("gradients", run.states.gradients, run.precision.gradients)
     if run.offload:
         return Term("gradients", gpu, "none kept on the GPU: each .grad is copied to a host fp32 buffer as "
-                                      "it is produced")
+                                      "it is produced", formula=formula)
     return Term("gradients", gpu, f"one {run.precision.name} gradient per trainable parameter"
-                + run.shard_note("gradients"))
+                + run.shard_note("gradients"), formula=formula)
 
 
 def master_weights_term(run: TrainingRun) -> Term:
-    st = run.states
-    gpu = run.shard("optimizer", st.master, st.trainable_shapes, run.precision.master) if st.master else 0
+    gpu, formula = run.per_trainable("optimizer", run.states.master, run.precision.master)
     text = "fp32 copy of the trainable weights (mixed precision)" if gpu else \
         "none: optimizer updates the weights in their own dtype"
-    return Term("master weights", gpu, text + run.shard_note("optimizer"))
+    return Term("master weights", gpu, text + run.shard_note("optimizer"), formula=formula)
 
 
 def optimizer_states_term(run: TrainingRun) -> Term:
@@ -152,13 +190,22 @@ def optimizer_states_term(run: TrainingRun) -> Term:
         return Term("optimizer states", staging,
                     f"{assumption}; GPU holds {s.offload_gpu_pages} fp32 staging pages of "
                     f"{s.offload_page_size:,} elements; host: m, v, fp32 grad buffer"
-                    + (", fp32 master" if run.precision.master else ""), cpu=run.shard("optimizer", st.host))
+                    + (", fp32 master" if run.precision.master else ""), cpu=run.shard("optimizer", st.host),
+                    formula=f"{s.offload_gpu_pages} pages x {s.offload_page_size:,} elements x 4 B")
     moments = st.optimizer - st.optimizer_scalars  # the step scalars: every rank keeps them whole
-    per_el = {"adamw": 2, "sgd-momentum": 1}.get(s.optimizer, 0) * run.precision.optimizer_states
+    count = {"adamw": 2, "sgd-momentum": 1}.get(s.optimizer, 0)
+    per_el = count * run.precision.optimizer_states
+    formula = "0 B"
     # 8-bit states have no fixed bytes per element (an absmax per 256, small tensors in fp32): split flat
     if moments:
-        moments = run.shard("optimizer", moments, st.trainable_shapes if per_el else None, per_el or None)
-    return Term("optimizer states", st.optimizer_scalars + moments, assumption + run.shard_note("optimizer"))
+        formula = (f"{count} states x {st.trainable:,} params x {run.precision.optimizer_states} B" if per_el else
+                   f"{moments:,} B uint8 states with their absmax and the shared maps")
+        moments, formula = run.sharded("optimizer", moments, formula, st.trainable_shapes if per_el else None,
+                                       per_el or None)
+    if st.optimizer_scalars:
+        formula = f"{st.optimizer_scalars // 4:,} tensors x 4 B step + {formula}"
+    return Term("optimizer states", st.optimizer_scalars + moments, assumption + run.shard_note("optimizer"),
+                formula=formula)
 
 
 # --- activations and what backward adds -----------------------------------------------------------
@@ -173,9 +220,27 @@ def activations_term(run: TrainingRun) -> Term:
     dropout = ""
     if s.method != "full" and s.lora.dropout > 0:
         dropout = f"; LoRA dropout {s.lora.dropout} keeps a mask and a dropped copy of each adapted input"
+    experts = ""
+    if run.spec.num_experts:  # what the experts keep grows with the routed pairs, not with how they spread
+        experts = f"; experts: {run.spec.experts_per_token} routed copies of every token (whatever the balance)"
+    parts = [(act["embedding"], "B embedding"), (act["shared"], "B RoPE cos and sin"),
+             (act["head"], "B final norm and head input")]
+    blocks = " + ".join(f"{n} block{'s' * (n > 1)} x {nbytes:,} B" for nbytes, n in _runs(act["layers"]))
+    formula = " + ".join([blocks] * bool(blocks) + [f"{n:,} {what}" for n, what in parts if n]) or "0 B"
     return Term("activations", act["total"] - act["loss"],
                 f"saved for backward, batch {s.batch} x seq {s.seq}, {run.precision.name}; {checkpointing}; "
-                f"{attention}{dropout}")
+                f"{attention}{dropout}{experts}", formula=formula)
+
+
+def _runs(values: list) -> list[tuple]:
+    """[a, a, b, a] -> [(a, 2), (b, 1), (a, 1)]: equal neighbours counted once."""
+    runs = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1] = (v, runs[-1][1] + 1)
+        else:
+            runs.append((v, 1))
+    return runs
 
 
 def recomputed_block_term(run: TrainingRun) -> Term | None:
@@ -183,7 +248,8 @@ def recomputed_block_term(run: TrainingRun) -> Term | None:
     if not recompute:
         return None
     return Term("recomputed block", recompute,
-                "one block's activations rebuilt during its backward (full checkpointing)")
+                "one block's activations rebuilt during its backward (full checkpointing)",
+                formula=f"{recompute:,} B one block's saved tensors")
 
 
 def logits_and_loss_term(run: TrainingRun) -> Term:
@@ -192,18 +258,33 @@ def logits_and_loss_term(run: TrainingRun) -> Term:
     # at backward start nll_loss's fp32 gradient and log_softmax's fp32 gradient are alive together
     # (the cast back to the logits' dtype comes after the first is freed): measured on an H100
     logits = btv * run.precision.logits + run.activations["loss"] + 2 * btv * 4
+    shape = f"{s.batch} batch x {s.seq:,} seq x {vocab:,} vocab"
     return Term("logits and loss", logits,
                 f"logits (B, T, V={vocab:,}) in {run.precision.name} held by the caller, fp32 log-softmax "
-                "saved by the loss, and two fp32 (B, T, V) gradients alive together at backward start")
+                "saved by the loss, and two fp32 (B, T, V) gradients alive together at backward start",
+                formula=f"{shape} x {run.precision.logits} B logits + {run.activations['loss']:,} B saved by the "
+                        f"loss + 2 gradients x {shape} x 4 B")
 
 
 def backward_workspace_term(run: TrainingRun) -> Term:
     s, spec = run.setup, run.spec
     workspace = s.batch * s.seq * (2 * widest_intermediate(spec) + 2 * spec.hidden_size) * run.precision.activations
+    formula = (f"{s.batch} batch x {s.seq:,} seq x (2 x {widest_intermediate(spec):,} widest + 2 x "
+               f"{spec.hidden_size:,} hidden) x {run.precision.activations} B")
+    experts = ""
+    if spec.num_experts:  # the busiest expert's gate/up gradients, over the tokens routed to it
+        busiest = busiest_expert_tokens(spec, s.batch * s.seq, s.expert_imbalance)
+        expert = busiest * (4 * spec.moe_intermediate_size + 2 * spec.hidden_size) * run.precision.activations
+        experts = f"; the busiest expert's {busiest:,} tokens (imbalance {s.expert_imbalance:g} x balanced)"
+        if expert > workspace:
+            workspace, formula = expert, (f"{busiest:,} busiest-expert tokens x (4 x {spec.moe_intermediate_size:,} "
+                                          f"expert I + 2 x {spec.hidden_size:,} hidden) x {run.precision.activations} B")
     if s.attn == "eager":
         workspace += 2 * s.batch * spec.num_heads * s.seq ** 2 * 4
+        formula += f" + 2 scores x {s.batch} batch x {spec.num_heads} heads x {s.seq:,} x {s.seq:,} seq x 4 B"
     return Term("backward workspace", workspace,
-                "estimate: gradients of one block's widest intermediates (and of its scores when eager)")
+                "estimate: gradients of one block's widest intermediates (and of its scores when eager)" + experts,
+                formula=formula)
 
 
 def gradients_held_at_backward_start(run: TrainingRun, gradients: int) -> int:
@@ -229,7 +310,8 @@ def ddp_buckets_term(run: TrainingRun) -> Term | None:
     if run.strategy != "ddp" or run.offload:
         return None
     return Term("DDP gradient buckets", run.states.gradients,
-                "a second copy of the gradients (gradient_as_bucket_view=False, torch's default)")
+                "a second copy of the gradients (gradient_as_bucket_view=False, torch's default)",
+                formula=f"{run.states.gradients:,} B gradients")
 
 
 def gathered_parameters_term(run: TrainingRun, weights: int) -> Term | None:
@@ -242,10 +324,12 @@ def gathered_parameters_term(run: TrainingRun, weights: int) -> Term | None:
     if run.strategy == "fsdp-grad-op":
         # every rank ends the forward holding every weight once: the unsharded total minus its own shard
         return Term("gathered parameters", st.weights - weights,
-                    "reshard_after_forward=False: every block stays gathered from forward to backward" + nf4_note)
+                    "reshard_after_forward=False: every block stays gathered from forward to backward" + nf4_note,
+                    formula=f"{st.weights:,} B all weights - {weights:,} B own shard")
     block = st.block_dense_bytes + (0 if fsdp_qlora else st.block_quantized_bytes)
     return Term("gathered parameters", 2 * block,
-                "two transformer blocks all-gathered at once (current + prefetched)" + nf4_note)
+                "two transformer blocks all-gathered at once (current + prefetched)" + nf4_note,
+                formula=f"2 blocks x {block:,} B")
 
 
 def cublas_workspaces_term(run: TrainingRun) -> Term | None:
@@ -253,10 +337,12 @@ def cublas_workspaces_term(run: TrainingRun) -> Term | None:
         return None
     return Term("cuBLAS workspaces", 2 * CUBLAS_WORKSPACE,
                 "torch's cuBLAS workspace (32 MiB on Hopper) for the forward thread and for "
-                "autograd's backward thread; allocated once, held for the whole run")
+                "autograd's backward thread; allocated once, held for the whole run",
+                formula=f"2 threads x {CUBLAS_WORKSPACE:,} B")
 
 
 def cuda_context_term(run: TrainingRun) -> Term:
-    return Term("CUDA context", CUDA_CONTEXT if run.setup.device == "cuda" else 0,
+    cuda = run.setup.device == "cuda"
+    return Term("CUDA context", CUDA_CONTEXT if cuda else 0,
                 "assumed 500 MiB for the driver context and kernels (300-1000 MiB by GPU and libraries); "
-                "not in max_memory_allocated")
+                "not in max_memory_allocated", formula=f"{CUDA_CONTEXT:,} B assumed" if cuda else "0 B on a CPU")

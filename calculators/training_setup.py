@@ -40,6 +40,7 @@ class TrainingSetup:
     device: str = "cuda"          # cuda | cpu (dropout masks and norm statistics differ, see activations.py)
     offload_page_size: int = 2 ** 20
     offload_gpu_pages: int = 2
+    expert_imbalance: float = 1.0  # MoE: the busiest expert gets this many times the balanced N * k / E tokens
 
 
 def check_setup(setup: TrainingSetup) -> None:
@@ -48,6 +49,9 @@ def check_setup(setup: TrainingSetup) -> None:
         value = getattr(setup, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    imbalance = setup.expert_imbalance
+    if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not imbalance >= 1:
+        raise ValueError(f"expert_imbalance must be a number >= 1 (1: balanced routing), got {imbalance!r}")
     choices = dict(method=METHODS, grad_ckpt=CHECKPOINTING, attn=ATTENTION,
                    dtype=tuple(DTYPE_BYTES), optimizer=OPTIMIZERS, device=("cuda", "cpu"))
     for name, allowed in choices.items():

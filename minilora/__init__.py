@@ -11,6 +11,7 @@ _EXPORTS = {
     # LoRA layers and model-level functions (minilora/lora/layer.py, minilora/lora/model.py)
     "LoRAConfig": "lora.layer",
     "LoRALinear": "lora.layer",
+    "LoRAExperts": "lora.experts",
     "inject": "lora.model",
     "set_adapter": "lora.model",
     "disable_adapters": "lora.model",
@@ -38,6 +39,7 @@ _EXPORTS = {
     "quantization_error": "quant.nf4",
     # QLoRA layers (minilora/quant/qlora.py)
     "LinearNF4": "quant.qlora",
+    "ExpertsNF4": "quant.qlora",
     "quantize_model": "quant.qlora",
     "prepare_for_kbit_training": "quant.qlora",
     # optimizers (minilora/optim/offload.py)

@@ -1,4 +1,4 @@
-"""`python -m minilora.calc {params,vram,fit,cost}`: the memory and cost calculators.
+"""`python -m minilora.calc {params,vram,fit,cost,serve}`: the memory and cost calculators.
 
 A thin entry point over calculators.cli; it imports neither torch nor the rest of minilora, so
 it starts in a fraction of a second.

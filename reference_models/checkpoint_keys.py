@@ -16,11 +16,21 @@ buffers ignored; the Llama-like families of families.py share Llama's). Fused pr
 qkv_proj, GPT-NeoX's query_key_value) keep transformers' name and row order, so that a peft adapter
 on them means the same here: nothing to map.
 
+Experts (EXPERT_KEYS, a row per mixture-of-experts model_type): the file holds one (out, in) matrix per
+expert and projection, `<layer>.<block>.experts.<e>.<gate|up|down>.weight` (Mixtral: block
+"block_sparse_moe", projections w1, w3, w2; Qwen: "mlp", gate_proj, up_proj, down_proj), which is
+what transformers 5.24 writes and the hub's checkpoints hold. In memory (transformers' and ours) a
+layer has `mlp.experts.gate_up_proj` (E, 2I, C), the E gate matrices stacked then the E up matrices
+concatenated along dim 1, and `mlp.experts.down_proj` (E, C, I). model_keys fuses (a file already
+holding the fused tensors is read as it is), checkpoint_tensors splits; a missing, extra or
+mis-shaped expert matrix is named by its key in the file.
+
 The dense loader (hub.py) and every quantized format (quantized_formats.py) go through these
 functions, so a key means one thing to all of them.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +41,7 @@ from .llama import Llama
 from .neox import GPTNeoX
 
 __all__ = ["KeyLayout", "KEY_LAYOUTS", "HEAD", "key_layout", "is_transposed", "model_keys", "match_state",
-           "checkpoint_tensors"]
+           "checkpoint_tensors", "ExpertKeys", "EXPERT_KEYS", "expert_keys"]
 
 HEAD = "lm_head"  # our models' output projection, in every family
 
@@ -55,6 +65,92 @@ KEY_LAYOUTS: dict[type[nn.Module], KeyLayout] = {
     GPTNeoX: KeyLayout("gpt_neox.", head="embed_out",
                        ignored=("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")),
 }
+
+
+@dataclass(frozen=True)
+class ExpertKeys:
+    """How a mixture-of-experts family names its experts in the file (see the module docstring)."""
+
+    block: str   # the MoE block's name in the file (ours is always `mlp`)
+    gate: str    # expert e's gate projection (I, C): the first half of gate_up_proj[e]
+    up: str      # its up projection (I, C): the second half
+    down: str    # its down projection (C, I): down_proj[e]
+
+
+_QWEN_EXPERTS = ExpertKeys("mlp", "gate_proj", "up_proj", "down_proj")
+EXPERT_KEYS: dict[str, ExpertKeys] = {"mixtral": ExpertKeys("block_sparse_moe", "w1", "w3", "w2"),
+                                      "qwen2_moe": _QWEN_EXPERTS, "qwen3_moe": _QWEN_EXPERTS}
+
+
+def expert_keys(model: nn.Module) -> ExpertKeys | None:
+    """The model's row of EXPERT_KEYS (None for a dense model)."""
+    return EXPERT_KEYS.get(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def _expert_shapes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """{"<layer>.mlp.experts": (E, I, C)} for every sparse layer (fused gate_up_proj is (E, 2I, C))."""
+    out = {}
+    for key, t in model.state_dict().items():
+        if key.endswith(".experts.gate_up_proj") and t.dim() == 3:
+            out[key[:-len(".gate_up_proj")]] = (t.shape[0], t.shape[1] // 2, t.shape[2])
+    return out
+
+
+def _file_key(ek: ExpertKeys, experts: str, e: int, proj: str) -> str:
+    return f"{experts.removesuffix('mlp.experts')}{ek.block}.experts.{e}.{proj}.weight"
+
+
+def _fuse_experts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ek = expert_keys(model)
+    if ek is None:
+        return tensors
+    shapes = _expert_shapes(model)
+    pattern = re.compile(rf"^(?P<experts>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>{ek.gate}|{ek.up}|{ek.down})\.weight$")
+    out, found = {}, {}
+    for key, t in tensors.items():
+        ours = re.sub(rf"\.{ek.block}\.", ".mlp.", key)
+        m = pattern.match(ours)
+        if m and m["experts"] in shapes:
+            found.setdefault(m["experts"], {})[(m["proj"], int(m["e"]))] = (key, t)
+        else:
+            out[ours] = t
+    for experts, mats in found.items():
+        E, inter, C = shapes[experts]
+        want = {ek.gate: (inter, C), ek.up: (inter, C), ek.down: (C, inter)}
+        missing = [_file_key(ek, experts, e, p) for p in want for e in range(E) if (p, e) not in mats]
+        extra = sorted(key for (p, e), (key, _) in mats.items() if e >= E)
+        if missing or extra:
+            raise ValueError(f"checkpoint experts do not match the config's {E}: missing tensors {missing[:6]}, "
+                             f"unexpected tensors {extra[:6]}")
+        for (p, e), (key, t) in mats.items():
+            if tuple(t.shape) != want[p]:
+                raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)} in the checkpoint, the config needs "
+                                 f"{want[p]} (expert {e} of {E})")
+        stack = lambda proj: torch.stack([mats[(proj, e)][1] for e in range(E)])  # noqa: E731  (E, out, in)
+        out[f"{experts}.gate_up_proj"] = torch.cat([stack(ek.gate), stack(ek.up)], dim=1)  # (E, 2I, C)
+        out[f"{experts}.down_proj"] = stack(ek.down)  # (E, C, I)
+    return out
+
+
+def _split_experts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ek = expert_keys(model)
+    if ek is None:
+        return tensors
+    blocks = tuple(experts.removesuffix("experts") for experts in _expert_shapes(model))  # "<layer>.mlp."
+    out = {}
+    for key, t in tensors.items():
+        experts, _, name = key.rpartition(".")
+        if experts in {b + "experts" for b in blocks} and name in ("gate_up_proj", "down_proj") and t.dim() == 3:
+            if name == "gate_up_proj":
+                gate, up = t.chunk(2, dim=1)  # (E, I, C) each
+                out.update({_file_key(ek, experts, e, ek.gate): gate[e].clone() for e in range(t.shape[0])})
+                out.update({_file_key(ek, experts, e, ek.up): up[e].clone() for e in range(t.shape[0])})
+            else:
+                out.update({_file_key(ek, experts, e, ek.down): t[e].clone() for e in range(t.shape[0])})
+            continue
+        block = next((b for b in blocks if key.startswith(b)), None)
+        out[key if block is None else block.removesuffix("mlp.") + ek.block + "." + key[len(block):]] = t
+    return out
 
 
 def key_layout(model: nn.Module) -> KeyLayout:
@@ -84,13 +180,13 @@ def _renamed(key: str, old: str, new: str) -> str:
 
 def model_keys(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The file's tensors under our keys, in the file's layout: buffers that are not weights and a
-    tied head dropped, the body's prefix added to a bare-transformer checkpoint."""
+    tied head dropped, the body's prefix added to a bare-transformer checkpoint, experts fused."""
     layout = key_layout(model)
     tensors = {_renamed(k, layout.head, HEAD): v for k, v in tensors.items() if not _ends_with(k, layout.ignored)}
     if not any(k.startswith(layout.prefix) for k in tensors):
         tensors = {(k if k.startswith(HEAD + ".") else layout.prefix + k): v for k, v in tensors.items()}
     tensors.pop(_tied_head(model), None)  # the embedding is the truth
-    return tensors
+    return _fuse_experts(model, tensors)
 
 
 def match_state(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
@@ -132,4 +228,4 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if is_transposed(model, key) and t.dim() == 2 and t.is_floating_point():
             t = t.t()  # Linear (out, in) -> Conv1D (in, out); a 4-bit weight's packed bytes are already (out, in)
         tensors[_renamed(key, HEAD, layout.head)] = t.detach().to("cpu").contiguous().clone()
-    return tensors
+    return _split_experts(model, tensors)

@@ -14,11 +14,20 @@ config.json reads and writes.
   phi3         rms     -          pre        qkv, gate_up   partial rotary; longrope (generation recomputes
                                                             the cache when it switches); sliding window on every layer
   olmo2        olmo    whole proj post       -              rotates q and k in fp32
+  mixtral      rms     -          pre        -              experts on every layer, top-k renormalised,
+                                                            fp32 routing weights; sliding window on every layer
+  qwen2_moe    rms     -          pre        -              as qwen2 (q/k/v bias: qkv_bias) with experts and a
+                                                            gated shared expert; routing weights in the compute dtype
+  qwen3_moe    rms     per head   pre        -              as qwen3 with experts (no shared one); sliding window
+                                                            on every layer when use_sliding_window
 
 norm (reference_models/norms.py): rms = Llama's, gemma = (1 + w) in fp32, olmo = weight before the
 cast. Residual: pre = x + f(norm(x)) (Llama); sandwich = x + norm(f(norm(x))) (Gemma); post =
 x + norm(f(x)) (OLMo 2). q/k norm: an RMSNorm on queries and keys after the projection, over each
 head's D (Qwen3, Gemma 3) or over the whole projection before the split into heads (OLMo 2).
+Experts (moe.py): `moe` = "mixtral" (every layer sparse, experts sized intermediate_size, the k
+routing weights always renormalised and kept in fp32, optional router jitter) or "qwen" (experts
+sized moe_intermediate_size, norm_topk_prob, dense layers by decoder_sparse_step / mlp_only_layers).
 
 Reading a config.json: a key it leaves out takes the value transformers' config class assumes
 (`defaults` below); a feature we do not implement is refused with one line naming the key and
@@ -31,7 +40,7 @@ from dataclasses import dataclass, field
 
 from .rope import check_rope_parameters
 
-__all__ = ["Family", "FAMILIES", "llama_kwargs_from_hf", "llama_hf_dict"]
+__all__ = ["Family", "FAMILIES", "llama_kwargs_from_hf", "llama_hf_dict", "check_moe"]
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,14 @@ class Family:
     fused: bool = False             # one qkv_proj and one gate_up_proj (Phi-3)
     scaled_embedding: bool = False  # embeddings times sqrt(hidden_size), rounded to the compute dtype (Gemma)
     biases: str = "none"            # "config": attention_bias on q, k, v, o (Llama: also mlp_bias);
-    #                                 "qkv": on q, k, v always (Qwen2); "none"
+    #                                 "qkv": on q, k, v always (Qwen2); "qkv_bias": on q, k, v when the
+    #                                 config's qkv_bias says so (Qwen2-MoE); "none"
     sliding: str = "none"           # "none" | "all" (sliding_window on every layer) | "layers" (layer_types)
     partial_rotary: bool = False    # partial_rotary_factor < 1 allowed: transformers' attention rotates a prefix
     #                                 (and concatenates the rest back, also when it is empty)
     rope_in_fp32: bool = False      # q and k rotated with fp32 cos/sin, then cast back (OLMo 2)
     longrope_refresh: bool = False  # generate recomputes the KV cache when longrope turns to its long factors (Phi-3)
+    moe: str | None = None          # None (dense MLP) | "mixtral" | "qwen": see the module docstring
     act_key: str = "hidden_act"     # the config key of the MLP activation
     defaults: dict = field(default_factory=dict)  # transformers' config defaults where they differ from Llama's
 
@@ -83,7 +94,20 @@ FAMILIES = {
     "olmo2": Family("Olmo2ForCausalLM", norm="olmo", qk_norm="proj", residual="post", biases="config",
                     rope_in_fp32=True, defaults={
         "vocab_size": 50304, "rms_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": None, "eos_token_id": 50279}),
+    "mixtral": Family("MixtralForCausalLM", sliding="all", moe="mixtral", defaults={
+        "intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "num_local_experts": 8,
+        "num_experts_per_tok": 2}),
+    "qwen2_moe": Family("Qwen2MoeForCausalLM", biases="qkv_bias", sliding="layers", moe="qwen", defaults={
+        **_QWEN, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+        "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False}),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", qk_norm="head", biases="config", sliding="all", moe="qwen", defaults={
+        **_QWEN, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24, "num_key_value_heads": 4,
+        "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": False}),
 }
+
+_USE_SLIDING_WINDOW = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # their window applies only with use_sliding_window
 
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "attention_dropout",
@@ -132,16 +156,18 @@ def _local_rope_theta(d: dict):
 def _layer_types(d: dict, family: Family):
     """(layer_types, sliding_window) as transformers' config class derives them."""
     n, window = d["num_hidden_layers"], d.get("sliding_window")
-    if family.sliding == "none" or window is None:
+    if family.sliding == "none" or not window or (d["model_type"] in _USE_SLIDING_WINDOW
+                                                  and not d.get("use_sliding_window")):
         return None, None
     if family.sliding == "all":
         return ["sliding_attention"] * n, window
-    if d["model_type"] in ("qwen2", "qwen3") and not d.get("use_sliding_window"):
-        return None, None  # Qwen's window applies only with use_sliding_window
     types = d.get("layer_types")
     if types is None:
         if d["model_type"] in ("qwen2", "qwen3"):  # the layers from max_window_layers on slide
             types = ["sliding_attention" if i >= d["max_window_layers"] else "full_attention" for i in range(n)]
+        elif d["model_type"] == "qwen2_moe":  # every other layer below max_window_layers
+            types = ["sliding_attention" if (i + 1) % 2 and i < d["max_window_layers"] else "full_attention"
+                     for i in range(n)]
         else:  # Gemma: every pattern-th layer is global, the others slide (5.x writes _sliding_window_pattern)
             pattern = d.get("_sliding_window_pattern") or d["sliding_window_pattern"]
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
@@ -178,6 +204,10 @@ def llama_kwargs_from_hf(d: dict) -> dict:
         kw["mlp_bias"] = d.get("mlp_bias", False) if d["model_type"] == "llama" else False
     elif family.biases == "qkv":
         kw.update(attention_bias=True, o_proj_bias=False)
+    elif family.biases == "qkv_bias":
+        kw.update(attention_bias=bool(d.get("qkv_bias", True)), o_proj_bias=False)
+    if family.moe:
+        kw["moe"] = _moe_kwargs(d, family)
     if family.norm == "gemma":
         _gemma_checks(d)
         kw.update(query_pre_attn_scalar=d["query_pre_attn_scalar"],
@@ -193,7 +223,62 @@ def llama_kwargs_from_hf(d: dict) -> dict:
 
 
 _BIAS_LAYOUTS = {"config": [(b, b, False) for b in (False, True)], "qkv": [(True, False, False)],
-                 "none": [(False, False, False)]}
+                 "qkv_bias": [(b, False, False) for b in (False, True)], "none": [(False, False, False)]}
+
+
+def _moe_kwargs(d: dict, family: Family) -> dict:
+    """The experts' keys of a config.json -> MoEConfig's keyword arguments (transformers' attribute_map
+    reads num_experts as num_local_experts, which is what 5.x writes for Mixtral and Qwen3-MoE)."""
+    experts = d.get("num_local_experts", d.get("num_experts"))
+    kw = dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
+              router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001))
+    if family.moe == "mixtral":
+        return dict(kw, moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True,
+                    router_jitter_noise=d.get("router_jitter_noise", 0.0))
+    return dict(kw, moe_intermediate_size=d["moe_intermediate_size"], norm_topk_prob=bool(d["norm_topk_prob"]),
+                decoder_sparse_step=d.get("decoder_sparse_step", 1), mlp_only_layers=d.get("mlp_only_layers") or (),
+                shared_expert_intermediate_size=d["shared_expert_intermediate_size"]
+                if d["model_type"] == "qwen2_moe" else 0)
+
+
+def check_moe(c) -> None:
+    """Refuse, in one line, experts a LlamaConfig's family cannot express (or experts on a dense family)."""
+    family, moe = FAMILIES[c.model_type], c.moe
+    if (family.moe is None) != (moe is None):
+        raise ValueError(f"model_type {c.model_type!r} " + ("has no experts; mixtral, qwen2_moe and qwen3_moe have"
+                                                             if moe is not None else "needs moe (a MoEConfig)"))
+    if moe is None:
+        return
+    if family.moe == "mixtral":
+        allowed = dict(moe_intermediate_size=c.intermediate_size, norm_topk_prob=True, decoder_sparse_step=1,
+                       mlp_only_layers=(), shared_expert_intermediate_size=0)
+    else:
+        allowed = dict(router_jitter_noise=0.0)
+        if c.model_type != "qwen2_moe":
+            allowed["shared_expert_intermediate_size"] = 0
+        elif not moe.shared_expert_intermediate_size:  # Qwen2MoeSparseMoeBlock always builds one
+            raise ValueError("model_type 'qwen2_moe' needs moe.shared_expert_intermediate_size >= 1, got 0")
+    for key, value in allowed.items():
+        if getattr(moe, key) != value:
+            raise ValueError(f"model_type {c.model_type!r} cannot express moe.{key}={getattr(moe, key)!r}; "
+                             f"its experts have {key}={value!r}")
+    bad = [i for i in moe.mlp_only_layers if not (isinstance(i, int) and 0 <= i < c.num_hidden_layers)]
+    if bad:
+        raise ValueError(f"mlp_only_layers must be layer indices in 0..{c.num_hidden_layers - 1}, got {bad}")
+
+
+def _hf_moe(c) -> dict:
+    m = c.moe
+    d = {"num_experts_per_tok": m.num_experts_per_tok, "router_aux_loss_coef": m.router_aux_loss_coef,
+         "output_router_logits": False}
+    if c.family.moe == "mixtral":
+        return dict(d, num_local_experts=m.num_experts, router_jitter_noise=m.router_jitter_noise)
+    d.update(num_experts=m.num_experts, moe_intermediate_size=m.moe_intermediate_size,
+             norm_topk_prob=m.norm_topk_prob, decoder_sparse_step=m.decoder_sparse_step,
+             mlp_only_layers=list(m.mlp_only_layers))
+    if c.model_type == "qwen2_moe":
+        d.update(shared_expert_intermediate_size=m.shared_expert_intermediate_size, qkv_bias=c.attention_bias)
+    return d
 
 
 def llama_hf_dict(c) -> dict:
@@ -216,6 +301,8 @@ def llama_hf_dict(c) -> dict:
         d["attention_bias"] = c.attention_bias
     if c.model_type == "llama":
         d["mlp_bias"] = c.mlp_bias
+    if family.moe:
+        d.update(_hf_moe(c))
     if family.norm == "gemma":
         d.update(query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,  # None: we scale by head_dim
                  attn_logit_softcapping=c.attn_logit_softcapping,
@@ -247,11 +334,14 @@ def _hf_sliding(c, family: Family) -> dict:
     if family.sliding == "all":
         if any(sliding) and not all(sliding):
             raise ValueError(f"model_type {c.model_type!r} slides every layer or none; got layer_types={c.layer_types}")
-        return {"sliding_window": c.sliding_window}
+        window = {"sliding_window": c.sliding_window if any(sliding) else None}
+        return dict(window, use_sliding_window=any(sliding)) if c.model_type in _USE_SLIDING_WINDOW else window
     d = {"layer_types": list(c.layer_types), "sliding_window": c.sliding_window if any(sliding) else None}
     if c.model_type in ("qwen2", "qwen3"):  # for 4.x's max_window_layers: exact when the last layers slide
         first = sliding.index(True) if any(sliding) else c.num_hidden_layers
         d.update(use_sliding_window=any(sliding), max_window_layers=first)
+    elif c.model_type == "qwen2_moe":  # 5.x reads layer_types; the window needs use_sliding_window
+        d.update(use_sliding_window=any(sliding), max_window_layers=c.num_hidden_layers)
     if family.norm == "gemma" and not any(sliding):
         d["sliding_window"] = c.sliding_window or 4096  # Gemma's configs need a window; no layer uses it here
     return d

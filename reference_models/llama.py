@@ -1,11 +1,14 @@
 """LLaMA in one file, and the families that are LLaMA with changes (Mistral, Qwen2, Qwen3, Gemma 2,
-Gemma 3, Phi-3, OLMo 2: what each one changes is the table in families.py).
+Gemma 3, Phi-3, OLMo 2, and the mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE: what each one
+changes is the table in families.py).
 
 The model: token embeddings, then blocks of grouped-query attention with rotary positions (RoPE,
 rope.py) and a gated MLP, each wrapped in RMSNorms and a residual add, then a final norm and the
 lm_head. A family picks its norm, where the norms sit around each sublayer, q/k norms, fused
 projections and a scaled embedding from its table row; sizes, RoPE scaling, sliding windows,
-soft-capping and biases come from its config.
+soft-capping and biases come from its config. A mixture-of-experts family puts a SparseMoE
+(moe.py) in the MLP slot of its sparse layers; `forward(..., aux_loss=True)` also returns the
+router's load-balancing loss.
 
 Module names are transformers' (`model.layers.0.self_attn.q_proj`, Phi-3's `qkv_proj` ...), so
 state-dict keys and LoRA target_modules mean the same thing here and in peft.
@@ -18,7 +21,8 @@ import torch
 from torch import nn
 
 from ._common import ACTIVATIONS, ATTN_IMPLS, CausalLM, KVCache, causal_attention, check_choice
-from .families import FAMILIES, Family, llama_hf_dict
+from .families import FAMILIES, Family, check_moe, llama_hf_dict
+from .moe import MoEConfig, SparseMoE, load_balancing_loss
 from .norms import NORMS
 from .rope import Rope, apply_rotary, check_rope_parameters
 
@@ -58,6 +62,7 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    moe: MoEConfig | dict | None = None  # the experts of a mixture-of-experts family (moe.py); None: dense
     model_type: str = "llama"  # the family (families.py): its structure and the transformers class to_hf_dict targets
     attn_impl: str = "sdpa"  # "sdpa" | "eager" (eager materialises the (B, H, T, T) matrix)
 
@@ -91,6 +96,9 @@ class LlamaConfig:
             raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor}: model_type {self.model_type!r} "
                              "rotates whole heads (partial rotary: phi3)")
         check_rope_parameters(self.rope_parameters("full_attention"), self.head_dim, "rope_scaling")
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        check_moe(self)
 
     def _check_layer_types(self) -> None:
         if self.layer_types is None:
@@ -179,16 +187,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, intermediate_size: int | None = None):
         super().__init__()
-        c = config
+        c, inter = config, intermediate_size or config.intermediate_size  # Qwen2-MoE's shared expert has its own
         self.fused = c.family.fused
         if self.fused:  # Phi-3: gate and up in one projection
-            self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+            self.gate_up_proj = nn.Linear(c.hidden_size, 2 * inter, bias=False)
         else:
-            self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-            self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+            self.gate_proj = nn.Linear(c.hidden_size, inter, bias=c.mlp_bias)
+            self.up_proj = nn.Linear(c.hidden_size, inter, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(inter, c.hidden_size, bias=c.mlp_bias)
         self.act = ACTIVATIONS[c.hidden_act]
 
     def forward(self, x):
@@ -209,7 +217,7 @@ class Block(nn.Module):
         self.layer = layer
         self.layer_type = config.layer_types[layer]
         self.self_attn = Attention(config, layer)
-        self.mlp = MLP(config)
+        self.mlp = sparse_moe(config) if config.moe and config.moe.is_sparse(layer) else MLP(config)
         for name in self.norms:
             setattr(self, name, NORMS[config.family.norm](config.hidden_size, config.rms_norm_eps))
 
@@ -236,6 +244,13 @@ class PostNormBlock(Block):
     def forward(self, x, cos, sin, cache=None):
         x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, self.layer, cache))
         return x + self.post_feedforward_layernorm(self.mlp(x))
+
+
+def sparse_moe(config: LlamaConfig) -> SparseMoE:
+    moe = config.moe
+    shared = MLP(config, moe.shared_expert_intermediate_size) if moe.shared_expert_intermediate_size else None
+    return SparseMoE(config.hidden_size, moe, ACTIVATIONS[config.hidden_act],
+                     weights_fp32=config.family.moe == "mixtral", shared_expert=shared)
 
 
 BLOCKS = {"pre": Block, "sandwich": SandwichBlock, "post": PostNormBlock}
@@ -292,3 +307,22 @@ class Llama(CausalLM):
         if cache is not None:
             cache.length += T
         return self.model.norm(x)  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                aux_loss: bool = False):
+        """idx (B, T) -> logits (B, T, V); with targets: (logits, loss), or (None, loss) with the chunked
+        loss (set_loss). aux_loss=True (mixture-of-experts families) also returns the router's
+        load-balancing loss over this forward's sparse layers, and adds router_aux_loss_coef times it
+        to the loss, as transformers does with output_router_logits: (logits, aux) or (logits, loss, aux)."""
+        out = super().forward(idx, targets, kv_cache)
+        if not aux_loss:
+            return out
+        moe = self.config.moe
+        if moe is None:
+            raise ValueError(f"aux_loss=True needs a mixture-of-experts model; model_type {self.config.model_type!r} "
+                             "has no router (mixtral, qwen2_moe, qwen3_moe have)")
+        logits = [block.mlp.router_logits for block in self.model.layers if isinstance(block.mlp, SparseMoE)]
+        aux = load_balancing_loss(logits, moe.num_experts, moe.num_experts_per_tok)
+        if targets is None:
+            return out, aux
+        return out[0], out[1] + moe.router_aux_loss_coef * aux, aux

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")  # tested in tests/test_moe*.py
 
 DECODER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -34,10 +35,17 @@ TINY = {
     "gpt_neox": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      max_position_embeddings=64, rotary_pct=0.5, tie_word_embeddings=False, bos_token_id=0,
                      eos_token_id=0),
+    # experts: 4 of them, 2 per token (tests vary both); Qwen's experts smaller than its dense MLP
+    "mixtral": dict(DECODER, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(DECODER, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
+                      num_experts_per_tok=2),
+    "qwen3_moe": dict(DECODER, head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=True),
 }
 CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                   "qwen3": "Qwen3Config", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig",
-                  "phi3": "Phi3Config", "olmo2": "Olmo2Config", "gpt_neox": "GPTNeoXConfig"}
+                  "phi3": "Phi3Config", "olmo2": "Olmo2Config", "gpt_neox": "GPTNeoXConfig",
+                  "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig"}
 
 
 def tiny_hf_config(family: str, **overrides):

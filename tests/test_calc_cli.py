@@ -165,3 +165,141 @@ def test_float_flags_reject_non_finite_values(flag, capsys):
     assert main(["cost", "--model", "gpt2", flag, "nan", "--json"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and flag in err and "finite" in err, err
+
+
+# --- issue 15: the answer first, every default visible, one clear line per edge case -------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["vram", "--model", "gpt2", "--gpu", "0GB"], r"--gpu: memory size must be > 0, got '0GB'"),
+    (["vram", "--model", "gpt2", "--gpu", "-5GB"], r"--gpu: memory size must be > 0, got '-5GB'"),
+    (["fit", "--model", "gpt2", "--gpu", "-0.5"], r"--gpu: memory size must be > 0, got '-0.5'"),
+    (["vram", "--model", "gpt2", "--batch", "-1e3"], r"--batch: must be a number, got '-1e3'"),
+    (["vram"], r"--model is required: a preset \(gpt2, .*llama-2-7b.*\), a config.json or a folder"),
+    (["cost", "--gpu", "h100-80gb"], r"--model is required"),
+    (["vram", "--model", "gpt2", "--plot", "bar.pdf"], r"--plot must name a .png or .svg file, got 'bar.pdf'"),
+    (["vram", "--model", "gpt2", "--new-tokens", "10"], r"--new-tokens applies to --inference only"),
+])
+def test_edge_cases_exit_2_with_one_clear_line(args, message):
+    import re
+    code, out, err = run_cli(*args)
+    assert (code, out) == (2, ""), (code, out, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(f"^python -m minilora.calc( [a-z]+)?: error: .*{message}", err), err
+
+
+def test_json_into_a_closed_pipe_exits_quietly():
+    """`--json | head`: the reader leaves before the answer is written; no BrokenPipeError."""
+    proc = subprocess.Popen([sys.executable, "-m", "minilora.calc", "vram", "--model", "llama-2-7b", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has even started: the write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+    shell = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m minilora.calc vram --model gpt2 "
+                            "--json | head -n 2"], capture_output=True, text=True, timeout=120)
+    assert shell.returncode == 0 and shell.stderr == "" and shell.stdout.startswith("{"), shell
+
+
+LAYOUT_CASES = [
+    ["vram", "--model", "llama-2-7b", "--method", "qlora", "--targets", "all-linear", "--rank", "16",
+     "--seq", "2048", "--grad-ckpt", "full"],
+    ["vram", "--model", "llama-2-7b", "--method", "full", "--optimizer", "offload", "--gpu", "rtx-4090"],
+    ["vram", "--model", "llama-2-70b", "--method", "full", "--gpus", "8", "--zero", "3", "--attn", "eager"],
+    ["vram", "--model", "llama-2-70b", "--method", "full", "--batch", "64", "--seq", "8192"],
+    ["vram", "--model", "gemma-3-4b", "--inference", "--seq", "8192", "--gpu", "t4", "--explain"],
+    ["params", "--model", "llama-3-8b", "--rank", "64", "--targets", "all-linear"],
+    ["fit", "--model", "llama-2-7b", "--gpu", "rtx-4090"],
+    ["fit", "--model", "llama-3.1-8b", "--method", "qlora", "--search", "seq", "--grad-ckpt", "full"],
+    ["fit", "--model", "llama-2-70b", "--method", "full", "--search", "batch"],
+    ["cost", "--model", "llama-3-8b", "--tokens", "50000000", "--gpu", "h100-80gb"],
+]
+
+
+@pytest.mark.parametrize("args", LAYOUT_CASES, ids=lambda a: " ".join(a[:4]))
+def test_the_answer_comes_first_and_no_line_is_over_100_columns(args, capsys):
+    assert main([*args, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)["answer"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(answer.split()[0]) and " ".join(answer.split()[:6]) in lines[0], (lines[0], answer)
+    assert " ".join(" ".join(lines).split()).startswith(" ".join(answer.split())), lines[:3]
+    assert not [line for line in lines if len(line) > 100], [line for line in lines if len(line) > 100]
+    settings = [i for i, line in enumerate(lines) if line.startswith("settings: ")]
+    assert len(settings) == 1 and settings[0] > 1, "the settings come after the answer, once"
+
+
+def test_vram_answer_names_the_gpus_it_fits_on_or_the_verdict_for_gpu(capsys):
+    from calculators.gpus import GPUS, GiB
+    assert main(["vram", "--model", "llama-2-7b", "--method", "qlora", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu"] is None  # no hidden default GPU
+    fits = [g["name"] for g in out["fits_on"]]
+    assert fits == sorted((n for n, g in GPUS.items() if g.memory >= out["total_gpu_bytes"]),
+                          key=lambda n: (GPUS[n].memory, list(GPUS).index(n)))
+    smallest = GPUS[fits[0]].memory / GiB
+    assert f"fits on {smallest:g} GiB GPUs ({fits[0]}" in out["answer"]
+    for gpu, verdict in (("t4", "fits on t4"), ("4GB", "does not fit on 4 GiB GPU")):
+        assert main(["vram", "--model", "llama-2-7b", "--method", "qlora", "--gpu", gpu]) == 0
+        assert verdict in capsys.readouterr().out.splitlines()[0]
+
+
+def test_peak_below_the_terms_sum_is_explained_in_words(capsys):
+    assert main(["vram", "--model", "llama-2-7b", "--method", "qlora", "--seq", "2048", "--grad-ckpt", "full",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    summed = sum(t["gpu"] for t in out["terms"])
+    assert summed > out["total_gpu_bytes"]
+    words = out["peak_explained"]
+    assert f"{summed / 2**30:,.2f} GiB" in words and f"{out['total_gpu_bytes'] / 2**30:,.2f} GiB total" in words
+    assert "Held throughout: weights" in words and "The peak is at backward start" in words
+    assert "Backward end adds gradients + recomputed block + backward workspace" in words
+    assert main(["vram", "--model", "llama-2-7b", "--method", "qlora", "--seq", "2048", "--grad-ckpt", "full"]) == 0
+    assert "Held throughout: weights" in " ".join(capsys.readouterr().out.split())
+
+
+def _help_blocks(command):
+    """{dest: its --help text, whitespace collapsed}, from the real `--help` output."""
+    from calculators.cli import build_parser
+    code, out, _ = run_cli(command, "--help")
+    assert code == 0
+    text = " ".join(out.split("options:", 1)[1].split())
+    actions = [a for a in build_parser().commands[command].flags if a.option_strings]
+    starts = [text.index(a.option_strings[-1] + (" " if a.nargs == 0 else f" {a.metavar or a.dest.upper()}"))
+              for a in actions]
+    return {a.dest: (a, text[s:e]) for a, s, e in zip(actions, starts, starts[1:] + [len(text)])}
+
+
+@pytest.mark.parametrize("command", ["params", "vram", "fit", "cost", "serve"])
+def test_help_shows_every_default(command):
+    from calculators.cli import UNSET
+    for dest, (action, block) in _help_blocks(command).items():
+        if action.nargs == 0:  # a switch: off unless given
+            continue
+        if action.default is None:
+            assert f"(default: {UNSET[dest]})" in block if dest in UNSET else block.split()[2] == "required:", block
+        else:
+            assert f"(default: {action.default})" in block, block
+
+
+def _printed_settings(out: str) -> dict:
+    """The `settings:` block of the text output as {name: value}."""
+    settings = " ".join(out.split("settings: ", 1)[1].split())
+    return dict(item.split(" ", 1) for item in settings.split(", "))
+
+
+def test_cost_prints_flops_per_token_once_and_the_price_it_used(capsys):
+    assert main(["cost", "--model", "llama-3-8b", "--gpu", "h100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert out.lower().count("flops per token") == 1, out
+    values = _printed_settings(out)
+    assert all(v.strip() for v in values.values()), values
+    assert values["price"].startswith("2.5 ") and "h100-80gb" in values["price"]
+
+
+def test_fit_search_does_not_show_the_searched_setting(capsys):
+    for what in ("seq", "batch", "rank"):
+        args = ["fit", "--model", "llama-3.1-8b", "--method", "qlora", "--search", what]
+        assert main([*args, "--json"]) == 0
+        assert what not in json.loads(capsys.readouterr().out)["settings"]
+        assert main(args) == 0
+        settings = _printed_settings(capsys.readouterr().out)
+        assert what not in settings and settings["search"] == what, settings

@@ -27,6 +27,13 @@ CASES = [
     dict(model_type="olmo2", **SIZES, num_key_value_heads=2),
     dict(model_type="olmo3", **SIZES, num_key_value_heads=2, sliding_window=WINDOW),
     dict(model_type="gpt_neox", **SIZES),
+    dict(model_type="mixtral", **SIZES, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2,
+         sliding_window=WINDOW),
+    dict(model_type="qwen2_moe", **SIZES, num_key_value_heads=2, num_experts=3, num_experts_per_tok=2,
+         moe_intermediate_size=16, shared_expert_intermediate_size=16, use_sliding_window=True,
+         sliding_window=WINDOW, max_window_layers=3),
+    dict(model_type="qwen3_moe", **SIZES, num_key_value_heads=2, head_dim=16, num_experts=3, num_experts_per_tok=2,
+         moe_intermediate_size=16, use_sliding_window=True, sliding_window=WINDOW),
 ]
 
 

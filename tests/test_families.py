@@ -277,7 +277,7 @@ REFUSED = [
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
      r"rope_parameters.sliding_attention.rope_type='linear'"),
-    ({"model_type": "qwen3_moe"}, r"unknown model_type 'qwen3_moe'; supported: \['gpt2', 'gpt_neox', 'llama'"),
+    ({"model_type": "deepseek_v3"}, r"unknown model_type 'deepseek_v3'; supported: \['gpt2', 'gpt_neox', 'llama'"),
     ({"model_type": "gpt_neox", "rotary_pct": 0.2}, r"partial_rotary_factor 0.2 rotates 1 of head_dim 8"),
 ]
 

@@ -36,7 +36,7 @@ def test_unknown_model_type_lists_supported(tmp_path):
     config["model_type"] = "bert"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"unknown model_type 'bert'; supported: \['gpt2', 'gpt_neox', 'llama', 'mistral', "
-                                         r"'qwen2', 'qwen3', 'gemma2', 'gemma3_text', 'phi3', 'olmo2'\]"):
+                                         r"'qwen2', 'qwen3', 'gemma2', 'gemma3_text', 'phi3', 'olmo2', 'mixtral', 'qwen2_moe', 'qwen3_moe'\]"):
         load_pretrained(tmp_path)
 
 

@@ -102,8 +102,9 @@ def load_base():
     return load_pretrained(str(ensure_base()))
 
 
-def write(name: str, rows: list[dict], conclusion: str, meta: dict | None = None, plot=None) -> None:
-    """bench/results/exp-<name>-<machine>.json (via the bench harness) + .md with the table and conclusion."""
+def write(name: str, rows: list[dict], conclusion: str, meta: dict | None = None, plot=None, results=None) -> None:
+    """<results>/exp-<name>-<machine>.json (via the bench harness; default bench/results) + .md with the
+    table and conclusion."""
     from tabulate import tabulate
 
     from bench._harness import machine_name, report
@@ -112,13 +113,13 @@ def write(name: str, rows: list[dict], conclusion: str, meta: dict | None = None
     extra = {"conclusion": conclusion, "note": "numbers are losses/perplexities (load-independent) "
              "unless a column says seconds; the experiments ran while other jobs shared the 2-core CPU"}
     extra.update(meta or {})
-    path = report(f"exp-{name}" + ("-quick" if QUICK else ""), rows, extra=extra)
+    path = report(f"exp-{name}" + ("-quick" if QUICK else ""), rows, extra=extra, results=results)
     md = [f"# Experiment: {name}", "", f"Machine: {machine_name()} (see the JSON for versions).", ""]
     if meta:
         md += ["Settings: `" + json.dumps(meta, sort_keys=True) + "`", ""]
     md += [tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4g"), "", "## Conclusion", "", conclusion, ""]
     write_text_atomic(path.with_suffix(".md"), "\n".join(md))
-    print(f"wrote {path.with_suffix('.md').relative_to(ROOT)}")
+    print(f"wrote {path.with_suffix('.md')}")
     if plot is not None:
         try:
             import matplotlib
@@ -130,7 +131,7 @@ def write(name: str, rows: list[dict], conclusion: str, meta: dict | None = None
             return
         fig = plot(plt)
         fig.savefig(path.with_suffix(".png"), dpi=110, bbox_inches="tight")
-        print(f"wrote {path.with_suffix('.png').relative_to(ROOT)}")
+        print(f"wrote {path.with_suffix('.png')}")
 
 
 def fmt(x: float) -> float:

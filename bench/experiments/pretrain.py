@@ -1,11 +1,12 @@
 """Pretrain the small byte-level Llama every experiment starts from, on the shipped corpus.
 
-    python -m bench.experiments.pretrain [--steps 300] [--threads 1]
+    python -m bench.experiments.pretrain [--steps 300] [--threads 1] [--out DIR]
 
 The model: vocab 259 (bytes + BOS/EOS/PAD), width 128, 2 layers, 4 heads, SwiGLU 384, ~0.46M
 parameters. Full training with minilora.train on minilora/data/corpus_train.txt, evaluated on
-corpus_eval.txt; the result goes to build/experiments/pretrain/model (git-ignored) and the curve to
-bench/results/exp-pretrain-<machine>.json/.md.
+corpus_eval.txt; the result goes to build/experiments/pretrain/model (git-ignored) and the curve
+(exp-pretrain-<machine>.json/.md) next to it, so the README's example leaves the checkout as it
+was; `--out bench/results` replaces the committed curve.
 """
 from __future__ import annotations
 
@@ -32,10 +33,13 @@ def run(steps: int = 300, seed: int = 0, out: str = "pretrain"):
 
 
 def main():
-    args = parse(__doc__.splitlines()[0])
+    args = parse(__doc__.splitlines()[0], extra=lambda ap: ap.add_argument(
+        "--out", default=None, help="folder for the curve's JSON/MD/PNG (default: next to the model, under build/, "
+                                    "git-ignored; bench/results replaces the committed one)"))
     steps = args.steps or (30 if args.quick else 300)
     # A quick run keeps its model apart, so it never replaces the base the experiments use.
-    result = run(steps, out="pretrain-quick" if args.quick else "pretrain")
+    name = "pretrain-quick" if args.quick else "pretrain"
+    result = run(steps, out=name)
     rows = [{"step": h["step"], "eval_loss": fmt(h["eval_loss"]), "eval_ppl": fmt(h["eval_ppl"])}
             for h in result.history if "eval_loss" in h]
     s = result.summary
@@ -43,7 +47,7 @@ def main():
                   f"{s['seconds']:.0f} s): held-out byte perplexity {rows[0]['eval_ppl']} -> {rows[-1]['eval_ppl']} "
                   f"(a uniform guess over 259 ids is 259).")
     write("pretrain", rows, conclusion, meta={"model": CONFIG, "steps": steps, "tokens_per_s": s["tokens_per_s"]},
-          plot=lambda plt: _plot(plt, result.history))
+          plot=lambda plt: _plot(plt, result.history), results=args.out or WORK / name)
 
 
 def _plot(plt, history):

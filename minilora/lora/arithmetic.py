@@ -32,7 +32,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .model import lora_layers
+from .experts import LoRAExperts
+from .model import adapter_layers, lora_layers
 
 __all__ = ["combine_adapters", "METHODS"]
 
@@ -98,6 +99,11 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float], m
     configs = getattr(model, "lora_configs", {})
     names, weights = list(names), [float(w) for w in weights]
     _check_request(configs, names, weights, method, new_name, density, svd_rank)
+    experts = [n for n, m in adapter_layers(model).items() if isinstance(m, LoRAExperts)
+               and any(a in m.lora_A for a in names)]
+    if experts:  # peft's add_weighted_adapter refuses target_parameters adapters too
+        raise ValueError(f"adapters on expert tensors ({experts[0]} ...) cannot be combined; combine adapters "
+                         "on linear layers only")
     layers = {n: m for n, m in lora_layers(model).items() if any(a in m.lora_A for a in names)}
     for lname, layer in layers.items():
         dora = [a for a in names if a in layer.lora_magnitude_vector]

@@ -27,7 +27,8 @@ from torch import nn
 
 from .base import is_linear_like, base_weight, snapshot_base, restore_base, write_base_weight, check_rank_fits
 
-__all__ = ["LoRAConfig", "LoRALinear", "LowRankAdd", "autocast_dtype", "pattern_matches", "pattern_value"]
+__all__ = ["LoRAConfig", "LoRALinear", "LowRankAdd", "autocast_dtype", "pattern_matches", "pattern_value",
+           "suffix_match"]
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 BIASES = ("none", "all", "lora_only")
@@ -37,7 +38,11 @@ BIASES = ("none", "all", "lora_only")
 class LoRAConfig:
     """What to adapt and how. `target_modules` matches like peft: a list matches a full module
     name or a `.`-suffix of it (`"q_proj"` matches `model.layers.0.self_attn.q_proj`), a string is a
-    regex that must match the full name, "all-linear" is every linear layer but the output head.
+    regex that must match the full name, "all-linear" is every linear layer but the output head
+    (and, in a mixture-of-experts model, the routers; the experts are in: see lora/experts.py).
+    `target_parameters` (peft >= 0.18) names parameters the same way as a list does modules
+    (`"experts.gate_up_proj"` matches `model.layers.0.mlp.experts.gate_up_proj`): 3-D expert tensors,
+    or the 2-D weight of a linear layer such as a router (`"gate.weight"`).
     `rank_pattern` / `alpha_pattern` override r / alpha for names matching `(.*\\.)?<key>$`."""
 
     r: int = 8
@@ -52,6 +57,7 @@ class LoRAConfig:
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
+    target_parameters: list[str] | None = None
 
     def __post_init__(self):
         for key, value in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
@@ -66,9 +72,16 @@ class LoRAConfig:
             raise ValueError(f"bias must be one of {BIASES}, got {self.bias!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(isinstance(t, str) and t for t in
+                                                                  self.target_parameters):
+                raise ValueError(f"target_parameters must be a list of parameter names (as peft's), "
+                                 f"got {self.target_parameters!r}")
+            self.target_parameters = sorted(self.target_parameters) or None
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(self.target_modules)
-            if not self.target_modules or "" in self.target_modules:
+            empty_ok = self.target_parameters is not None  # peft: target_modules=[] adapts parameters only
+            if (not self.target_modules and not empty_ok) or "" in self.target_modules:
                 raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
         if isinstance(self.exclude_modules, (tuple, set)):
             self.exclude_modules = sorted(self.exclude_modules)
@@ -79,6 +92,11 @@ class LoRAConfig:
 
     def alpha_for(self, name: str) -> float:
         return pattern_value(self.alpha_pattern, name, self.alpha)
+
+
+def suffix_match(name: str, target: str) -> bool:
+    """peft's list rule: `target` is the full module (or parameter) name or a `.`-suffix of it."""
+    return name == target or name.endswith("." + target)
 
 
 def pattern_matches(key: str, name: str) -> bool:
@@ -249,6 +267,11 @@ class LoRALinear(nn.Module):
         for table in (self.r, self.alpha, self.scaling, self.dropout, self.use_rslora):
             table.pop(adapter, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter]
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        """The tensors adapter `adapter` trains here (what set_adapter unfreezes)."""
+        params = [self.lora_A[adapter].weight, self.lora_B[adapter].weight]
+        return params + ([self.lora_magnitude_vector[adapter]] if adapter in self.lora_magnitude_vector else [])
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """scaling * B @ A as fp32 (out, in): merges round once, from fp32, into the base dtype."""

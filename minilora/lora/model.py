@@ -1,120 +1,36 @@
 """Model-level LoRA: put LoRALinear layers into any nn.Module, switch, merge and remove adapters.
 
 The model stays the user's own module (no wrapper class): `inject` replaces the targeted linear
-layers in place and freezes everything else, so `model(x)` and the state-dict layout keep working.
-Adapter configs live in `model.lora_configs` (a plain dict, not part of the state dict).
+layers (and, in a mixture-of-experts model, the experts modules whose tensors it adapts: LoRAExperts,
+lora/experts.py) in place and freezes everything else, so `model(x)` and the state-dict layout keep
+working. Adapter configs live in `model.lora_configs` (a plain dict, not part of the state dict).
 """
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from .base import base_weight, check_rank_fits, is_linear_like, restore_base, snapshot_base
-from .layer import LoRAConfig, LoRALinear, pattern_matches
+from .base import base_weight, check_rank_fits, restore_base, snapshot_base
+from .experts import LoRAExperts
+from .layer import LoRAConfig, LoRALinear, suffix_match
+from .targets import candidate_modules, expert_targets, in_modules_to_save, name_summary, pattern_name, target_names
 
 __all__ = [
     "inject", "set_adapter", "disable_adapters", "delete_adapter", "merge", "unmerge", "unload",
     "trainable_parameters", "adapter_names_per_sample", "lora_layers", "target_names", "inject_with_undo",
-    "suffix_match", "in_modules_to_save",
+    "suffix_match", "in_modules_to_save", "adapter_layers",
 ]
-
-# peft's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",))
-
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _output_head(model: nn.Module) -> str | None:
-    """The output projection that "all-linear" leaves out: transformers' get_output_embeddings,
-    else a top-level `lm_head` (the reference models' name)."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else getattr(model, "lm_head", None)
-    if head is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is head), None)
-
-
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Every named module that is not inside a LoRALinear (its base_layer, lora_A, ...)."""
-    inner = {f"{p}.{s}" for p, m in model.named_modules() if isinstance(m, LoRALinear)
-             for s, _ in m.named_modules() if s}
-    return {n: m for n, m in model.named_modules() if n and n not in inner}
-
-
-def _linear_like(m: nn.Module) -> bool:
-    return isinstance(m, LoRALinear) or is_linear_like(m)
-
-
-def suffix_match(name: str, target: str) -> bool:
-    """peft's list rule: `target` is the full module name or a `.`-suffix of it."""
-    return name == target or name.endswith("." + target)
-
-
-def in_modules_to_save(name: str, modules_to_save) -> bool:
-    """Whether module or state-dict key `name` is a modules_to_save module or lies inside one: some
-    `.`-prefix of `name` (or `name` itself) suffix-matches an entry, as peft matches modules_to_save."""
-    parts = name.split(".")
-    return any(suffix_match(".".join(parts[:i]), m) for m in modules_to_save for i in range(len(parts), 0, -1))
-
-
-def _matches(spec, name: str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(suffix_match(name, t) for t in spec)
-
-
-def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """The module names `config` targets in `model`, checked: raises if the target matches nothing,
-    if a list entry matches nothing, or if a match is not a linear layer."""
-    modules = _candidates(model)
-    linear = [n for n, m in modules.items() if _linear_like(m)]
-    spec = config.target_modules
-    if spec is None:
-        spec = next((list(d) for d in DEFAULT_TARGETS if any(_matches(d, n) for n in linear)), None)
-        if spec is None:
-            raise ValueError(f"target_modules=None and no default target ({DEFAULT_TARGETS}) exists; "
-                             f"linear modules here: {_summary(linear)}")
-    if isinstance(spec, str) and spec.lower() == "all-linear":
-        head = _output_head(model)
-        chosen = [n for n in linear if n != head]
-    else:
-        chosen = [n for n in modules if _matches(spec, n)]
-        if not isinstance(spec, str):  # a typo in one list entry is an error, not a silent no-op (stricter than peft)
-            missing = [t for t in spec if not any(suffix_match(n, t) for n in modules)]
-            if missing and chosen:
-                raise ValueError(f"target_modules entries {missing} match no module; linear modules here: "
-                                 f"{_summary(linear)}")
-    excl = config.exclude_modules
-    if excl:
-        chosen = [n for n in chosen if not _matches(excl, n)]
-    keep = config.modules_to_save
-    chosen = [n for n in chosen if not in_modules_to_save(n, keep)]
-    if not chosen:
-        raise ValueError(f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
-                         f"matches no module; linear modules here: {_summary(linear)}")
-    bad = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _linear_like(modules[n])]
-    if bad:
-        raise TypeError(f"LoRA targets must be linear layers (nn.Linear or lora_compatible), got {', '.join(bad)}")
-    for pattern, kind in ((config.rank_pattern, "rank_pattern"), (config.alpha_pattern, "alpha_pattern")):
-        for key in pattern:
-            if not any(pattern_matches(key, n) for n in chosen):
-                raise ValueError(f"{kind} key {key!r} matches none of the targeted modules {_summary(chosen)}")
-    return chosen
-
-
-def _summary(names: list[str], limit: int = 12) -> str:
-    """Distinct last names with counts: `c_attn (x4), c_proj (x8), lm_head`."""
-    counts: dict[str, int] = {}
-    for n in names:
-        counts[n.rsplit(".", 1)[-1]] = counts.get(n.rsplit(".", 1)[-1], 0) + 1
-    parts = [f"{k} (x{v})" if v > 1 else k for k, v in counts.items()]
-    return ", ".join(parts[:limit]) + (", ..." if len(parts) > limit else "") if parts else "(none)"
+def adapter_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAExperts]:
+    """Every layer that holds adapters: LoRALinear and LoRAExperts (the same switching and merging)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -139,13 +55,18 @@ def inject_with_undo(model: nn.Module, config: LoRAConfig, adapter_name: str = "
     configs = getattr(model, "lora_configs", {})
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {sorted(configs)}")
-    names = target_names(model, config)
+    names, experts = target_names(model, config), expert_targets(model, config)
     for name in names:  # everything that can be refused, before anything is modified
-        module = model.get_submodule(name)
+        module, rank = model.get_submodule(name), config.rank_for(pattern_name(config, name))
         if isinstance(module, LoRALinear):
-            module.check_adapter(adapter_name, config.rank_for(name), config.init)
+            module.check_adapter(adapter_name, rank, config.init)
         else:
-            check_rank_fits(config.rank_for(name), module.in_features, module.out_features, name)
+            check_rank_fits(rank, module.in_features, module.out_features, name)
+    for name, tensors in experts.items():
+        module = model.get_submodule(name)
+        layer = module if isinstance(module, LoRAExperts) else LoRAExperts(module, name)
+        layer.check_adapter(adapter_name, {t: r for t, (r, _) in tensors.items()}, config.dropout, config.init,
+                            config.use_dora)
     replaced = {}
     undo = _undo_inject(model, names, config, adapter_name, replaced)
     try:
@@ -155,8 +76,17 @@ def inject_with_undo(model: nn.Module, config: LoRAConfig, adapter_name: str = "
                 replaced[name] = module
                 module = LoRALinear(module, name=name)
                 _set_submodule(model, name, module)
-            module.add_adapter(adapter_name, config.rank_for(name), config.alpha_for(name), config.dropout,
+            key = pattern_name(config, name)
+            module.add_adapter(adapter_name, config.rank_for(key), config.alpha_for(key), config.dropout,
                                config.init, config.use_rslora, config.use_dora)
+        for name, tensors in experts.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, LoRAExperts):
+                replaced[name] = module
+                module = LoRAExperts(module, name=name)
+                _set_submodule(model, name, module)
+            module.add_adapter(adapter_name, {t: r for t, (r, _) in tensors.items()},
+                               {t: a for t, (_, a) in tensors.items()}, config.init, config.use_rslora)
         model.lora_configs = {**configs, adapter_name: replace(config)}
         set_adapter(model, adapter_name)
     except Exception:
@@ -174,7 +104,7 @@ def _undo_inject(model: nn.Module, names: list[str], config: LoRAConfig, adapter
     had_configs = hasattr(model, "lora_configs")
     configs = dict(getattr(model, "lora_configs", {}))
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    active = {id(layer): (layer, list(layer.active_adapters)) for layer in lora_layers(model).values()}
+    active = {id(layer): (layer, list(layer.active_adapters)) for layer in adapter_layers(model).values()}
     bases = []
     if config.init in ("pissa", "olora"):
         for name in names:
@@ -183,7 +113,7 @@ def _undo_inject(model: nn.Module, names: list[str], config: LoRAConfig, adapter
             bases.append((base, snapshot_base(base)))
 
     def undo() -> None:
-        for layer in lora_layers(model).values():
+        for layer in adapter_layers(model).values():
             if adapter_name in layer.lora_A:
                 layer.delete_adapter(adapter_name)
         for name, original in replaced.items():
@@ -217,13 +147,11 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
     _check_names(model, names)
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in lora_layers(model).values():
+    for layer in adapter_layers(model).values():
         layer.active_adapters = [n for n in names if n in layer.lora_A]
         for n in layer.active_adapters:
-            for table in (layer.lora_A, layer.lora_B):
-                table[n].weight.requires_grad_(True)
-            if n in layer.lora_magnitude_vector:
-                layer.lora_magnitude_vector[n].requires_grad_(True)
+            for p in layer.adapter_parameters(n):
+                p.requires_grad_(True)
     for n in names:
         config = model.lora_configs[n]
         if config.bias == "all":
@@ -234,7 +162,7 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
             for layer in lora_layers(model).values():
                 if n in layer.lora_A and getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(True)
-        for mname, module in _candidates(model).items():
+        for mname, module in candidate_modules(model).items():
             if in_modules_to_save(mname, config.modules_to_save):
                 module.requires_grad_(True)
 
@@ -242,7 +170,7 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
 @contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model: merged adapters are taken out for the duration and merged back after."""
-    layers = list(lora_layers(model).values())
+    layers = list(adapter_layers(model).values())
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     for layer in layers:
         layer.unmerge()
@@ -258,10 +186,10 @@ def disable_adapters(model: nn.Module):
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every layer (it must not be merged). Wrapped layers stay wrapped."""
     _check_names(model, [name])
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     merged = [n for n, layer in layers.items() if name in layer.merged_adapters]
     if merged:
-        raise ValueError(f"adapter {name!r} is merged into {_summary(merged)}; unmerge(model) first")
+        raise ValueError(f"adapter {name!r} is merged into {name_summary(merged)}; unmerge(model) first")
     for layer in layers.values():
         layer.delete_adapter(name)
     model.lora_configs = {k: v for k, v in model.lora_configs.items() if k != name}
@@ -270,7 +198,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = True) -> None:
     """Fold adapters (default: the active ones) into the base weights: delta in fp32, rounded once
     into the base dtype. safe=True checks each merged weight for inf/NaN before writing it."""
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     if adapter_names is not None:
         adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         _check_names(model, adapter_names)
@@ -280,7 +208,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
 
 def unmerge(model: nn.Module) -> None:
     """Take every merged adapter out of the base weights again (last merged first)."""
-    for layer in lora_layers(model).values():
+    for layer in adapter_layers(model).values():
         layer.unmerge()
 
 
@@ -305,6 +233,8 @@ def unload(model: nn.Module, requantize: bool = False) -> nn.Module:
             layer.base_layer = base = dense
         layer.merge(layer.active_adapters, safe=True)
         _set_submodule(model, name, base)
+    for name, layer in adapter_layers(model).items():  # LoRAExperts: the experts module, merged
+        _set_submodule(model, name, layer.unloaded(requantize))
     if hasattr(model, "lora_configs"):
         del model.lora_configs
     return model
@@ -312,7 +242,8 @@ def unload(model: nn.Module, requantize: bool = False) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int, float]:
     """(trainable, all, percent) as peft's get_nb_trainable_parameters / print_trainable_parameters:
-    shared (tied) parameters count once; a 4-bit base counts its logical in*out weights."""
+    shared (tied) parameters count once; a 4-bit base counts its logical in*out weights (4-bit experts:
+    one LinearNF4 per expert matrix)."""
     trainable = total = 0
     for _, p in model.named_parameters():
         total += p.numel()
@@ -330,10 +261,15 @@ def adapter_names_per_sample(model: nn.Module, names: list[str]):
     ("__base__" = no adapter), like peft's `model(x, adapter_names=...)`."""
     names = list(names)
     _check_names(model, [n for n in set(names) if n != "__base__"])
+    experts = [n for n, layer in adapter_layers(model).items() if isinstance(layer, LoRAExperts)
+               and any(a in layer.lora_A for a in names)]
+    if experts:
+        raise ValueError(f"mixed-adapter batches cannot pass LoRA on expert tensors ({name_summary(experts)}): the MoE "
+                         "block mixes every row's tokens before the experts (peft refuses them too)")
     layers = list(lora_layers(model).values())
     merged = [layer.name for layer in layers if layer.merged_adapters]
     if merged:
-        raise ValueError(f"adapters are merged into {_summary(merged)}; unmerge(model) before a mixed batch")
+        raise ValueError(f"adapters are merged into {name_summary(merged)}; unmerge(model) before a mixed batch")
     for layer in layers:
         layer.sample_adapters = names
     try:

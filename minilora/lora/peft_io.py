@@ -5,7 +5,9 @@ with keys `base_model.model.<module>.lora_A.weight` (r, in), `...lora_B.weight` 
 DoRA, `...lora_magnitude_vector` (out,): the adapter name is dropped on save and put back on load
 (peft's get_peft_model_state_dict / set_peft_model_state_dict). GPT-2 in transformers stores its
 projections as Conv1D, but the LoRA factors keep these shapes; peft wants `fan_in_fan_out: true`
-in the config of a gpt2 model, so we write it for one.
+in the config of a gpt2 model, so we write it for one. LoRA on expert tensors (`target_parameters`)
+has its own keys and layouts, and transformers 4's per-expert adapters are fused on load:
+lora/peft_experts.py.
 """
 from __future__ import annotations
 
@@ -17,7 +19,11 @@ from torch import nn
 
 from reference_models.files import save_safetensors_atomic, write_json_atomic
 from .layer import LoRAConfig
-from .model import in_modules_to_save, inject_with_undo, lora_layers, suffix_match
+from .layer import suffix_match
+from .model import inject_with_undo, lora_layers
+from .targets import in_modules_to_save
+from .peft_experts import (expected_expert_tensors, expert_file_fields, expert_file_tensors, fuse_per_expert_tensors,
+                           router_names)
 
 __all__ = ["save_adapter", "load_adapter", "load_adapter_weights", "config_from_peft", "CONFIG_NAME",
            "WEIGHTS_NAME"]
@@ -28,7 +34,7 @@ PREFIX = "base_model.model."
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": True, "olora": True}
 # peft LoraConfig fields we can honour only at their defaults.
 _UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None, "lora_bias": False, "use_qalora": False,
-                "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
+                "trainable_token_indices": None, "layer_replication": None,
                 "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None, "kasa_config": None,
                 "velora_config": None, "monteclora_config": None}
 
@@ -61,13 +67,16 @@ def save_adapter(model: nn.Module, folder, adapter_name: str = "default") -> Pat
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(configs) or 'no adapters'}")
     config = configs[adapter_name]
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
-    tensors, ranks, alphas = {}, {}, {}
+    target_parameters, ranks, alphas = expert_file_fields(model, adapter_name, list(layers))
+    routers = router_names(model)  # written as target_parameters <router>.weight, as peft does
+    tensors = {PREFIX + k: v for k, v in expert_file_tensors(model, adapter_name).items()}
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if adapter_name in layer.lora_magnitude_vector:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
-        ranks[name], alphas[name] = layer.r[adapter_name], layer.alpha[adapter_name]
+        key = f"{name}.weight" if name in routers else name  # the name peft's rank_pattern meets
+        ranks[key], alphas[key] = layer.r[adapter_name], layer.alpha[adapter_name]
     state = model.state_dict(keep_vars=True)
     if config.bias == "all":
         tensors.update({PREFIX + k: v for k, v in state.items() if k == "bias" or k.endswith(".bias")})
@@ -81,7 +90,7 @@ def save_adapter(model: nn.Module, folder, adapter_name: str = "default") -> Pat
     # full module name as the pattern key (combined adapters can have a different rank per layer).
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    first = next(iter(layers.values()))
+    first = next(iter(layers.values()), None)
     payload = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if hasattr(model, "lm_head") else None,
@@ -89,12 +98,13 @@ def save_adapter(model: nn.Module, folder, adapter_name: str = "default") -> Pat
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
-        "target_modules": _targets_for_file(model, list(layers), config),
+        "target_modules": _targets_for_file(model, [n for n in layers if n not in routers], config),
+        "target_parameters": target_parameters,
         "exclude_modules": config.exclude_modules,
         "bias": config.bias,
         "init_lora_weights": _INIT_TO_PEFT[config.init],
-        "use_rslora": first.use_rslora[adapter_name],
-        "use_dora": adapter_name in first.lora_magnitude_vector,
+        "use_rslora": first.use_rslora[adapter_name] if first else config.use_rslora,
+        "use_dora": first is not None and adapter_name in first.lora_magnitude_vector,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "modules_to_save": config.modules_to_save or None,
@@ -124,6 +134,7 @@ def config_from_peft(raw: dict) -> LoRAConfig:
         use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)),
         rank_pattern=dict(raw.get("rank_pattern") or {}), alpha_pattern=dict(raw.get("alpha_pattern") or {}),
         modules_to_save=list(raw.get("modules_to_save") or []),
+        target_parameters=raw.get("target_parameters") or None,
     )
 
 
@@ -167,6 +178,10 @@ def load_adapter_weights(model: nn.Module, folder, adapter_name: str = "default"
     return {"config": model.lora_configs[adapter_name], "tensors": len(tensors)}
 
 
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _is_bias_key(key: str) -> bool:
     return key == "bias" or key.endswith(".bias")
 
@@ -182,13 +197,17 @@ def _copy_tensors(model: nn.Module, tensors: dict, adapter_name: str, config: Lo
         expected[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if adapter_name in layer.lora_magnitude_vector:
             expected[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+    # file key (no prefix) -> (our tensor, the file's shape, file tensor -> our layout)
+    expected = {k: (t, t.shape, _as_is) for k, t in expected.items()}
+    expected.update(expected_expert_tensors(model, adapter_name))
+    tensors = fuse_per_expert_tensors(model, tensors, adapter_name, PREFIX)
     problems, seen, plan = [], set(), []
     for key, value in tensors.items():
         short = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        target = expected.get(short)
+        target, shape, to_ours = expected.get(short) or (None, None, None)
         if target is None and ".lora_" not in short and short in state:
             if (config.bias != "none" and _is_bias_key(short)) or in_modules_to_save(short, config.modules_to_save):
-                target = state[short]
+                target, shape, to_ours = state[short], state[short].shape, _as_is
             else:
                 problems.append(f"{key}: not a LoRA tensor, and neither a bias (the config has bias="
                                 f"{config.bias!r}) nor under modules_to_save {config.modules_to_save}; "
@@ -196,10 +215,10 @@ def _copy_tensors(model: nn.Module, tensors: dict, adapter_name: str, config: Lo
                 continue
         if target is None:
             problems.append(f"{key}: no such LoRA tensor in the model")
-        elif tuple(target.shape) != tuple(value.shape):
-            problems.append(f"{key}: file has {tuple(value.shape)}, model has {tuple(target.shape)}")
+        elif tuple(shape) != tuple(value.shape):
+            problems.append(f"{key}: file has {tuple(value.shape)}, model has {tuple(shape)}")
         else:
-            plan.append((target, value))
+            plan.append((target, to_ours(value)))
             seen.add(short)
     missing = sorted(set(expected) - seen)
     if missing:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from reference_models.checkpoint_keys import HEAD, checkpoint_tensors, match_state, model_keys
+from reference_models.moe import Experts, SparseMoE
 from reference_models.quantized_formats import BNB_4BIT
 
 from .nf4 import QuantState4bit, codebook, dynamic_map
@@ -162,7 +163,7 @@ class Bnb4bitFormat:
             target = model.get_submodule(prefix)
         except AttributeError:
             raise ValueError(f"4-bit checkpoint has {prefix}.weight but {type(model).__name__} has no module {prefix!r}")
-        if type(target) is not nn.Linear:
+        if not isinstance(target, nn.Linear):  # a subclass too: transformers quantizes Qwen2-MoE's shared_expert_gate
             raise ValueError(f"4-bit weight {prefix}.weight targets a {type(target).__name__}, expected nn.Linear")
         own = {k[len(prefix) + 1:]: tensors.pop(k) for k in list(tensors)
                if k == prefix + ".weight" or k.startswith(prefix + ".weight.")}
@@ -178,6 +179,12 @@ class Bnb4bitFormat:
     def save(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, quantization_config) as transformers + bitsandbytes save a 4-bit model."""
         layers = [m for m in model.modules() if isinstance(m, self.layer)]
+        experts = [n for n, m in model.named_modules() if isinstance(m, Experts) and any(
+            isinstance(c, self.layer) for c in m.modules())]
+        if experts:
+            raise ValueError(f"{experts[0]} holds 4-bit experts, which transformers 5.24 + bitsandbytes cannot read "
+                             "(it keeps experts dense): unload(model) first, or quantize_model(..., experts=False) "
+                             "for a 4-bit folder transformers reads")
         if not layers:
             raise ValueError(f"{type(model).__name__} has no {self.layer.__name__} layers to save in 4-bit format")
         kinds = {(m.quant_type, m.double_quant, m.compute_dtype) for m in layers}
@@ -185,7 +192,10 @@ class Bnb4bitFormat:
             raise ValueError(f"one quantization_config per checkpoint: layers differ in (quant_type, double_quant, "
                              f"compute_dtype): {sorted(map(str, kinds))}")
         quant_type, double_quant, compute_dtype = kinds.pop()
-        skipped = sorted({n for n, m in model.named_modules() if type(m) is nn.Linear})
+        # dense linear layers transformers would otherwise quantize (Gate subclasses included: Qwen2-MoE's
+        # shared_expert_gate); a router is no nn.Linear in transformers, which never quantizes it
+        routers = {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, SparseMoE)}
+        skipped = sorted({n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in routers})
         skipped = None if set(skipped) <= {HEAD} else skipped  # transformers always keeps the head
         config = {
             "_load_in_4bit": True, "_load_in_8bit": False,

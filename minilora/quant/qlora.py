@@ -1,4 +1,4 @@
-"""QLoRA's frozen 4-bit base: LinearNF4, quantize_model and prepare_for_kbit_training.
+"""QLoRA's frozen 4-bit base: LinearNF4, ExpertsNF4, quantize_model and prepare_for_kbit_training.
 
     x (..., in) --cast--> compute_dtype --@ dequantize(W_4bit).T (+ bias)--> (..., out) --cast--> x.dtype
 
@@ -6,6 +6,16 @@ The dequantized weight is a temporary: the autograd function keeps only the 4-bi
 dequantizes again in backward (QLoRA, Dettmers et al. 2023, section 3), so a frozen 4-bit layer
 costs 4.127 bits per weight in memory during training, and still passes input gradients through
 to LoRA adapters and earlier layers.
+
+A mixture-of-experts layer's experts (reference_models.moe.Experts) become ExpertsNF4: every
+expert's matrix quantized as its own (out, in) weight, one LinearNF4 per expert and tensor
+(gate_up_proj (E, 2I, C) -> E layers C -> 2I; down_proj (E, C, I) -> E layers I -> C), as
+bitsandbytes quantized each expert when experts were nn.Linear modules; a token's pass through
+expert e dequantizes only e's matrices. The router (reference_models.moe.Gate) stays in the compute
+dtype: a 4-bit router would change which experts tokens go to. transformers 5.24 + bitsandbytes
+keeps experts dense (it quantizes nn.Linear modules only), so ExpertsNF4 has no transformers
+checkpoint format: save_pretrained refuses a model holding it (unload first, or quantize_model
+with experts=False for a folder transformers reads).
 
 LinearNF4's state dict is bitsandbytes' Linear4bit one (what transformers saves for a model loaded
 with BitsAndBytesConfig(load_in_4bit=True)); the format, and the folders that hold it, are
@@ -17,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from reference_models.moe import Experts
 from reference_models.quantized_formats import register_quantized_format
 
 from .backends import BACKENDS
@@ -24,7 +35,7 @@ from .bnb_format import STORABLE, Bnb4bitFormat, quant_state_from_dict, quant_st
 from .matmul_4bit import linear_4bit
 from .nf4 import QuantState4bit, dequantize_4bit, quantize_4bit
 
-__all__ = ["LinearNF4", "quantize_model", "prepare_for_kbit_training"]
+__all__ = ["LinearNF4", "ExpertsNF4", "quantize_model", "prepare_for_kbit_training"]
 
 
 def _check_storable(quant_type: str) -> None:
@@ -208,22 +219,87 @@ class LinearNF4(nn.Module):
                 missing_keys.append(prefix + "bias")
 
 
+class ExpertsNF4(Experts):
+    """Experts (reference_models.moe) whose tensors are held as one LinearNF4 per expert: state-dict
+    keys `<tensor>.<e>.weight` (+ bitsandbytes' quant-state entries). The same forward as Experts; only
+    `project` differs. Computes in compute_dtype and returns the input's dtype, as LinearNF4."""
+
+    def __init__(self, experts: Experts, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = True,
+                 compute_dtype: torch.dtype | None = None):
+        nn.Module.__init__(self)  # not Experts.__init__: no dense tensors to allocate
+        self.num_experts, self.hidden_size = experts.num_experts, experts.hidden_size
+        self.intermediate_size, self.act = experts.intermediate_size, experts.act
+        for name in self.TENSORS:
+            weight = getattr(experts, name).detach()  # (E, out, in)
+            setattr(self, name, nn.ModuleList(
+                LinearNF4.from_state(quantize_4bit(weight[e], quant_type, block_size, double_quant),
+                                     compute_dtype=compute_dtype or weight.dtype) for e in range(self.num_experts)))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.gate_up_proj[0].compute_dtype
+
+    def reset_parameters(self) -> None:
+        raise RuntimeError("ExpertsNF4 holds quantized experts; there is nothing to initialise")
+
+    def tensor_shape(self, name: str) -> tuple[int, int, int]:
+        first = getattr(self, name)[0]
+        return self.num_experts, first.out_features, first.in_features
+
+    def project(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return getattr(self, name)[expert](x)  # (n, in) -> (n, out), dequantizing expert `expert`'s matrix only
+
+    # ------------------------------------------------ what LoRA on experts needs to merge (lora/experts.py)
+    def dequantize_weight(self, name: str) -> torch.Tensor:
+        """The dense (E, out, in) tensor, in the dtype the weights had before quantization."""
+        return torch.stack([layer.dequantize_weight() for layer in getattr(self, name)])
+
+    @torch.no_grad()
+    def requantize_(self, name: str, weight: torch.Tensor) -> None:
+        for e, layer in enumerate(getattr(self, name)):
+            layer.requantize_(weight[e])
+
+    def quant_states(self) -> dict:
+        """Every expert's quantized state, to put back exactly with set_quant_states (requantize_ replaces
+        a layer's tensors, it never writes into them)."""
+        return {name: [layer.quant_state for layer in getattr(self, name)] for name in self.TENSORS}
+
+    def set_quant_states(self, states: dict) -> None:
+        for name, per_expert in states.items():
+            for layer, state in zip(getattr(self, name), per_expert, strict=True):
+                layer.set_state(state)
+
+    def dequantized(self) -> Experts:
+        """A dense Experts with the dequantized tensors (what unload returns)."""
+        dense = Experts(self.num_experts, self.hidden_size, self.intermediate_size, self.act, device="meta")
+        for name in self.TENSORS:
+            setattr(dense, name, nn.Parameter(self.dequantize_weight(name), requires_grad=False))
+        return dense
+
+    def extra_repr(self) -> str:
+        first = self.gate_up_proj[0]
+        return f"{super().extra_repr()}, quant_type={first.quant_type}, compute_dtype={first.compute_dtype}"
+
+
 # -------------------------------------------------------------------------------- model level
 
 def quantize_model(model: nn.Module, skip=("lm_head",), quant_type: str = "nf4", double_quant: bool = True,
-                   block_size: int = 64, compute_dtype=None) -> nn.Module:
+                   block_size: int = 64, compute_dtype=None, experts: bool = True) -> nn.Module:
     """Swap every nn.Linear (except names in `skip`, matched in full or as a `.`-suffix) for a
-    LinearNF4, in place. Embeddings, norms and skipped layers are cast to `compute_dtype` if given."""
+    LinearNF4 and, with experts=True, every mixture-of-experts Experts for an ExpertsNF4, in place.
+    Routers (reference_models.moe.Gate), embeddings, norms and skipped layers stay dense, cast to
+    `compute_dtype` if given."""
     if isinstance(skip, str):
         skip = (skip,)
     _check_storable(quant_type)
+    from ..lora.experts import LoRAExperts
     from ..lora.layer import LoRALinear
 
-    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    adapted = [n for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))]
     if adapted:
         raise ValueError(f"quantize_model got a model that already has LoRA adapters ({adapted[:3]}...): its "
                          f"nn.Linear adapters would be quantized and frozen; quantize first, then inject")
-    from ..lora.model import suffix_match  # peft's list rule, shared with target_modules
+    from ..lora.layer import suffix_match  # peft's list rule, shared with target_modules
 
     targets = [n for n, m in model.named_modules()
                if type(m) is nn.Linear and not any(suffix_match(n, p) for p in skip)]
@@ -232,6 +308,10 @@ def quantize_model(model: nn.Module, skip=("lm_head",), quant_type: str = "nf4",
     for name in targets:
         layer = LinearNF4.from_linear(model.get_submodule(name), quant_type, block_size, double_quant, compute_dtype)
         model.set_submodule(name, layer)
+    moe = [n for n, m in model.named_modules() if type(m) is Experts and not any(suffix_match(n, p) for p in skip)]
+    for name in moe if experts else ():
+        model.set_submodule(name, ExpertsNF4(model.get_submodule(name), quant_type, block_size, double_quant,
+                                             compute_dtype))
     if compute_dtype is not None:
         for m in model.modules():
             if not isinstance(m, LinearNF4):
