@@ -33,7 +33,7 @@ tracker sees, the host bytes against the offloader's host tensors.
 from __future__ import annotations
 
 __all__ = ["LOSSES", "DEFAULT_LOSS_CHUNK", "check_long_context", "chunk_tokens", "chunked_loss_bytes",
-           "offloaded_inputs", "blocks_phase_activations", "pinned_bytes"]
+           "offload_activation_bytes", "pinned_bytes"]
 
 LOSSES = ("full", "chunked")
 DEFAULT_LOSS_CHUNK = 1024  # reference_models.loss.DEFAULT_LOSS_CHUNK (tests keep the two equal)
@@ -88,19 +88,13 @@ def pinned_bytes(nbytes: int, device: str) -> int:
     return 1 << (nbytes - 1).bit_length()
 
 
-def offloaded_inputs(act: dict, setup) -> dict:
-    """{"moved": device bytes the offload moves out, "host": host bytes holding them, "prefetched":
-    the one more input backward holds while the next arrives}; all 0 without offload. `act` is
-    activation_bytes' result with full checkpointing: each layer's part is its checkpointed input."""
+def offload_activation_bytes(act: dict, setup) -> dict:
+    """activation_bytes' parts as the device holds them with the offload: every block's input but
+    the last moved out of "layers" and "total" into "offloaded" (their bytes, one per block), and
+    "host" (what holds them there). `act` must come from full checkpointing, where each layer's
+    part is its checkpointed input. Without the offload: `act` with nothing offloaded."""
     if not setup.offload_activations:
-        return {"moved": 0, "host": 0, "prefetched": 0}
+        return {**act, "offloaded": [], "host": 0}
     moved = act["layers"][:-1]  # the last block's input never leaves
-    return {"moved": sum(moved), "host": sum(pinned_bytes(n, setup.device) for n in moved),
-            "prefetched": max(moved, default=0)}
-
-
-def blocks_phase_activations(act: dict, setup) -> int:
-    """Saved activations on the device while backward goes through the blocks: all but the head's
-    and the loss's, less what the offload keeps on the host (plus the input it prefetches)."""
-    offload = offloaded_inputs(act, setup)
-    return act["total"] - act["loss"] - act["head"] - offload["moved"] + offload["prefetched"]
+    return {**act, "layers": [0] * len(moved) + act["layers"][-1:], "total": act["total"] - sum(moved),
+            "offloaded": moved, "host": sum(pinned_bytes(n, setup.device) for n in moved)}
