@@ -1,8 +1,7 @@
 """Long context on one GPU: the chunked (fused linear) cross-entropy and activation offload, side by side.
 
     .venv/bin/python -m bench.long_context [--quick]        # CPU: training-step ratios, chunk sizes
-    .venv/bin/python -m bench.long_context --gpu            # CUDA: the 8B shape at its predicted longest
-    .venv/bin/python -m bench.long_context --gpu --dry-run  # CPU: that run's code on a tiny Llama
+    .venv/bin/python -m bench.long_context_gpu              # CUDA: the 8B shape at its predicted longest
 
 CPU (issue 16's measured goals): a LoRA training step (r=8 all-linear, AdamW, built as
 minilora.train builds it) of two small Llamas (MODELS: one whose head dominates, one with Llama 3
@@ -15,13 +14,13 @@ minilora.train builds it) of two small Llamas (MODELS: one whose head dominates,
   chunk sizes           the head and the loss alone (1024 tokens x width 256 -> 32,000), forward and
                         backward, per chunk size, over the full loss's time
 
-GPU (gpu_run.py): see there; it needs a CUDA device and writes long_context_gpu-<machine>.json.
+The GPU goals (the 8B shape at its predicted longest sequence, peak vs prediction, tokens/s) are
+bench/long_context_gpu.py's.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -139,20 +138,9 @@ def chunk_sizes(vocab: int, width: int, tokens: int, repeats: int) -> list[dict]
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")
-    p.add_argument("--gpu", action="store_true", help="the CUDA run (bench/long_context_gpu.py)")
-    p.add_argument("--dry-run", action="store_true", help="with --gpu: a tiny Llama on the CPU through the same code")
-    p.add_argument("--gib", type=float, default=None, help="with --gpu: the memory to fit in (default: the device's)")
-    p.add_argument("--throughput-seq", type=int, default=None,
-                   help="with --gpu: the length of the tokens/s comparison (default: the longest 'none' fits)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are meaningful with 1)")
     args = p.parse_args(argv)
-    if args.gpu:
-        if not args.dry_run:  # fewer fragmentation failures at the cap; read once, when CUDA starts
-            os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-        from bench.long_context_gpu import run_gpu
-        run_gpu(dry_run=args.dry_run, gib=args.gib, throughput_seq=args.throughput_seq)
-        return 0
     torch.set_num_threads(args.threads)
     models = QUICK if args.quick else MODELS
     repeats = args.repeats or (3 if args.quick else 7)

@@ -1,7 +1,7 @@
 """Llama-3.1-8B's shape on a real GPU at the calculator's longest sequence (issue 16's GPU goal).
 
-    .venv/bin/python -m bench.long_context --gpu [--gib 24] [--throughput-seq N]
-    .venv/bin/python -m bench.long_context --gpu --dry-run     # CPU, a tiny Llama, the same code
+    .venv/bin/python -m bench.long_context_gpu [--gib 24] [--throughput-seq N] [--quick]
+    .venv/bin/python -m bench.long_context_gpu --dry-run     # CPU, a tiny Llama, the same code
 
 The README table's setting: Llama-3.1-8B's shape (calculators' preset), random weights built in
 bf16 on the device and quantized to NF4 there (minilora.train's QLoRA path), LoRA r=16 on every
@@ -11,14 +11,16 @@ the CUDA context (torch.cuda.set_per_process_memory_fraction), as on a G GiB car
   1. the calculator's longest sequence on G GiB for none, chunked loss, offload, both;
   2. two training steps of "both" at its longest: torch.cuda.max_memory_allocated during the second
      beside the calculator's peak (goal: within 5%), and the host's pinned bytes beside its CPU column;
-  3. tokens/s of each combination at one length all of them fit (the longest "none" fits, or
-     --throughput-seq), two timed steps after a warm-up each.
+  3. tokens/s of each combination at one length all of them fit (the longest "none" fits, at most
+     8,192, or --throughput-seq; --quick: 2,048), two timed steps after a warm-up each.
 Writes bench/results/long_context_gpu-<machine>.json. --dry-run runs every step on the CPU with a
 tiny Llama and a 1 GiB "GPU" (no measurement: torch counts no CPU allocations) and writes nothing,
 so CI runs the code.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import time
 
 import torch
@@ -60,44 +62,50 @@ def build(config: dict, device: torch.device):
     return cfg, model, optimizer
 
 
-def step(cfg, model, optimizer, seq: int, device: torch.device) -> None:
+def step(cfg, model, optimizer, seq: int, device: torch.device) -> int:
+    """One training step on random ids; returns the host bytes the activation offload held between
+    forward and backward (0 without it)."""
     from minilora.train import autocast
 
     ids = torch.randint(0, model.config.vocab_size, (1, seq + 1), device=device)
     with autocast(cfg, device):
         loss = model(ids[:, :-1], ids[:, 1:])[1]
+    offload = model.activation_offload
+    host = offload.host_bytes() if offload is not None else 0
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return host
 
 
-def switch(model, combo: str, device: torch.device):
+def switch(model, combo: str, device: torch.device) -> None:
     from minilora.train import ActivationOffload
 
     loss, offload = COMBOS[combo]
     model.set_loss(loss)
     model.set_gradient_checkpointing(True, offload=ActivationOffload(device) if offload else None)
-    return model.activation_offload
 
 
 def peak_at_longest(cfg, model, optimizer, spec, seq: int, device: torch.device) -> dict:
-    """Two steps of "both" at `seq`: the second's peak and pinned bytes beside the calculator's."""
+    """Two steps of "both" at `seq`: the second's peak and host bytes beside the calculator's."""
     from calculators import training_memory
 
-    offload = switch(model, "both", device)
+    switch(model, "both", device)
     cuda = device.type == "cuda"
     step(cfg, model, optimizer, seq, device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    step(cfg, model, optimizer, seq, device)
+    host = step(cfg, model, optimizer, seq, device)
     predicted = training_memory(spec, setup_for("both", seq))
     measured = torch.cuda.max_memory_allocated() if cuda else None
-    pinned = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current") if cuda else offload.host_bytes()
+    # what the pinned allocator holds (its blocks rounded up to powers of two, cached between steps)
+    pinned = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current") if cuda else None
     return {"combo": "both", "seq": seq, "predicted_peak_gib": predicted.peak / 2 ** 30,
             "measured_peak_gib": measured / 2 ** 30 if measured is not None else None,
-            "ratio": predicted.peak / measured if measured else None,
-            "predicted_host_gib": predicted.cpu / 2 ** 30, "pinned_gib": pinned / 2 ** 30 if pinned else None}
+            "predicted / measured": predicted.peak / measured if measured else None,
+            "predicted_host_gib": predicted.cpu / 2 ** 30, "host_tensors_gib": host / 2 ** 30,
+            "pinned_allocated_gib": pinned / 2 ** 30 if pinned is not None else None}
 
 
 def throughput(cfg, model, optimizer, seq: int, device: torch.device) -> list[dict]:
@@ -147,7 +155,7 @@ def run_gpu(dry_run: bool = False, gib: float | None = None, throughput_seq: int
         torch.cuda.set_per_process_memory_fraction(min(1.0, (gib * 2 ** 30 - CUDA_CONTEXT) / total), device)
     seq_max = min(longest["both"], 64) if dry_run else longest["both"]
     rows = [peak_at_longest(cfg, model, optimizer, spec, seq_max, device)]
-    common = throughput_seq or (min(longest["none"], 64) if dry_run else longest["none"])
+    common = throughput_seq or min(longest["none"], 64 if dry_run else 8192)
     rows += throughput(cfg, model, optimizer, common, device)
     extra = {"model": PRESET if not dry_run else TINY, "gib": gib, "longest": longest}
     if dry_run:
@@ -155,3 +163,20 @@ def run_gpu(dry_run: bool = False, gib: float | None = None, throughput_seq: int
     else:
         report("long_context_gpu", rows, extra=extra)
     return {"rows": rows, **extra}
+
+
+def main(argv=None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="a tiny Llama on the CPU through the same code")
+    p.add_argument("--gib", type=float, default=None, help="the memory to fit in (default: the device's)")
+    p.add_argument("--throughput-seq", type=int, default=None,
+                   help="the length of the tokens/s comparison (default: the longest 'none' fits, at most 8192)")
+    p.add_argument("--quick", action="store_true", help="the tokens/s comparison at 2,048 tokens")
+    args = p.parse_args(argv)
+    if not args.dry_run:  # fewer fragmentation failures at the cap; read once, when CUDA starts
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    return run_gpu(args.dry_run, args.gib, args.throughput_seq or (2048 if args.quick and not args.dry_run else None))
+
+
+if __name__ == "__main__":
+    main()
