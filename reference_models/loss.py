@@ -36,11 +36,12 @@ __all__ = ["IGNORE_INDEX", "LOSSES", "DEFAULT_LOSS_CHUNK", "lm_loss", "chunked_c
 IGNORE_INDEX = -100
 LOSSES = ("full", "chunked")
 # Tokens per chunk. The size trades the chunk's buffers, chunk x V x (dt + 4) bytes, against the
-# length of the head's matmul, (chunk x C) @ (C x V), and the number of passes: on the CPU here 128
-# to 1024 tokens cost the same to within 7% (bench/long_context.py); a GPU needs a long first
-# dimension to fill its matmul units. 1024 keeps it long while the buffers stay small beside a
-# long-context step: 0.73 GiB for Llama 3's 128,256-word vocabulary in bf16, against 3.4 GiB for the
-# full loss at 2,048 tokens and 134 GiB at 80,000.
+# length of the head's matmul, (chunk x C) @ (C x V), and the number of passes: on the CPU here the
+# loss took 1.23 / 1.11 / 1.04 / 1.02 times the full loss's time at 128 / 256 / 512 / 1024 tokens
+# (bench/long_context.py, 32,000 words, width 256); a GPU, too, needs a long first dimension to
+# fill its matmul units. 1024 keeps it long while the buffers stay small beside a long-context
+# step: 0.73 GiB for Llama 3's 128,256-word vocabulary in bf16, against 3.4 GiB for the full loss
+# at 2,048 tokens and 134 GiB at 80,000.
 DEFAULT_LOSS_CHUNK = 1024
 
 
