@@ -23,6 +23,7 @@ from factories import tiny_model
 from minilora.train import ActivationOffload
 from reference_models.loss import DEFAULT_LOSS_CHUNK as MODELS_DEFAULT_CHUNK
 from reference_models.loss import chunked_cross_entropy
+from test_calc_explain import evaluate
 
 VOCAB, BATCH, SEQ = 101, 2, 24
 
@@ -220,3 +221,22 @@ def test_fit_says_when_the_models_context_limit_binds_and_how_far_memory_goes(ca
     assert training_memory(model_spec("llama-3.1-8b"), replace(setup, seq=alone)).total_gpu <= 80 * GiB
     assert training_memory(model_spec("llama-3.1-8b"), replace(setup, seq=alone + 1)).total_gpu > 80 * GiB
     assert "the model's max_position_embeddings; memory alone would allow" in out["answer"]
+
+
+@given(model=st.sampled_from(["gpt2", "llama-3.1-8b", "gemma-2-2b", "qwen3-0.6b"]),
+       method=st.sampled_from(["full", "lora", "qlora"]), dtype=st.sampled_from(["bf16", "fp32"]),
+       device=st.sampled_from(["cuda", "cpu"]), loss=st.sampled_from(["full", "chunked"]), offload=st.booleans(),
+       chunk=st.one_of(st.none(), st.integers(1, 4096)), batch=st.integers(1, 4), seq=st.integers(1, 8192))
+def test_the_new_terms_formulas_and_phases_add_up(model, method, dtype, device, loss, offload, chunk, batch, seq):
+    setup = TrainingSetup(method=method, dtype=dtype, device=device, grad_ckpt="full", batch=batch, seq=seq,
+                          loss=loss, loss_chunk=min(chunk, seq) if chunk and loss == "chunked" else None,
+                          offload_activations=offload)
+    b = training_memory(model_spec(model), setup)
+    for t in b.terms:
+        assert evaluate(t.formula) == t.gpu, (t.name, t.formula, t.gpu)
+    held, *moments = b.phases
+    assert held.bytes + max(p.bytes for p in moments) == b.total_gpu
+    terms = {t.name: t.gpu for t in b.terms}
+    assert all(0 < n <= terms[name] for p in b.phases for name, n in p.parts.items())
+    assert ("chunked loss" in terms) == (loss == "chunked") and ("logits and loss" in terms) == (loss == "full")
+    assert ("activation offload" in terms) == offload
