@@ -1,4 +1,8 @@
-"""Counting the tensors torch allocates on the CPU, op by op (torch's own memory statistics are CUDA-only).
+"""Counting what torch allocates on the CPU, op by op (torch's own memory statistics are CUDA-only),
+and what autograd keeps for backward.
+
+`saved_bytes(fn)` counts what autograd saves while fn() runs, each storage once, parameters
+excluded (the bookkeeping calculators.activations replays).
 
 `AllocationTracker` is a TorchDispatchMode: every aten op's outputs pass through it, and an output
 whose storage is new (not one of the op's inputs', not seen before) is an allocation, freed when
@@ -49,3 +53,18 @@ class AllocationTracker(TorchDispatchMode):
             self._alive.pop(key, None)
 
         self._alive[key] = weakref.ref(storage, freed)
+
+
+def saved_bytes(fn, params=()) -> int:
+    """Bytes of the tensors autograd saves while fn() runs, each storage once, `params` excluded."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from allocations import AllocationTracker
+from allocations import AllocationTracker, saved_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -44,20 +44,6 @@ def build(family, dtype, method):
     return model, spec
 
 
-def saved_bytes(model, x, y) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, y)
-    return sum(seen.values())
-
-
 def setup_for(spec, dtype, method, ckpt, chunk, offload=False):
     names = lora_layers(spec, "all-linear") if method == "lora" else []
     return TrainingSetup(method=method, batch=BATCH, seq=SEQ, grad_ckpt="full" if ckpt else "none", device="cpu",
@@ -82,7 +68,7 @@ def test_saved_bytes_with_the_chunked_loss_equal_the_calculators_exactly(family,
     model, spec = build(family, dtype, method)
     model.set_gradient_checkpointing(ckpt)
     model.set_loss("chunked", 7)
-    real = saved_bytes(model, ids(0), ids(1))  # targets of their own, as in training
+    real = saved_bytes(lambda: model(ids(0), ids(1)), model.parameters())  # targets of their own, as in training
     setup = setup_for(spec, dtype, method, ckpt, 7)
     terms = {t.name: t for t in training_memory(spec, setup).terms}
     kept = chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full")["saved"]
@@ -115,7 +101,7 @@ def test_offload_host_and_device_bytes_equal_the_calculators_exactly(family, dty
     model, spec = build(family, dtype, method)
     model.set_loss("chunked", 7)
     model.set_gradient_checkpointing(True)
-    everything = saved_bytes(model, ids(0), ids(1))
+    everything = saved_bytes(lambda: model(ids(0), ids(1)), model.parameters())
     offload = ActivationOffload("cpu")
     model.set_gradient_checkpointing(True, offload=offload)
     loss = model(ids(0), ids(1))[1]

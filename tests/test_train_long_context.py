@@ -4,31 +4,31 @@ The chunked loss trains as the full one does, to rounding (tests/test_loss.py st
 activation offload is bit-identical to checkpointing without it; bad combinations exit 2 with one line.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from minilora.train import TrainConfig, main, train
-from reference_models import Llama, LlamaConfig, save_pretrained
+from factories import tiny_llama
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+import minilora
+from minilora.train import TrainConfig, main, train
+from reference_models import save_pretrained
+
+CORPUS = Path(minilora.__file__).parent / "data" / "corpus_eval.txt"  # the shipped held-out stories
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    save_pretrained(Llama(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      bos_token_id=256, eos_token_id=257)), folder)
+    save_pretrained(tiny_llama(0, vocab_size=259, num_hidden_layers=3, max_position_embeddings=256, bos_token_id=256,
+                               eos_token_id=257), folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(TEXT)
-    return path
+def corpus():
+    return CORPUS
 
 
 def config(model, data, out, **kw):
@@ -109,8 +109,6 @@ def test_the_cli_trains_with_both_switches(llama_dir, corpus, tmp_path, capsys):
 
 
 def _fsdp_worker(env, out, data):
-    from factories import tiny_llama
-
     from minilora.train import train_distributed
 
     cfg = config("", data, out, method="full", batch_size=2, steps=2, lr=1e-3, loss="chunked", loss_chunk=8,
@@ -121,7 +119,6 @@ def _fsdp_worker(env, out, data):
 def test_fsdp2_shards_the_head_the_chunked_loss_reads(corpus, tmp_path):
     # full fine-tuning: FSDP2 shards lm_head.weight, which the chunked loss multiplies by directly
     # (inside the root's forward, where FSDP2 has gathered it); 2 ranks x 2 = one process x 4
-    from factories import tiny_llama
     from safetensors.torch import load_file
     from test_distributed import spawn
 
