@@ -15,7 +15,7 @@ from allocations import AllocationTracker, saved_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from calculators import LoRASpec, TrainingSetup, block_targets, largest_fitting, lora_layers, model_spec, training_memory
+from calculators import LoRASpec, TrainingSetup, largest_fitting, lora_layers, model_spec, training_memory
 from calculators.gpus import GiB
 from calculators.long_context import DEFAULT_LOSS_CHUNK, chunked_loss_bytes, pinned_bytes
 from calculators.cli import main
