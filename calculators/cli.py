@@ -20,8 +20,9 @@ from dataclasses import replace
 from . import report
 from .cost import training_cost
 from .distributed import parse_strategy
-from .fit import largest_fitting, methods_that_fit
+from .fit import context_limit, largest_fitting, methods_that_fit
 from .gpus import GPUS, gpu_from_text
+from .long_context import DEFAULT_LOSS_CHUNK, LOSSES
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_trainable_parameters, parse_targets
 from .memory import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup, inference_memory, training_memory
 from .models import PRESETS, count_parameters, model_spec
@@ -35,15 +36,17 @@ PROG = "python -m minilora.calc"
 # flags whose values come from a fixed set: checked in one place (_check_choices), a menu on the page
 CHOICES = {"method": METHODS, "grad_ckpt": CHECKPOINTING, "attn": ATTENTION, "dtype": tuple(DTYPE_BYTES),
            "optimizer": OPTIMIZERS, "master_weights": ("auto", "yes", "no"),
-           "search": ("methods", "batch", "seq", "rank")}
+           "search": ("methods", "batch", "seq", "rank"), "loss": LOSSES}
 # free-text flags with well-known values: suggested on the page (a datalist), never enforced
 SUGGESTIONS = {"model": tuple(PRESETS), "gpu": tuple(GPUS), "targets": ("q_proj,v_proj", "all-linear"),
                "zero": ("none", "0", "1", "2", "3", "full-shard", "grad-op")}
 # what a flag left unset means, in --help and in the printed settings
 UNSET = {"targets": "peft's default for the family", "gpu": "none: the answer names the GPUs it fits on",
-         "price": "the GPU preset's price", "plot": "none: no picture"}
+         "price": "the GPU preset's price", "plot": "none: no picture",
+         "loss_chunk": f"{DEFAULT_LOSS_CHUNK} with --loss chunked"}
 OUTPUT = ("json", "explain", "plot")            # how to answer, not what: never a setting
-_TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights", "expert_imbalance")
+_TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights", "expert_imbalance",
+                  "loss", "loss_chunk", "offload_activations")
 _INFERENCE_ONLY = ("new_tokens",)
 
 
@@ -130,6 +133,10 @@ def _common(p):
     p.add_argument("--gpu", default=None, help=f"a size (24GB) or {', '.join(GPUS)}")
     p.add_argument("--expert-imbalance", type=_finite, default=1.0,
                    help="mixture of experts: the busiest expert gets this many times the balanced tokens")
+    p.add_argument("--loss", default="full", help="full: the (B, T, V) logits | chunked: head and loss per chunk")
+    p.add_argument("--loss-chunk", type=int, default=None, help="tokens per chunk of --loss chunked")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="with --grad-ckpt full: checkpointed block inputs wait in pinned host memory")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -204,7 +211,8 @@ def _setup(args, spec):
     return TrainingSetup(method=args.method, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum,
                          grad_ckpt=args.grad_ckpt, attn=args.attn, dtype=args.dtype, master_weights=master,
                          optimizer=args.optimizer, lora=lora, double_quant=not args.no_double_quant,
-                         gpus=args.gpus, zero=args.zero, expert_imbalance=args.expert_imbalance)
+                         gpus=args.gpus, zero=args.zero, expert_imbalance=args.expert_imbalance, loss=args.loss,
+                         loss_chunk=args.loss_chunk, offload_activations=args.offload_activations)
 
 
 def _check_mode_flags(args):
@@ -298,7 +306,7 @@ def _fit(args, spec, setup, gpu) -> dict:
     if args.search == "rank" and args.method == "full":
         raise ValueError("--search rank needs --method lora or qlora")
     best = largest_fitting(spec, setup, gpu.memory, args.search)
-    out.update(search=args.search, largest=best)
+    out.update(search=args.search, largest=best, **context_limit(spec, setup, gpu.memory, args.search, best))
     if best == 0:
         alt = methods_that_fit(spec, replace(setup, batch=1), gpu.memory)
         out["alternatives"] = [r for r in alt if r["fits"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .long_context import check_long_context
 from .lora import LoRASpec
 
 __all__ = ["TrainingSetup", "Precision", "check_setup", "DTYPE_BYTES", "METHODS", "OPTIMIZERS",
@@ -41,6 +42,9 @@ class TrainingSetup:
     offload_page_size: int = 2 ** 20
     offload_gpu_pages: int = 2
     expert_imbalance: float = 1.0  # MoE: the busiest expert gets this many times the balanced N * k / E tokens
+    loss: str = "full"            # full | chunked: head and loss over chunks of tokens (long_context.py)
+    loss_chunk: int | None = None  # tokens per chunk of the chunked loss; None: DEFAULT_LOSS_CHUNK
+    offload_activations: bool = False  # full checkpointing's block inputs wait on the host (long_context.py)
 
 
 def check_setup(setup: TrainingSetup) -> None:
@@ -57,6 +61,7 @@ def check_setup(setup: TrainingSetup) -> None:
     for name, allowed in choices.items():
         if getattr(setup, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(setup, name)!r}")
+    check_long_context(setup)
 
 
 @dataclass(frozen=True)
