@@ -35,7 +35,9 @@ SUITE = {
     "quant_error": ("bench.quant_error", None),
     "offload": ("bench.offload", None),
     "train_throughput": ("bench.train_throughput", None),
+    "long_context": ("bench.long_context", None),   # chunked loss and activation offload, step ratios
     "memory_validation": ("bench.memory_validation", "cuda"),  # torch.cuda.max_memory_allocated
+    "long_context_gpu": ("bench.long_context_gpu", "cuda"),    # the 8B shape at its predicted longest
     "nf4_cuda_parity": ("bench.nf4_cuda_parity", "cuda"),      # bytes vs bitsandbytes' CUDA kernel
 }
 
@@ -49,7 +51,8 @@ def _unsupported(name: str) -> str | None:
         import torch
 
         if not torch.cuda.is_available():
-            hint = " (python -m bench.memory_validation --dry-run exercises it on CPU)" if name == "memory_validation" else ""
+            hint = (f" (python -m bench.{name} --dry-run exercises it on CPU)"
+                    if name in ("memory_validation", "long_context_gpu") else "")
             return "needs a CUDA device; torch.cuda.is_available() is False" + hint
     return None
 

@@ -20,8 +20,9 @@ from dataclasses import replace
 from . import report
 from .cost import training_cost
 from .distributed import parse_strategy
-from .fit import largest_fitting, methods_that_fit
+from .fit import context_limit, largest_fitting, methods_that_fit
 from .gpus import GPUS, gpu_from_text
+from .long_context import DEFAULT_LOSS_CHUNK
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_trainable_parameters, parse_targets
 from .memory import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup, inference_memory, training_memory
 from .models import PRESETS, count_parameters, model_spec
@@ -43,7 +44,8 @@ SUGGESTIONS = {"model": tuple(PRESETS), "gpu": tuple(GPUS), "targets": ("q_proj,
                "zero": ("none", "0", "1", "2", "3", "full-shard", "grad-op")}
 # what a flag left unset means, in --help and in the printed settings
 UNSET = {"targets": "peft's default for the family", "gpu": "none: the answer names the GPUs it fits on",
-         "price": "the GPU preset's price", "plot": "none: no picture"}
+         "price": "the GPU preset's price", "plot": "none: no picture",
+         "loss_chunk": f"{DEFAULT_LOSS_CHUNK} with --loss chunked"}
 OUTPUT = ("json", "explain", "plot")            # how to answer, not what: never a setting
 _TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights", "expert_imbalance",
                   *RECIPE_FLAGS)
@@ -304,7 +306,7 @@ def _fit(args, spec, setup, gpu) -> dict:
     if args.search == "rank" and args.method == "full":
         raise ValueError("--search rank needs --method lora or qlora")
     best = largest_fitting(spec, setup, gpu.memory, args.search)
-    out.update(search=args.search, largest=best)
+    out.update(search=args.search, largest=best, **context_limit(spec, setup, gpu.memory, args.search, best))
     if best == 0:
         alt = methods_that_fit(spec, replace(setup, batch=1), gpu.memory)
         out["alternatives"] = [r for r in alt if r["fits"]]

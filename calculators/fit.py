@@ -12,7 +12,7 @@ from .memory import training_memory
 from .models import ModelSpec
 from .training_setup import METHODS, TrainingSetup
 
-__all__ = ["largest_fitting", "methods_that_fit", "fits"]
+__all__ = ["largest_fitting", "methods_that_fit", "fits", "context_limit"]
 
 
 def fits(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> bool:
@@ -22,6 +22,8 @@ def fits(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> bool:
 def _with(setup: TrainingSetup, what: str, value: int) -> TrainingSetup:
     if what == "rank":
         return replace(setup, lora=replace(setup.lora, rank=value))
+    if what == "seq" and setup.loss_chunk is not None:  # a chunk longer than the sequence is the sequence
+        return replace(setup, seq=value, loss_chunk=min(setup.loss_chunk, value))
     return replace(setup, **{what: value})
 
 
@@ -66,3 +68,12 @@ def methods_that_fit(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> l
             rows.append({"method": method, "grad_ckpt": ckpt, "total_gpu": b.total_gpu,
                          "fits": b.total_gpu <= gpu_bytes})
     return rows
+
+
+def context_limit(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int, what: str, largest: int) -> dict:
+    """When the longest sequence that fits is the model's own limit (max_position_embeddings), how
+    long memory alone would allow: {"model_limit": ..., "memory_alone": ...}; otherwise {}."""
+    if what != "seq" or largest != spec.max_positions:
+        return {}
+    return {"model_limit": spec.max_positions,
+            "memory_alone": largest_fitting(spec, setup, gpu_bytes, "seq", limit=1 << 24)}

@@ -3,13 +3,18 @@
 Peak (what torch.cuda.max_memory_allocated would show, the CUDA context excluded):
     static = weights + master weights + optimizer states + strategy buffers + cuBLAS workspaces
              + minilora's 4-bit dequantize buffer
-    peak   = static + max( backward start: activations + logits and loss + gradients already held,
+    peak   = static + max( backward start: activations + logits and loss (or the chunked loss)
+                                           + gradients already held,
+                           backward through the blocks: the blocks' saved activations + one
+                                           recomputed block + backward workspace + gradients held
+                                           (+ the input the activation offload fetches ahead),
                            backward end:   all gradients + one block's recomputed activations
                                            + backward workspace + the first block's activations,
                            optimizer step: all gradients )
 Gradients already held at backward start are all of them with grad_accum > 1 (they persist
 between micro-batches), else the head's (lm_head / embedding) with full fine-tuning, else none.
-Host memory is the sum of the terms' CPU bytes (the offload optimizer's states).
+Host memory is the sum of the terms' CPU bytes (the offload optimizer's states, the offloaded
+activations). The chunked loss and the activation offload are long_context_terms.py's.
 
 The same sum as phases (Breakdown.phases), for a reader: what is held throughout (the static terms
 and the CUDA context), then what each moment adds; total_gpu = held + the largest moment. A term
@@ -24,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .kv_cache import kv_bytes_per_position
+from .long_context_terms import activation_offload_term, blocks_phase_activations, chunked_loss_term, with_offload
 from .parameters import parameter_tensors
 from .spec import ModelSpec
 from .states import model_state_bytes, nf4_bytes, quantized_linears
@@ -93,11 +99,12 @@ def _gpu(*terms: Term | None) -> int:
 
 def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
     """Per-GPU training memory (rank 0's under a sharding strategy), term by term."""
-    run = plan_training(spec, setup)
+    run = with_offload(plan_training(spec, setup))
     weights, gradients, master = weights_term(run), gradients_term(run), master_weights_term(run)
     optimizer = optimizer_states_term(run)
     activations, recomputed = activations_term(run), recomputed_block_term(run)
-    logits, workspace = logits_and_loss_term(run), backward_workspace_term(run)
+    logits, workspace = chunked_loss_term(run) or logits_and_loss_term(run), backward_workspace_term(run)
+    offload = activation_offload_term(run)
     buffers = (ddp_buckets_term(run), gathered_parameters_term(run, weights.gpu), cublas_workspaces_term(run),
                dequantize_buffer_term(run))
     context = cuda_context_term(run)
@@ -105,22 +112,28 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
     static = _gpu(weights, master, optimizer, *buffers)
     held = gradients_held_at_backward_start(run, gradients.gpu)
     backward_start = _gpu(activations, logits) + held
-    backward_end = _gpu(gradients, recomputed, workspace) + first_block_activations(run)
+    in_blocks = blocks_phase_activations(run)
+    backward_blocks = in_blocks + _gpu(offload, recomputed, workspace) + held
+    backward_end = _gpu(gradients, recomputed, workspace, offload) + first_block_activations(run)
     step = gradients.gpu
-    peak = static + max(backward_start, backward_end, step)
+    peak = static + max(backward_start, backward_blocks, backward_end, step)
     phases = [_phase("held throughout", *((t.name, t.gpu) for t in (weights, master, optimizer, *buffers, context)
                                           if t is not None)),
-              _phase("backward start", ("activations", activations.gpu), ("logits and loss", logits.gpu),
+              _phase("backward start", ("activations", activations.gpu), (logits.name, logits.gpu),
+                     ("gradients", held)),
+              _phase("backward through the blocks", ("activations", in_blocks), ("activation offload", _gpu(offload)),
+                     ("recomputed block", _gpu(recomputed)), ("backward workspace", workspace.gpu),
                      ("gradients", held)),
               _phase("backward end", ("gradients", gradients.gpu), ("recomputed block", _gpu(recomputed)),
-                     ("backward workspace", workspace.gpu), ("activations", first_block_activations(run))),
+                     ("backward workspace", workspace.gpu), ("activations", first_block_activations(run)),
+                     ("activation offload", _gpu(offload))),
               _phase("optimizer step", ("gradients", step))]
 
-    terms = [t for t in (weights, gradients, master, optimizer, activations, recomputed, logits, workspace,
+    terms = [t for t in (weights, gradients, master, optimizer, activations, offload, recomputed, logits, workspace,
                          *buffers, context) if t is not None]
     recipe = describe_recipe(setup)
-    notes = [f"peak = static {static:,} + max(backward start {backward_start:,}, backward end "
-             f"{backward_end:,}, step {step:,})",
+    notes = [f"peak = static {static:,} + max(backward start {backward_start:,}, through the blocks "
+             f"{backward_blocks:,}, backward end {backward_end:,}, step {step:,})",
              f"strategy {run.strategy} on {setup.gpus} GPU(s); micro-batch {setup.batch}, "
              f"grad_accum {setup.grad_accum}",
              f"recipe ({STACK_WORDS[setup.stack]}): {recipe}"]

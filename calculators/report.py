@@ -77,7 +77,9 @@ def _fit_answer(out: dict) -> str:
                             else f"{method} fits with --grad-ckpt {fitting[0]['grad_ckpt']}")
         return f"on {gpu}: " + ", ".join(verdicts)
     if out["largest"]:
-        return f"largest {out['search']} that fits on {gpu}: {out['largest']:,}"
+        limit = (f" (the model's max_position_embeddings; memory alone would allow {out['memory_alone']:,})"
+                 if "memory_alone" in out else "")
+        return f"largest {out['search']} that fits on {gpu}: {out['largest']:,}{limit}"
     alt = ", ".join(f"{r['method']} (grad-ckpt {r['grad_ckpt']}, {_gib(r['total_gpu'])})"
                     for r in out.get("alternatives", [])) or "nothing at batch 1: more GPUs (--gpus/--zero) or a larger GPU"
     return f"does not fit on {gpu} even at {out['search']} 1; what would: {alt}"

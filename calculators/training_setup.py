@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .long_context import check_long_context
 from .lora import LoRASpec
 
 __all__ = ["TrainingSetup", "Precision", "check_setup", "DTYPE_BYTES", "METHODS", "OPTIMIZERS",
@@ -69,6 +70,9 @@ class TrainingSetup:
     autocast_adapter_dtype: bool | None = None  # hf LoRA: peft's flag; None: its default, yes
     model_dropout: float | None = None  # every dropout of config.json set to this; None: the config's own
     expert_imbalance: float = 1.0  # MoE: the busiest expert gets this many times the balanced N * k / E tokens
+    loss: str = "full"            # full | chunked: head and loss over chunks of tokens (long_context.py)
+    loss_chunk: int | None = None  # tokens per chunk of the chunked loss; None: DEFAULT_LOSS_CHUNK
+    offload_activations: bool = False  # full checkpointing's block inputs wait on the host (long_context.py)
 
 
 def check_setup(setup: TrainingSetup) -> None:
@@ -90,6 +94,7 @@ def check_setup(setup: TrainingSetup) -> None:
     if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
                                 or not 0 <= dropout < 1):
         raise ValueError(f"model_dropout must be a number in [0, 1) or None (config.json's), got {dropout!r}")
+    check_long_context(setup)
     message = _refused_recipe(setup)
     if message:
         raise ValueError(message)
@@ -118,6 +123,11 @@ def _refused_recipe(s: TrainingSetup) -> str | None:
                 "unscale fp16 gradients); load in fp32 (--dtype fp32 --autocast fp16) or train in bf16")
     if not hf and s.autocast == "fp16":
         return "--stack minilora --autocast fp16: minilora.train autocasts to bf16 only (--precision bf16)"
+    if hf and (s.loss == "chunked" or s.offload_activations):
+        flag = "--loss chunked" if s.loss == "chunked" else "--offload-activations"
+        return (f"{flag} is minilora.train's (reference_models/loss.py, ActivationOffload): add --stack minilora; "
+                "transformers + peft has no chunked loss, and its activation_checkpointing_enable(offload=True) is "
+                "not modelled")
     if hf and s.attn == "flash" and (s.device == "cpu" or (d == "fp32" and s.autocast == "none")):
         return (f"--attn flash (attn_implementation='flash_attention_2') runs on CUDA in 16-bit only, got "
                 f"--device {s.device} --dtype {d} --autocast {s.autocast}")

@@ -1,12 +1,16 @@
-"""Pieces both model families share: causal attention (SDPA or eager), the KV cache, the loss,
-activations and sampling. Kept in one small file so that gpt.py and llama.py each read as
+"""Pieces both model families share: causal attention (SDPA or eager), the KV cache, the loss
+switch (loss.py computes it), checkpointing, activations and sampling. Kept in one small file so that gpt.py and llama.py each read as
 "the model", with the plumbing written once.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .loss import DEFAULT_LOSS_CHUNK, LOSSES, check_loss_chunk, chunked_cross_entropy, lm_loss
 
 ATTN_IMPLS = ("sdpa", "eager")
 
@@ -141,19 +145,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h_kv, n_rep, s, d).reshape(b, h_kv * n_rep, s, d)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over non-ignored (-100) targets, in fp32.
-
-    targets are already the next tokens: targets[:, t] is the token that should follow
-    idx[:, t] (transformers' `labels` instead equal input_ids and are shifted inside the model).
-    """
-    if targets.shape != logits.shape[:2]:
-        raise ValueError(f"targets must have shape {tuple(logits.shape[:2])} (batch, seq), "
-                         f"got {tuple(targets.shape)}")
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100)
-
-
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
     # logits: (B, V) of the last position -> (B, 1) next token ids
     if temperature == 0:
@@ -178,14 +169,19 @@ def check_generate_args(idx, max_new_tokens, temperature, top_k) -> None:
 
 
 class CausalLM(nn.Module):
-    """What every model shares around its blocks: weight init and tying, checkpointing switch,
-    loss, generation.
+    """What every model shares around its blocks: weight init and tying, the checkpointing and loss
+    switches, generation.
 
-    A subclass defines `_forward(idx, cache) -> logits`, `new_cache(batch, max_len)`,
-    `get_input_embeddings()`, an `lm_head` and a `config` with tie_word_embeddings.
+    A subclass defines `_hidden(idx, cache) -> (B, T, C)` (the final norm's output),
+    `new_cache(batch, max_len)`, `get_input_embeddings()`, an `lm_head` and a `config` with
+    tie_word_embeddings; `logit_softcap` when it squashes its logits (Gemma).
     """
 
     gradient_checkpointing = False
+    activation_offload = None  # checkpointing's offload (set_gradient_checkpointing); None: inputs stay
+    loss = "full"  # "full" | "chunked" (set_loss)
+    loss_chunk = DEFAULT_LOSS_CHUNK
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) when set
     max_len: int | None = None  # the longest sequence it can position (None: RoPE has no hard limit)
     cache_refresh_length: int | None = None  # generate() rebuilds the KV cache when it holds this many positions
 
@@ -208,24 +204,59 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.get_input_embeddings().weight  # (V, C), one tensor
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+    def set_gradient_checkpointing(self, enabled: bool = True, offload=None) -> None:
         """Recompute each block in backward instead of keeping its activations (per block,
-        torch.utils.checkpoint with use_reentrant=False)."""
+        torch.utils.checkpoint with use_reentrant=False).
+
+        `offload`: where each block's checkpointed input waits for backward, e.g.
+        minilora.train.ActivationOffload (pinned host memory): any object whose `saving(layer, x)`
+        is the context (saved_tensors_hooks) in force while block `layer` checkpoints its input x."""
+        if offload is not None and not enabled:
+            raise ValueError("activation offload needs gradient checkpointing: without it every block keeps all "
+                             "its activations, not just its input; call set_gradient_checkpointing(True, offload)")
+        if offload is not None and not callable(getattr(offload, "saving", None)):
+            raise ValueError(f"offload must have a saving(layer, x) method, got {type(offload).__name__}")
         self.gradient_checkpointing = bool(enabled)
+        self.activation_offload = offload
+
+    def set_loss(self, loss: str = "full", chunk_size: int | None = None) -> None:
+        """How forward(idx, targets) computes the loss: "full" (the (B, T, V) logits, then the loss) or
+        "chunked" (loss.chunked_cross_entropy over `chunk_size` tokens at a time, default
+        DEFAULT_LOSS_CHUNK; forward then returns (None, loss): the logits never exist)."""
+        check_choice("loss", loss, LOSSES)
+        chunk_size = DEFAULT_LOSS_CHUNK if chunk_size is None else chunk_size
+        check_loss_chunk(chunk_size, name="chunk_size")
+        self.loss, self.loss_chunk = loss, chunk_size
 
     def _run_block(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled() and args[-1] is None:
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            offload = self.activation_offload
+            with offload.saving(block.layer, args[0]) if offload is not None else contextlib.nullcontext():
+                return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)  # (B, T, V)
+        cap = self.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        return self._logits(self._hidden(idx, cache))  # (B, T, V)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None):
-        """idx: (B, T) token ids -> logits (B, T, V); with targets (B, T): (logits, loss)."""
+        """idx: (B, T) token ids -> logits (B, T, V); with targets (B, T): (logits, loss), or
+        (None, loss) with the chunked loss (set_loss)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, seq) token ids, got shape {tuple(idx.shape)}")
-        logits = self._forward(idx, kv_cache)
-        if targets is None:
-            return logits
-        return logits, lm_loss(logits, targets)
+        if targets is None or self.loss == "full":
+            logits = self._forward(idx, kv_cache)
+            return logits if targets is None else (logits, lm_loss(logits, targets))
+        head = self.lm_head
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise ValueError(f"the chunked loss multiplies by lm_head.weight itself, so lm_head must be a bias-free "
+                             f"nn.Linear, got {type(head).__name__}; use set_loss('full') with this head")
+        hidden = self._hidden(idx, kv_cache)  # (B, T, C)
+        return None, chunked_cross_entropy(hidden, head.weight, targets, self.loss_chunk, self.logit_softcap)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -151,7 +151,7 @@ class GPT(CausalLM):
         w = self.transformer.wte.weight
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.head_dim, w.device)
 
-    def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
@@ -162,4 +162,4 @@ class GPT(CausalLM):
             x = self._run_block(block, x, cache)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return self.transformer.ln_f(x)  # (B, T, C)

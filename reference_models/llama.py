@@ -289,7 +289,11 @@ class Llama(CausalLM):
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
                        self.model.embed_tokens.weight.device, sliding_windows=windows)
 
-    def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    @property
+    def logit_softcap(self) -> float | None:  # Gemma 2/3's final_logit_softcapping
+        return self.config.final_logit_softcapping
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         x = self.model.embed_tokens(idx)  # (B, T, C)
@@ -302,16 +306,14 @@ class Llama(CausalLM):
             x = self._run_block(block, x, *rope[block.layer_type], cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return self.model.norm(x)  # (B, T, C)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 aux_loss: bool = False):
-        """idx (B, T) -> logits (B, T, V); with targets: (logits, loss). aux_loss=True (mixture-of-experts
-        families) also returns the router's load-balancing loss over this forward's sparse layers, and
-        adds router_aux_loss_coef times it to the loss, as transformers does with output_router_logits:
-        (logits, aux) or (logits, loss, aux)."""
+        """idx (B, T) -> logits (B, T, V); with targets: (logits, loss), or (None, loss) with the chunked
+        loss (set_loss). aux_loss=True (mixture-of-experts families) also returns the router's
+        load-balancing loss over this forward's sparse layers, and adds router_aux_loss_coef times it
+        to the loss, as transformers does with output_router_logits: (logits, aux) or (logits, loss, aux)."""
         out = super().forward(idx, targets, kv_cache)
         if not aux_loss:
             return out

@@ -163,7 +163,7 @@ class GPTNeoX(CausalLM):
         return KVCache(c.num_hidden_layers, batch, c.num_attention_heads, max_len, c.head_dim,
                        self.gpt_neox.embed_in.weight.device)
 
-    def _forward(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         x = self.gpt_neox.emb_dropout(self.gpt_neox.embed_in(idx))  # (B, T, C)
@@ -172,4 +172,4 @@ class GPTNeoX(CausalLM):
             x = self._run_block(block, x, cos, sin, cache)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.gpt_neox.final_layer_norm(x))  # (B, T, V)
+        return self.gpt_neox.final_layer_norm(x)  # (B, T, C)

@@ -177,8 +177,9 @@ def test_peak_grows_with_batch_and_seq_and_shrinks_with_checkpointing():
        autocast=st.sampled_from(["none", "bf16"]))
 def test_peak_is_the_held_terms_plus_the_largest_phase(model, method, optimizer, grad_ckpt, attn, dtype, gpus,
                                                        zero, grad_accum, device, batch, seq, stack, autocast):
-    """peak = weights + master + optimizer + strategy, cuBLAS and dequantize buffers + max(backward start, backward
-    end, step), each phase holding its terms; host bytes are the terms' CPU bytes; the note says the same."""
+    """peak = weights + master + optimizer + strategy, cuBLAS and dequantize buffers + max(backward start,
+    backward through the blocks, backward end, step), each phase holding its terms; host bytes are the
+    terms' CPU bytes; the note says the same."""
     assume(not (stack == "hf" and grad_ckpt == "selective"))  # transformers has no selective recomputation
     setup = TrainingSetup(method=method, optimizer=optimizer, grad_ckpt=grad_ckpt, attn=attn, dtype=dtype, gpus=gpus,
                           zero=zero, grad_accum=grad_accum, device=device, batch=batch, seq=seq, stack=stack,
@@ -190,7 +191,7 @@ def test_peak_is_the_held_terms_plus_the_largest_phase(model, method, optimizer,
     def gpu(*names):
         return sum(terms[n].gpu for n in names if n in terms)
 
-    static, start, end, step = (int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", b.notes[0]))
+    static, start, blocks, end, step = (int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", b.notes[0]))
     assert static == gpu("weights", "master weights", "optimizer states", "DDP gradient buckets",
                          "gathered parameters", "cuBLAS workspaces", "4-bit dequantize buffer")
     assert ("4-bit dequantize buffer" in terms) == (stack == "minilora" and method == "qlora")
@@ -201,8 +202,11 @@ def test_peak_is_the_held_terms_plus_the_largest_phase(model, method, optimizer,
     # backward end also holds what the first block saved (a part of the activations)
     assert gpu("gradients", "recomputed block", "backward workspace") <= end
     assert end <= gpu("gradients", "recomputed block", "backward workspace", "activations")
+    # backward through the blocks: the blocks' part of the activations, a recomputed block, the workspace
+    assert gpu("recomputed block", "backward workspace") <= blocks
+    assert blocks <= gpu("activations", "recomputed block", "backward workspace", "gradients")
     assert step == gpu("gradients")
-    assert b.peak == static + max(start, end, step)
+    assert b.peak == static + max(start, blocks, end, step)
     assert b.total_gpu == b.peak + terms["CUDA context"].gpu
     assert b.cpu == sum(t.cpu for t in b.terms)
     assert ("recomputed block" in terms) == (grad_ckpt == "full")

@@ -4,6 +4,7 @@
     build.py       the device, precision, model for the method (full, LoRA, QLoRA) and the optimizer
     strategy.py    what differs on one process, under DDP and under FSDP2
     loop.py        the step, evaluation and the loop: train(), train_distributed()
+    offload_activations.py   ActivationOffload: checkpointed block inputs wait in (pinned) host memory
     checkpoint.py  the checkpoint format (one, resumable on any world size); legacy.py reads the
                    layouts before it; state.py its in-memory form and encodings
     resume.py      the checkpoints folder: latest.json, resume checks, pruning
@@ -17,6 +18,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import main
 from .config import TrainConfig
 from .loop import TrainResult, evaluate, lr_at, train, train_distributed
+from .offload_activations import ActivationOffload
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_distributed", "build_model", "make_optimizer", "autocast",
-           "evaluate", "lr_at", "save_checkpoint", "load_checkpoint", "main"]
+           "evaluate", "lr_at", "save_checkpoint", "load_checkpoint", "main", "ActivationOffload"]

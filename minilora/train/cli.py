@@ -14,7 +14,7 @@ from dataclasses import fields
 
 from minilora.distributed import STRATEGIES, shutdown
 
-from .config import METHODS, OPTIMIZERS, PRECISIONS, QUANT_TYPES, TrainConfig
+from .config import LOSSES, METHODS, OPTIMIZERS, PRECISIONS, QUANT_TYPES, TrainConfig
 from .loop import train
 
 __all__ = ["HELP", "ENTRY_POINTS", "build_parser", "main"]
@@ -50,6 +50,13 @@ HELP = {
     "double_quant": "qlora: quantize the absmax scales too (8-bit, blocks of 256)",
     "precision": "auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16: autocast everywhere",
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~30%% more time)",
+    "offload_activations": "with --grad-checkpointing: keep each block's checkpointed input in pinned host memory "
+                           "between forward and backward, copied on side streams, prefetched one block ahead "
+                           "(device memory holds two block inputs instead of one per layer)",
+    "loss": "full: the (B, T, V) logits, then the cross-entropy; chunked: head and loss over chunks of tokens, "
+            "recomputed in backward, so the logits never exist (same loss to fp32 rounding)",
+    "loss_chunk": "with --loss chunked: learned tokens of the micro-batch per chunk, 1 to --max-seq-len "
+                  "(default: reference_models.loss.DEFAULT_LOSS_CHUNK, 1024)",
     "eval_every": "evaluate every N steps and at the end (0 disables eval)",
     "eval_batches": "limit each eval to N batches (default: the whole eval set)",
     "save_every": "write a checkpoint every N steps and at the end (0: no checkpoints); without --resume, "
@@ -69,7 +76,7 @@ HELP = {
     "quiet": "print nothing but errors",
 }
 CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "precision": PRECISIONS, "quant_type": QUANT_TYPES,
-           "strategy": STRATEGIES}
+           "strategy": STRATEGIES, "loss": LOSSES}
 # entry point -> (program name in usage lines and errors, default strategy)
 ENTRY_POINTS = {"minilora.train": ("python -m minilora.train", "none"),
                 "minilora.distributed": ("torchrun --nproc_per_node N -m minilora.distributed", "full_shard")}
@@ -100,7 +107,7 @@ def build_parser(entry: str = "minilora.train") -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name == "tasks":
             kw["type"] = lambda s: [t for t in s.split(",") if t]
-        elif isinstance(default, (int, float)) or f.name == "eval_batches":
+        elif isinstance(default, (int, float)) or f.name in ("eval_batches", "loss_chunk"):
             kw["type"] = float if isinstance(default, float) else int
         if f.name in ("model", "data"):
             kw["required"] = True

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TrainConfig", "METHODS", "OPTIMIZERS", "PRECISIONS", "QUANT_TYPES", "RESUME_KEYS"]
+from reference_models.loss import LOSSES, check_loss_chunk
+
+__all__ = ["TrainConfig", "METHODS", "OPTIMIZERS", "PRECISIONS", "QUANT_TYPES", "LOSSES", "RESUME_KEYS",
+           "RESUME_DEFAULTS"]
 
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "offload")
@@ -19,7 +22,9 @@ QUANT_TYPES = ("nf4", "fp4")
 RESUME_KEYS = ("model", "data", "tokenizer", "method", "tasks", "max_seq_len", "grad_accum", "steps", "lr", "clip",
                "min_lr_ratio", "warmup_steps", "weight_decay", "optimizer", "offload_state_bits", "lora_r",
                "lora_alpha", "lora_dropout", "lora_targets", "quant_type", "quant_block_size", "double_quant",
-               "seed", "eval_fraction")
+               "seed", "eval_fraction", "loss", "loss_chunk")
+# What a checkpoint written before a RESUME_KEYS setting existed was trained with.
+RESUME_DEFAULTS = {"loss": "full", "loss_chunk": None}
 
 
 @dataclass
@@ -54,6 +59,9 @@ class TrainConfig:
     double_quant: bool = True
     precision: str = "auto"
     grad_checkpointing: bool = False
+    offload_activations: bool = False
+    loss: str = "full"
+    loss_chunk: int | None = None
     eval_every: int = 50
     eval_batches: int | None = None
     save_every: int = 0
@@ -90,9 +98,23 @@ class TrainConfig:
         need(self.eval_batches is None or (isinstance(self.eval_batches, int) and self.eval_batches >= 1),
              f"eval_batches must be an integer >= 1 (or unset for the whole eval set), got {self.eval_batches!r}")
         need(self.quant_type in QUANT_TYPES, f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        self._validate_long_context()
         need(bool(self.data), "data is required (a .jsonl Alpaca file or a .txt corpus)")
         check_strategy(self.strategy, 1)  # the name only; the number of ranks is checked when the run starts
         need(self.optimizer == "adamw" or self.strategy == "none",
              f"optimizer must be 'adamw' under strategy {self.strategy!r}, got {self.optimizer!r} "
              "(CPUOffloadAdamW copies and frees each gradient in its accumulate hook, which may run before "
              "DDP/FSDP2 have reduced it; FSDP2's own CPUOffloadPolicy is the sharded alternative)")
+
+    def _validate_long_context(self) -> None:
+        """The loss and activation-offload settings, each refused with the value and what is allowed."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.loss_chunk is not None:
+            check_loss_chunk(self.loss_chunk, self.max_seq_len, "loss_chunk")
+            if self.loss != "chunked":
+                raise ValueError(f"loss_chunk applies to loss 'chunked' only (the full loss has no chunks), "
+                                 f"got loss {self.loss!r} with loss_chunk {self.loss_chunk}")
+        if self.offload_activations and not self.grad_checkpointing:
+            raise ValueError("offload_activations needs grad_checkpointing: it moves each block's checkpointed "
+                             "input to the host, and without checkpointing blocks keep all their activations")

@@ -33,6 +33,7 @@ from .build import autocast, build_model, make_optimizer
 from .checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, BatchSampler, Dataset, collate, eval_batches, load_dataset
+from .offload_activations import ActivationOffload
 from .report import headline, progress_line, summarize, summary_text
 from .resume import check_fresh_out, check_resume_settings, latest_checkpoint, prune_checkpoints
 from .strategy import Strategy
@@ -88,9 +89,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def compute_loss(model, x: torch.Tensor, y: torch.Tensor, autocast_context) -> torch.Tensor:
     """Mean cross-entropy over the learned tokens (targets != -100) of one batch, in fp32: the one
-    place where training and evaluation compute the loss."""
+    place where training and evaluation compute the loss (full or chunked: the model's set_loss)."""
     with autocast_context:
-        _, loss = model(x, y)  # x, y: (B, T); the model returns (logits, loss)
+        _, loss = model(x, y)  # x, y: (B, T); the model returns (logits, loss), or (None, loss) when chunked
     return loss
 
 
@@ -153,8 +154,7 @@ def prepare(cfg: TrainConfig, strategy: Strategy, model=None, say=print) -> Run:
     if max_len is not None and cfg.max_seq_len > max_len:
         raise ValueError(f"max_seq_len={cfg.max_seq_len} exceeds the {max_len} positions this model has")
     data, eval_set = _datasets(cfg, tokenizer)
-    if hasattr(model, "set_gradient_checkpointing"):
-        model.set_gradient_checkpointing(cfg.grad_checkpointing)
+    _set_memory_switches(cfg, model, strategy.device)
     wrapped = strategy.wrap(model)  # FSDP2 shards every rank's own copy: all copies must be equal (one seed)
     if strategy.world_size > 1:
         torch.manual_seed(cfg.seed + strategy.rank)  # from here on (dropout) each rank draws its own numbers
@@ -167,6 +167,20 @@ def prepare(cfg: TrainConfig, strategy: Strategy, model=None, say=print) -> Run:
     if cfg.resume:
         _resume(run, say)
     return run
+
+
+def _set_memory_switches(cfg: TrainConfig, model, device: torch.device) -> None:
+    """Gradient checkpointing (with the activation offload) and the loss, as cfg says."""
+    if hasattr(model, "set_gradient_checkpointing"):
+        offload = ActivationOffload(device) if cfg.offload_activations else None
+        model.set_gradient_checkpointing(cfg.grad_checkpointing, offload=offload)
+    elif cfg.offload_activations:
+        raise ValueError(f"offload_activations needs a reference model; {type(model).__name__} has no "
+                         "set_gradient_checkpointing")
+    if hasattr(model, "set_loss"):
+        model.set_loss(cfg.loss, cfg.loss_chunk)
+    elif cfg.loss != "full":
+        raise ValueError(f"loss {cfg.loss!r} needs a reference model; {type(model).__name__} has no set_loss")
 
 
 def _datasets(cfg: TrainConfig, tokenizer) -> tuple[Dataset, Dataset | None]:

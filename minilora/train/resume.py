@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .config import RESUME_KEYS, TrainConfig
+from .config import RESUME_DEFAULTS, RESUME_KEYS, TrainConfig
 
 __all__ = ["latest_checkpoint", "check_resume_settings", "check_fresh_out", "prune_checkpoints"]
 
@@ -29,8 +29,9 @@ def check_resume_settings(saved: dict, cfg: TrainConfig, world_size: int = 1) ->
     state `saved` (the per-rank batch may change with the world size, their product may not)."""
     config = saved.get("config", {})
     for key in RESUME_KEYS:
-        if config.get(key) != getattr(cfg, key):
-            raise ValueError(f"--resume: checkpoint was trained with {key}={config.get(key)!r}, "
+        saved_value = config.get(key, RESUME_DEFAULTS.get(key))
+        if saved_value != getattr(cfg, key):
+            raise ValueError(f"--resume: checkpoint was trained with {key}={saved_value!r}, "
                              f"this run has {getattr(cfg, key)!r}")
     global_batch = cfg.batch_size * world_size
     if saved.get("global_batch") != global_batch:

@@ -1,0 +1,83 @@
+"""The chunked loss and activation offload as memory terms, and the phase they bring to light.
+
+long_context.py holds the arithmetic; here it becomes Terms, with their assumptions and formulas
+(numbers put in, evaluating to the GPU bytes as terms.py's do), which memory.py places:
+
+    chunked loss            backward start, in place of "logits and loss"
+    activation offload      its CPU bytes: the host holding every block input but the last; its GPU
+                            bytes: the one input backward fetches ahead, alive while backward goes
+                            through the blocks and at backward end (block 0's, fetched last)
+    backward through the blocks   a phase: the blocks' saved activations (not the head's or the
+                            loss's: freed by then), a recomputed block, the backward workspace and
+                            the gradients held; with the full loss it stays below backward start,
+                            with the chunked loss it can be the peak
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .long_context import DEFAULT_LOSS_CHUNK, chunk_tokens, chunked_loss_bytes, offload_activation_bytes
+from .lora import lora_layers
+from .terms import Term, TrainingRun
+
+__all__ = ["with_offload", "chunked_loss_term", "activation_offload_term", "blocks_phase_activations"]
+
+
+def with_offload(run: TrainingRun) -> TrainingRun:
+    """The run with its activations as the device holds them (offloaded inputs moved out)."""
+    return replace(run, activations=offload_activation_bytes(run.activations, run.setup))
+
+
+def chunked_loss_term(run: TrainingRun) -> Term | None:
+    """The chunked loss's bytes: what it keeps for backward and what backward starts with (None with
+    the full loss). Refuses LoRA on lm_head, which the chunked loss refuses too."""
+    s, spec, d = run.setup, run.spec, run.precision.activations
+    if s.loss != "chunked":
+        return None
+    if s.method != "full" and any(lin.name == "lm_head" for lin in lora_layers(spec, s.lora.targets)):
+        raise ValueError("loss 'chunked' multiplies by lm_head's weight itself: LoRA on lm_head needs loss 'full'")
+    trainable = s.method == "full"
+    b = chunked_loss_bytes(spec, s, d, trainable)
+    rows, tokens, hidden, vocab = chunk_tokens(s), f"{s.batch} batch x {s.seq:,} seq", spec.hidden_size, spec.vocab_size
+    kept = "" if trainable else f" + {hidden:,} hidden x {d} B kept"
+    formula = (f"{tokens} x (8 B targets + 4 B log-sum-exp{kept}) + {tokens} x {hidden:,} hidden x {d} B gradient + "
+               + _buffers_formula(rows, vocab, hidden, d, trainable))
+    chunk = f"chunks of {rows:,} tokens" + (" (the default)" if s.loss_chunk is None and rows == DEFAULT_LOSS_CHUNK
+                                           else "")
+    return Term("chunked loss", b["saved"] + b["backward"],
+                f"head and loss over {chunk}, logits recomputed in backward: no (B, T, V) tensor; kept: "
+                + ("targets, fp32 log-sum-exp" if trainable else "the head's input, targets, fp32 log-sum-exp")
+                + f"; at backward start the hidden gradient and one chunk's logits in {run.precision.name} and fp32"
+                + ("; the head's fp32 gradient accumulator" if trainable and d != 4 else ""), formula=formula)
+
+
+def _buffers_formula(rows: int, vocab: int, hidden: int, d: int, trainable: bool) -> str:
+    """The formula of chunked_loss_bytes' chunk buffers (the larger branch written out)."""
+    chunk = f"{rows:,} chunk tokens x {vocab:,} vocab x {4 if d == 4 else d + 4} B"
+    if not trainable or d == 4:
+        return chunk
+    accumulator = f"{vocab:,} vocab x {hidden:,} hidden x 4 B accumulator"
+    if rows * vocab * (d + 4) - vocab * hidden * d >= rows * vocab * d:
+        return f"{accumulator} + {chunk} - {vocab:,} vocab x {hidden:,} hidden x {d} B"
+    return f"{accumulator} + {rows:,} chunk tokens x {vocab:,} vocab x {d} B"
+
+
+def activation_offload_term(run: TrainingRun) -> Term | None:
+    act, s = run.activations, run.setup
+    if not s.offload_activations:
+        return None
+    moved = act["offloaded"]
+    fetched = max(moved, default=0)
+    pinned = "pinned, each rounded up to a power of two by torch's host allocator" if s.device == "cuda" else \
+        "plain host memory on a CPU"
+    return Term("activation offload", fetched,
+                f"checkpointed inputs of {len(moved)} of {len(act['layers'])} blocks on the host ({pinned}); "
+                "the GPU holds the last block's and, during backward, one more fetched ahead",
+                cpu=act["host"], formula=f"1 block input x {fetched:,} B fetched ahead")
+
+
+def blocks_phase_activations(run: TrainingRun) -> int:
+    """Saved activations on the device while backward goes through the blocks: all but the head's
+    and the loss's (and, with the offload, all but the last block's input)."""
+    act = run.activations
+    return act["total"] - act["loss"] - act["head"]

@@ -1,0 +1,239 @@
+"""calculators' chunked-loss and activation-offload terms against our models on CPU (issue 16). Both
+are minilora.train's, so every setup here names stack="minilora" (--stack minilora).
+
+Exact: the bytes kept for backward against saved_tensors_hooks (each storage once, parameters
+excluded); the chunked loss's backward buffers against the allocations an op-by-op tracker sees
+(tests/allocations.py), up to the chunk's row indices (12 bytes per row: an int64 arange and the
+fp32 values at the targets) and two fp32 scalars; the offloaded bytes against the host tensors
+ActivationOffload holds.
+"""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from allocations import AllocationTracker, saved_bytes
+from hypothesis import given
+from hypothesis import strategies as st
+
+from calculators import LoRASpec, TrainingSetup, largest_fitting, lora_layers, model_spec, training_memory
+from calculators.gpus import GiB
+from calculators.long_context import DEFAULT_LOSS_CHUNK, chunked_loss_bytes, pinned_bytes
+from calculators.cli import main
+from factories import tiny_model
+from minilora.train import ActivationOffload
+from reference_models.loss import DEFAULT_LOSS_CHUNK as MODELS_DEFAULT_CHUNK
+from reference_models.loss import chunked_cross_entropy
+from test_calc_explain import evaluate
+
+VOCAB, BATCH, SEQ = 101, 2, 24
+
+
+def build(family, dtype, method):
+    model = tiny_model(family, vocab_size=VOCAB, n_positions=64, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0) \
+        if family == "gpt2" else \
+        tiny_model(family, vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=3)
+    model = model.to(dtype).train()
+    spec = model_spec(model.config.to_hf_dict())
+    if method == "lora":
+        from minilora.lora.layer import LoRAConfig
+        from minilora.lora.model import inject
+
+        model.requires_grad_(False)
+        inject(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    return model, spec
+
+
+def setup_for(spec, dtype, method, ckpt, chunk, offload=False):
+    names = lora_layers(spec, "all-linear") if method == "lora" else []
+    return TrainingSetup(method=method, batch=BATCH, seq=SEQ, grad_ckpt="full" if ckpt else "none", device="cpu",
+                         dtype="fp32" if dtype == torch.float32 else "bf16", loss="chunked", loss_chunk=chunk,
+                         offload_activations=offload, stack="minilora",
+                         lora=LoRASpec(rank=4, alpha=8, targets=[lin.name for lin in names] or None))
+
+
+def ids(seed):
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+# both families x (full, LoRA) x (checkpointing off, on) x (fp32, bf16): half of the 16, each pair once
+GRID = [("gpt2", torch.float32, "full", False), ("gpt2", torch.bfloat16, "full", True),
+        ("gpt2", torch.bfloat16, "lora", False), ("gpt2", torch.float32, "lora", True),
+        ("llama", torch.bfloat16, "full", False), ("llama", torch.float32, "full", True),
+        ("llama", torch.float32, "lora", False), ("llama", torch.bfloat16, "lora", True)]
+
+
+@pytest.mark.parametrize("family,dtype,method,ckpt", GRID)
+def test_saved_bytes_with_the_chunked_loss_equal_the_calculators_exactly(family, dtype, method, ckpt):
+    model, spec = build(family, dtype, method)
+    model.set_gradient_checkpointing(ckpt)
+    model.set_loss("chunked", 7)
+    real = saved_bytes(lambda: model(ids(0), ids(1)), model.parameters())  # targets of their own, as in training
+    setup = setup_for(spec, dtype, method, ckpt, 7)
+    terms = {t.name: t for t in training_memory(spec, setup).terms}
+    kept = chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full")["saved"]
+    assert real == terms["activations"].gpu + kept
+    assert terms["chunked loss"].gpu == kept + chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full")["backward"]
+
+
+@given(tokens=st.integers(1, 60), hidden=st.sampled_from([16, 64]), vocab=st.integers(2, 300),
+       chunk=st.integers(1, 64), dtype=st.sampled_from([torch.float32, torch.bfloat16]), trainable=st.booleans())
+def test_the_chunked_loss_backward_buffers_equal_the_calculators(tokens, hidden, vocab, chunk, dtype, trainable):
+    spec = model_spec(dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=1, num_attention_heads=4))
+    setup = TrainingSetup(method="full" if trainable else "lora", batch=1, seq=tokens, loss="chunked",
+                          loss_chunk=min(chunk, tokens), device="cpu", stack="minilora")
+    g = torch.Generator().manual_seed(tokens * vocab)
+    h = torch.randn(1, tokens, hidden, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, hidden, generator=g).to(dtype).requires_grad_(trainable)
+    loss = chunked_cross_entropy(h, weight, torch.randint(0, vocab, (1, tokens), generator=g), min(chunk, tokens))
+    with AllocationTracker() as tracker:
+        loss.backward()
+    predicted = chunked_loss_bytes(spec, setup, dtype.itemsize, trainable)["backward"]
+    head_gradient = vocab * hidden * dtype.itemsize if trainable else 0  # the gradients term's, not the loss's
+    rows = min(chunk, tokens)
+    assert 0 <= tracker.peak - (predicted + head_gradient) <= 12 * rows + 8
+
+
+@pytest.mark.parametrize("family,dtype,method", [("llama", torch.bfloat16, "lora"), ("gpt2", torch.float32, "full"),
+                                                 ("llama", torch.float32, "full"), ("gpt2", torch.bfloat16, "lora")])
+def test_offload_host_and_device_bytes_equal_the_calculators_exactly(family, dtype, method):
+    model, spec = build(family, dtype, method)
+    model.set_loss("chunked", 7)
+    model.set_gradient_checkpointing(True)
+    everything = saved_bytes(lambda: model(ids(0), ids(1)), model.parameters())
+    offload = ActivationOffload("cpu")
+    model.set_gradient_checkpointing(True, offload=offload)
+    loss = model(ids(0), ids(1))[1]
+    host = offload.host_bytes()
+    loss.backward()
+    b = training_memory(spec, setup_for(spec, dtype, method, True, 7, offload=True))
+    terms = {t.name: t for t in b.terms}
+    assert host == terms["activation offload"].cpu == b.cpu > 0
+    kept = chunked_loss_bytes(spec, setup_for(spec, dtype, method, True, 7), dtype.itemsize, method == "full")["saved"]
+    assert everything - host == terms["activations"].gpu + kept
+    assert terms["activation offload"].gpu == host // (spec.num_layers - 1)  # one block input fetched ahead
+
+
+def test_pinned_host_bytes_are_rounded_up_to_powers_of_two_on_cuda_only():
+    # torch's CachingHostAllocator (PowerOf2Ceil in allocate()); a CPU holds the bytes themselves
+    assert pinned_bytes(655_360_000, "cuda") == 2 ** 30 and pinned_bytes(2 ** 20, "cuda") == 2 ** 20
+    assert pinned_bytes(655_360_000, "cpu") == 655_360_000
+    spec = model_spec("llama-3.1-8b")
+    cuda, cpu = (training_memory(spec, TrainingSetup(method="qlora", seq=57_704, grad_ckpt="full", device=device,
+                                                    offload_activations=True, stack="minilora")).cpu
+                 for device in ("cuda", "cpu"))
+    assert cpu == 31 * 57_704 * 4096 * 2 and cuda == 31 * 2 ** 29
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
+def test_pinned_host_bytes_equal_torchs_host_allocator():
+    model, spec = build("llama", torch.bfloat16, "lora")
+    model.cuda().set_gradient_checkpointing(True, offload=ActivationOffload("cuda"))
+    before = torch.cuda.memory.host_memory_stats().get("active_bytes.current", 0)
+    loss = model(ids(0).cuda(), ids(1).cuda())[1]
+    held = torch.cuda.memory.host_memory_stats()["active_bytes.current"] - before
+    loss.backward()
+    setup = setup_for(spec, torch.bfloat16, "lora", True, None, offload=True)
+    assert held == training_memory(spec, TrainingSetup(**{**setup.__dict__, "device": "cuda", "loss": "full"})).cpu
+
+
+def test_defaults_agree_with_the_models():
+    assert DEFAULT_LOSS_CHUNK == MODELS_DEFAULT_CHUNK
+    spec = model_spec("llama-3.1-8b")
+    short = TrainingSetup(method="qlora", seq=300, loss="chunked", stack="minilora")  # a chunk: at most the tokens
+    assert chunked_loss_bytes(spec, short, 2, False)["backward"] == 300 * 4096 * 2 + 300 * 128256 * 6
+
+
+def test_each_switch_lengthens_the_longest_context():
+    spec = model_spec("llama-3.1-8b")
+    longest = {}
+    for loss in ("full", "chunked"):
+        for offload in (False, True):
+            setup = TrainingSetup(method="qlora", grad_ckpt="full", loss=loss, offload_activations=offload,
+                                  lora=LoRASpec(rank=16, targets="all-linear"), stack="minilora")
+            seq = longest[loss, offload] = largest_fitting(spec, setup, 24 * GiB, "seq")
+            fits = training_memory(spec, TrainingSetup(**{**setup.__dict__, "seq": seq})).total_gpu
+            over = training_memory(spec, TrainingSetup(**{**setup.__dict__, "seq": seq + 1})).total_gpu
+            assert fits <= 24 * GiB < over
+    assert longest["full", False] < longest["full", True] < longest["chunked", True]
+    assert longest["full", False] < longest["chunked", False] < longest["chunked", True]
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(loss="fused"), "loss must be one of full, chunked, got 'fused'"),
+    (dict(loss="chunked", loss_chunk=0), "loss_chunk must be an integer >= 1 (tokens per chunk), got 0"),
+    (dict(loss="chunked", loss_chunk=513), "loss_chunk must be at most the sequence length 512"),
+    (dict(loss_chunk=64), "loss_chunk applies to loss 'chunked' only"),
+    (dict(offload_activations=True), "offload_activations needs grad_ckpt 'full'"),
+    (dict(offload_activations=True, grad_ckpt="selective"), "got grad_ckpt 'selective'"),
+    (dict(loss="chunked", lora=LoRASpec(targets=["lm_head", "q_proj"])), "LoRA on lm_head needs loss 'full'"),
+])
+def test_bad_settings_are_refused_naming_the_value(changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        training_memory(model_spec("llama-2-7b"), TrainingSetup(**changes, stack="minilora"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--loss-chunk", "0", "--loss", "chunked"], "loss_chunk must be an integer >= 1"),
+    (["--loss-chunk", "4096", "--loss", "chunked", "--seq", "2048"], "at most the sequence length 2048"),
+    (["--offload-activations"], "offload_activations needs grad_ckpt 'full'"),
+    (["--loss", "fast"], "--loss must be one of full, chunked, got 'fast'"),
+    (["--inference", "--loss", "chunked"], "--loss applies to training only"),
+])
+def test_the_cli_refuses_bad_long_context_flags_in_one_line(flags, message, capsys):
+    stack = [] if "--inference" in flags else ["--stack", "minilora"]  # both are training settings
+    assert main(["vram", "--model", "llama-3.1-8b", "--method", "qlora", *stack, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_the_cli_answers_with_both_switches(capsys):
+    args = ["--model", "llama-3.1-8b", "--method", "qlora", "--rank", "16", "--targets", "all-linear",
+            "--grad-ckpt", "full", "--loss", "chunked", "--loss-chunk", "512", "--offload-activations", "--gpu", "24GB",
+            "--stack", "minilora"]
+    assert main(["vram", *args]) == 0
+    out = capsys.readouterr().out
+    assert "chunked loss" in out and "activation offload" in out and "of host memory" in out
+    assert main(["fit", *args, "--search", "seq"]) == 0
+    assert "largest seq that fits on 24 GiB GPU" in capsys.readouterr().out
+
+
+def test_fit_says_when_the_models_context_limit_binds_and_how_far_memory_goes(capsys):
+    args = ["fit", "--model", "llama-3.1-8b", "--method", "qlora", "--grad-ckpt", "full", "--loss", "chunked",
+            "--offload-activations", "--search", "seq", "--gpu", "80GB", "--json", "--stack", "minilora"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["largest"] == out["model_limit"] == model_spec("llama-3.1-8b").max_positions
+    setup = TrainingSetup(method="qlora", grad_ckpt="full", loss="chunked", offload_activations=True, stack="minilora")
+    alone = out["memory_alone"]
+    assert training_memory(model_spec("llama-3.1-8b"), replace(setup, seq=alone)).total_gpu <= 80 * GiB
+    assert training_memory(model_spec("llama-3.1-8b"), replace(setup, seq=alone + 1)).total_gpu > 80 * GiB
+    assert "the model's max_position_embeddings; memory alone would allow" in out["answer"]
+
+
+@given(model=st.sampled_from(["gpt2", "llama-3.1-8b", "gemma-2-2b", "qwen3-0.6b"]),
+       method=st.sampled_from(["full", "lora", "qlora"]), dtype=st.sampled_from(["bf16", "fp32"]),
+       device=st.sampled_from(["cuda", "cpu"]), loss=st.sampled_from(["full", "chunked"]), offload=st.booleans(),
+       chunk=st.one_of(st.none(), st.integers(1, 4096)), batch=st.integers(1, 4), seq=st.integers(1, 8192))
+def test_the_new_terms_formulas_and_phases_add_up(model, method, dtype, device, loss, offload, chunk, batch, seq):
+    setup = TrainingSetup(method=method, dtype=dtype, device=device, grad_ckpt="full", batch=batch, seq=seq,
+                          loss=loss, loss_chunk=min(chunk, seq) if chunk and loss == "chunked" else None,
+                          offload_activations=offload, stack="minilora")
+    b = training_memory(model_spec(model), setup)
+    for t in b.terms:
+        assert evaluate(t.formula) == t.gpu, (t.name, t.formula, t.gpu)
+    held, *moments = b.phases
+    assert held.bytes + max(p.bytes for p in moments) == b.total_gpu
+    terms = {t.name: t.gpu for t in b.terms}
+    assert all(0 < n <= terms[name] for p in b.phases for name, n in p.parts.items())
+    assert ("chunked loss" in terms) == (loss == "chunked") and ("logits and loss" in terms) == (loss == "full")
+    assert ("activation offload" in terms) == offload
+
+
+@pytest.mark.parametrize("flag", [["--loss", "chunked"], ["--offload-activations"]])
+def test_the_hf_stack_refuses_minilora_trains_switches_in_one_line(flag, capsys):
+    assert main(["vram", "--model", "llama-3.1-8b", "--method", "qlora", "--grad-ckpt", "full", *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag[0]}" in err and "--stack minilora" in err, err
