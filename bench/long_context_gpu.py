@@ -39,7 +39,7 @@ def setup_for(combo: str, seq: int):
     from calculators import LoRASpec, TrainingSetup
 
     loss, offload = COMBOS[combo]
-    return TrainingSetup(method="qlora", batch=1, seq=seq, grad_ckpt="full", loss=loss,
+    return TrainingSetup(method="qlora", batch=1, seq=seq, grad_ckpt="full", loss=loss, stack="minilora",
                          offload_activations=offload, lora=LoRASpec(rank=16, alpha=32, targets="all-linear"))
 
 

@@ -3,17 +3,23 @@
     .venv/bin/python -m bench.memory_validation            # CUDA: a ~1.1B Llama (random weights)
     .venv/bin/python -m bench.memory_validation --quick    # CUDA: a ~0.2B Llama, shorter sequences
     .venv/bin/python -m bench.memory_validation --dry-run  # CPU: a tiny Llama through the same code
+    .venv/bin/python -m bench.memory_validation --stack hf # one stack only (default: both)
 
-For every point (method full | lora | qlora) x (gradient checkpointing off | on) x (two sequence
-lengths) it builds the model exactly as `minilora.train` does (train.build_model: freezing,
-quantizing, injecting adapters; train's optimizer and bf16 autocast), takes two real training
-steps, and reports the peak of the second step (optimizer states exist by then: the steady state)
-beside the calculator's total for the same setup. Goal (issue 8): within 5% on every point.
+For every point (stack) x (method full | lora | qlora) x (gradient checkpointing off | on) x (two
+sequence lengths) it builds the model as that stack's users do, takes two real training steps, and
+reports the peak of the second step (optimizer states exist by then: the steady state) beside the
+calculator's total for the same setup (`--stack` of the calculator). Goal (issues 8 and 13):
+within 5% on every point.
 
-The weights are bf16, as a bf16 checkpoint loads, for every method: full fine-tuning then trains
-in bf16 with bf16 AdamW states (what minilora.train does with such a checkpoint), LoRA keeps its
-adapters in the base dtype (minilora.lora.layer), QLoRA has a 4-bit base with bf16 compute. bf16
-autocast on CUDA, as minilora.train. Batch 1; random token ids.
+minilora: exactly as `minilora.train` does (train.build_model: freezing, quantizing,
+prepare_for_kbit_training, injecting adapters; train's optimizer and bf16 autocast). The weights
+are bf16, as a bf16 checkpoint loads: full fine-tuning trains in bf16 with bf16 AdamW states, LoRA
+keeps its adapters in the base dtype, QLoRA has a 4-bit base with bf16 compute.
+hf: transformers + peft + bitsandbytes with their defaults: AutoModelForCausalLM in bf16 (from a
+folder saved here, with BitsAndBytesConfig(load_in_4bit=True, nf4, double quantization, bf16
+compute) for QLoRA, then prepare_model_for_kbit_training), gradient_checkpointing_enable(),
+get_peft_model(LoraConfig) (fp32 adapters), transformers' loss from labels=, fused torch AdamW
+(the Trainer's default); no autocast. Batch 1; random token ids.
 
 Without CUDA it prints why and exits 0; --dry-run runs every point on the CPU with a tiny model
 (no measurement: CPU allocations are not counted by torch) so the whole path is exercised.
@@ -36,6 +42,7 @@ MODEL_QUICK = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, n
 MODEL_TINY = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
 METHODS = ("full", "lora", "qlora")
+STACKS = ("minilora", "hf")
 # bf16 weights for every method, as a bf16 checkpoint loads: full fine-tuning then keeps bf16 AdamW
 # states (torch.optim.AdamW allocates them like the parameter; no fp32 master copy).
 WEIGHT_DTYPE = {"full": torch.bfloat16, "lora": torch.bfloat16, "qlora": torch.bfloat16}
@@ -71,33 +78,81 @@ def train_step(cfg, model, optimizer, ids: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-def measure(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, device: torch.device) -> dict:
+def build_hf_point(model_kw: dict, method: str, grad_ckpt: bool, device: torch.device):
+    """The model and optimizer as transformers + peft (+ bitsandbytes) users build them for `method`."""
+    import tempfile
+
+    import peft
+    import transformers as tf
+
+    config = tf.LlamaConfig(**model_kw, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    if method == "qlora":
+        with tempfile.TemporaryDirectory() as folder:
+            with torch.device(device):
+                tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+            gc.collect()
+            q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+            model = tf.AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.bfloat16,
+                                                            device_map=device.type)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
+    else:
+        with torch.device(device):  # built in place: a 1B model never passes through host memory
+            model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        if grad_ckpt:
+            model.gradient_checkpointing_enable()
+    if method != "full":
+        lora = peft.LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], target_modules=LORA["lora_targets"],
+                               task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
+
+
+def hf_train_step(model, optimizer, ids: torch.Tensor) -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def measure(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, device: torch.device,
+            stack: str = "minilora") -> dict:
     """Two steps; the peak bytes allocated during the second (None on CPU)."""
     cuda = device.type == "cuda"
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
-    cfg, model, optimizer = build_point(model_kw, method, grad_ckpt, device)
+    if stack == "hf":
+        model, optimizer = build_hf_point(model_kw, method, grad_ckpt, device)
+        step = lambda ids: hf_train_step(model, optimizer, ids)  # noqa: E731
+    else:
+        cfg, model, optimizer = build_point(model_kw, method, grad_ckpt, device)
+        step = lambda ids: train_step(cfg, model, optimizer, ids)  # noqa: E731
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model_kw["vocab_size"], (batch, seq + 1), generator=g).to(device)
-    train_step(cfg, model, optimizer, ids)
+    ids = torch.randint(0, model_kw["vocab_size"], (batch, seq + (stack != "hf")), generator=g).to(device)
+    step(ids)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         resting = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    loss = train_step(cfg, model, optimizer, ids)
+    loss = step(ids)
     if cuda:
         torch.cuda.synchronize()
     out = {"step_s": time.perf_counter() - t0, "loss": loss,
            "measured": torch.cuda.max_memory_allocated() if cuda else None,
            "resting": resting if cuda else None,
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    del model, optimizer
+    del model, optimizer, step
     return out
 
 
-def predict(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, device: str) -> dict:
+def predict(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, device: str,
+            stack: str = "minilora") -> dict:
     """The calculators' terms for this point, in bytes; "total" is their peak (CUDA context excluded,
     as torch.cuda.max_memory_allocated excludes it)."""
     from calculators.lora import LoRASpec, parse_targets
@@ -107,37 +162,43 @@ def predict(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, 
 
     spec = model_spec(LlamaConfig(**model_kw).to_hf_dict(), name="validation")
     lora = LoRASpec(rank=LORA["lora_r"], alpha=LORA["lora_alpha"], targets=parse_targets(LORA["lora_targets"]))
+    minilora = stack == "minilora"
     setup = TrainingSetup(method=method, batch=batch, seq=seq, grad_ckpt="full" if grad_ckpt else "none",
-                          dtype=DTYPE_NAME[WEIGHT_DTYPE[method]], master_weights=False, optimizer="adamw",
-                          lora=lora, device=device)
+                          dtype=DTYPE_NAME[WEIGHT_DTYPE[method]], master_weights=False if minilora else None,
+                          optimizer="adamw", lora=lora, device=device, stack=stack,
+                          autocast="bf16" if minilora and device == "cuda" else "none")  # minilora.train's autocast
     breakdown = training_memory(spec, setup)
     return {**{t.name: t.gpu for t in breakdown.terms if t.name != "CUDA context"},
             "total": breakdown.peak}
 
 
-def run(model_kw: dict, seqs: tuple, batch: int, device: torch.device, methods=METHODS) -> list[dict]:
+def run(model_kw: dict, seqs: tuple, batch: int, device: torch.device, methods=METHODS, stacks=STACKS) -> list[dict]:
     rows = []
-    for method in methods:
-        for grad_ckpt in (False, True):
-            for seq in seqs:
-                row = {"method": method, "grad_ckpt": grad_ckpt, "seq": seq, "batch": batch}
-                try:
-                    got = measure(model_kw, method, grad_ckpt, seq, batch, device)
-                except ImportError as exc:  # a method whose module is not in this checkout yet
-                    rows.append({**row, "status": f"skipped: {exc}"})
-                    continue
-                pred = predict(model_kw, method, grad_ckpt, seq, batch, device.type)
-                measured = got["measured"]
-                row.update(trainable=got["trainable"], loss=round(got["loss"], 4), step_s=got["step_s"],
-                           measured_MiB=measured / 2**20 if measured is not None else None,
-                           predicted_MiB=pred["total"] / 2**20, status="ok")
-                if measured is not None:
-                    row["ratio"] = pred["total"] / measured
-                    row["within_5pct"] = abs(row["ratio"] - 1) <= 0.05
-                row["terms_MiB"] = {k: round(v / 2**20, 2) for k, v in pred.items() if k != "total"}
-                rows.append(row)
-                print({k: v for k, v in row.items() if k != "terms_MiB"}, flush=True)
+    for stack in stacks:
+        for method in methods:
+            for grad_ckpt in (False, True):
+                for seq in seqs:
+                    rows.append(_point(model_kw, stack, method, grad_ckpt, seq, batch, device))
     return rows
+
+
+def _point(model_kw: dict, stack: str, method: str, grad_ckpt: bool, seq: int, batch: int, device) -> dict:
+    row = {"stack": stack, "method": method, "grad_ckpt": grad_ckpt, "seq": seq, "batch": batch}
+    try:
+        got = measure(model_kw, method, grad_ckpt, seq, batch, device, stack)
+    except ImportError as exc:  # a method whose module is not in this checkout yet
+        return {**row, "status": f"skipped: {exc}"}
+    pred = predict(model_kw, method, grad_ckpt, seq, batch, device.type, stack)
+    measured = got["measured"]
+    row.update(trainable=got["trainable"], loss=round(got["loss"], 4), step_s=got["step_s"],
+               measured_MiB=measured / 2**20 if measured is not None else None,
+               predicted_MiB=pred["total"] / 2**20, status="ok")
+    if measured is not None:
+        row["ratio"] = pred["total"] / measured
+        row["within_5pct"] = abs(row["ratio"] - 1) <= 0.05
+    row["terms_MiB"] = {k: round(v / 2**20, 2) for k, v in pred.items() if k != "total"}
+    print({k: v for k, v in row.items() if k != "terms_MiB"}, flush=True)
+    return row
 
 
 def main(argv=None) -> int:
@@ -147,9 +208,10 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", type=int, nargs=2, default=None, help="the two sequence lengths (default 512 2048)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--stack", nargs="+", choices=STACKS, default=list(STACKS), help="default: both")
     args = p.parse_args(argv)
     if args.dry_run:
-        rows = run(MODEL_TINY, tuple(args.seqs or (16, 32)), args.batch, torch.device("cpu"), args.methods)
+        rows = run(MODEL_TINY, tuple(args.seqs or (16, 32)), args.batch, torch.device("cpu"), args.methods, args.stack)
         ok = all(r["status"].startswith(("ok", "skipped")) for r in rows)
         print(f"dry run: {len(rows)} points through the CUDA code path on the CPU (nothing measured, nothing written)")
         return 0 if ok else 1
@@ -159,7 +221,7 @@ def main(argv=None) -> int:
         return 0
     model_kw = MODEL_QUICK if args.quick else MODEL_1B
     seqs = tuple(args.seqs or ((256, 1024) if args.quick else (512, 2048)))
-    rows = run(model_kw, seqs, args.batch, torch.device("cuda"), args.methods)
+    rows = run(model_kw, seqs, args.batch, torch.device("cuda"), args.methods, args.stack)
     from reference_models import Llama, LlamaConfig
 
     with torch.device("meta"):

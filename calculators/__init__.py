@@ -1,7 +1,8 @@
 """calculators: parameter counts, memory and cost arithmetic for full / LoRA / QLoRA training.
 
 Pure Python: imports neither torch nor minilora nor reference_models, so it runs anywhere and
-`python -m minilora.calc` starts fast. The memory model mirrors the reference models' code.
+`python -m minilora.calc` starts fast. The memory model mirrors the code that trains: transformers +
+peft + bitsandbytes (TrainingSetup(stack="hf"), the default) or the reference models (stack="minilora").
 """
 from .activations import ActivationSetup, activation_bytes, block_targets
 from .cost import CostEstimate, training_cost
@@ -14,7 +15,7 @@ from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_tensors, lora_tra
 from .memory import Breakdown, Phase, inference_memory, training_memory
 from .states import ModelStates, model_state_bytes, nf4_bytes
 from .terms import Term
-from .training_setup import Precision, TrainingSetup
+from .training_setup import STACK_VERSIONS, Precision, TrainingSetup, describe_recipe
 from .models import (FAMILIES, PRESETS, ConfigError, ModelSpec, count_parameters, linear_layers,
                      load_config, model_spec, parameter_tensors)
 from .moe import active_parameters, busiest_expert_tokens, expert_parameters
@@ -28,7 +29,7 @@ __all__ = [
     "kv_bytes_per_position", "kv_cache_bytes", "kv_cache_positions",
     "DEFAULT_TARGETS", "LoRASpec", "lora_layers", "lora_tensors", "lora_trainable_parameters", "parse_targets",
     "Breakdown", "Phase", "inference_memory", "training_memory", "ModelStates", "model_state_bytes", "nf4_bytes", "Term",
-    "Precision", "TrainingSetup",
+    "Precision", "TrainingSetup", "STACK_VERSIONS", "describe_recipe",
     "FAMILIES", "PRESETS", "ConfigError", "ModelSpec", "count_parameters", "linear_layers", "load_config",
     "model_spec", "parameter_tensors",
     "active_parameters", "busiest_expert_tokens", "expert_parameters",

@@ -22,21 +22,23 @@ from .cost import training_cost
 from .distributed import parse_strategy
 from .fit import context_limit, largest_fitting, methods_that_fit
 from .gpus import GPUS, gpu_from_text
-from .long_context import DEFAULT_LOSS_CHUNK, LOSSES
+from .long_context import DEFAULT_LOSS_CHUNK
 from .lora import DEFAULT_TARGETS, LoRASpec, lora_layers, lora_trainable_parameters, parse_targets
 from .memory import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup, inference_memory, training_memory
 from .models import PRESETS, count_parameters, model_spec
 from .moe import active_parameters
+from .recipe_flags import RECIPE_CHOICES, RECIPE_FLAGS, add_recipe_flags, recipe_fields
 from .training_setup import ATTENTION
 
-__all__ = ["main", "build_parser", "parse", "run", "answer", "CalcError", "form_fields", "CHOICES", "UNSET"]
+__all__ = ["main", "build_parser", "parse", "run", "answer", "build_setup", "CalcError", "form_fields", "CHOICES",
+           "UNSET"]
 
 PROG = "python -m minilora.calc"
 
 # flags whose values come from a fixed set: checked in one place (_check_choices), a menu on the page
 CHOICES = {"method": METHODS, "grad_ckpt": CHECKPOINTING, "attn": ATTENTION, "dtype": tuple(DTYPE_BYTES),
            "optimizer": OPTIMIZERS, "master_weights": ("auto", "yes", "no"),
-           "search": ("methods", "batch", "seq", "rank"), "loss": LOSSES}
+           "search": ("methods", "batch", "seq", "rank"), **RECIPE_CHOICES}
 # free-text flags with well-known values: suggested on the page (a datalist), never enforced
 SUGGESTIONS = {"model": tuple(PRESETS), "gpu": tuple(GPUS), "targets": ("q_proj,v_proj", "all-linear"),
                "zero": ("none", "0", "1", "2", "3", "full-shard", "grad-op")}
@@ -46,7 +48,7 @@ UNSET = {"targets": "peft's default for the family", "gpu": "none: the answer na
          "loss_chunk": f"{DEFAULT_LOSS_CHUNK} with --loss chunked"}
 OUTPUT = ("json", "explain", "plot")            # how to answer, not what: never a setting
 _TRAINING_ONLY = ("gpus", "zero", "optimizer", "grad_ckpt", "grad_accum", "master_weights", "expert_imbalance",
-                  "loss", "loss_chunk", "offload_activations")
+                  *RECIPE_FLAGS)
 _INFERENCE_ONLY = ("new_tokens",)
 
 
@@ -133,10 +135,7 @@ def _common(p):
     p.add_argument("--gpu", default=None, help=f"a size (24GB) or {', '.join(GPUS)}")
     p.add_argument("--expert-imbalance", type=_finite, default=1.0,
                    help="mixture of experts: the busiest expert gets this many times the balanced tokens")
-    p.add_argument("--loss", default="full", help="full: the (B, T, V) logits | chunked: head and loss per chunk")
-    p.add_argument("--loss-chunk", type=int, default=None, help="tokens per chunk of --loss chunked")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="with --grad-ckpt full: checkpointed block inputs wait in pinned host memory")
+    add_recipe_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -199,7 +198,8 @@ def _check_choices(args):
     parse_strategy(args.zero, args.gpus)
 
 
-def _setup(args, spec):
+def build_setup(args, spec) -> TrainingSetup:
+    """The TrainingSetup a parsed command line stands for (each training flag is a field)."""
     master = {"auto": None, "yes": True, "no": False}[args.master_weights]
     targets = parse_targets(args.targets)
     lora = LoRASpec(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout)
@@ -211,8 +211,8 @@ def _setup(args, spec):
     return TrainingSetup(method=args.method, batch=args.batch, seq=args.seq, grad_accum=args.grad_accum,
                          grad_ckpt=args.grad_ckpt, attn=args.attn, dtype=args.dtype, master_weights=master,
                          optimizer=args.optimizer, lora=lora, double_quant=not args.no_double_quant,
-                         gpus=args.gpus, zero=args.zero, expert_imbalance=args.expert_imbalance, loss=args.loss,
-                         loss_chunk=args.loss_chunk, offload_activations=args.offload_activations)
+                         gpus=args.gpus, zero=args.zero, expert_imbalance=args.expert_imbalance,
+                         **recipe_fields(args))
 
 
 def _check_mode_flags(args):
@@ -255,7 +255,7 @@ def run(args) -> dict:
         raise ValueError(f"--model is required: a preset ({', '.join(PRESETS)}), a config.json or a folder "
                          "holding one")
     spec = model_spec(args.model)
-    setup = _setup(args, spec)
+    setup = build_setup(args, spec)
     out = {"settings": _settings(args, spec, gpu)}
     out.update({"params": _params, "vram": _vram, "fit": _fit, "cost": _cost}[args.command](args, spec, setup, gpu))
     out["answer"] = report.answer_line(args.command, out)

@@ -84,11 +84,13 @@ def is_sharded(category: str, strategy: str, gpus: int) -> bool:
 
 def shard(category: str, nbytes: int, strategy: str, gpus: int, shapes=None, bytes_per_el=None) -> int:
     """Per-GPU bytes of one category (weights | gradients | optimizer) under `strategy`: ZeRO's
-    flat split ceil(nbytes / N), or under FSDP with the tensors' `shapes` (and `bytes_per_el`)
-    rank 0's torch.chunk piece of every tensor."""
+    flat split ceil(nbytes / N), or under FSDP with the tensors' `shapes` (and `bytes_per_el`: one
+    figure, or one per tensor when dtypes differ) rank 0's torch.chunk piece of every tensor."""
     if not is_sharded(category, strategy, gpus):
         return nbytes
     if strategy.startswith("fsdp") and shapes is not None and bytes_per_el:
+        if isinstance(bytes_per_el, (tuple, list)):
+            return sum(fsdp_rank0_elements([s], gpus) * b for s, b in zip(shapes, bytes_per_el, strict=True))
         return fsdp_rank0_elements(shapes, gpus) * bytes_per_el
     return -(-nbytes // gpus)
 

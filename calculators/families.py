@@ -55,6 +55,9 @@ class Family:
                                  # parameters instead of the MLP; the config keys that size them (moe.py)
     attention: str = "mha"       # "mha" (q, k, v, o projections; GQA) | "mla" (deepseek_v3, mla.py)
     activation_key: str = "hidden_act"
+    # the config keys of the dropouts transformers applies in training: "attention" (on the attention
+    # probabilities), "residual" (on each sublayer's output), "embedding" (on the embedding output)
+    dropout_keys: dict = field(default_factory=lambda: {"attention": "attention_dropout"})
     renames: dict = field(default_factory=dict)     # older config keys -> the names models.py reads
     defaults: dict = field(default_factory=dict)    # the configuration class's defaults
 
@@ -70,11 +73,14 @@ FAMILIES = {
     # learned positions, LayerNorm with bias, fused c_attn, 4h GELU MLP, every projection biased
     "gpt2": Family(layout="gpt2", norm="layernorm", fused_qkv=True, gated_mlp=False, attention_bias="always",
                    mlp_bias="always", activation_key="activation_function",
+                   dropout_keys=dict(attention="attn_pdrop", residual="resid_pdrop", embedding="embd_pdrop"),
                    renames=dict(n_embd="hidden_size", n_layer="num_hidden_layers", n_head="num_attention_heads",
                                 n_inner="intermediate_size", n_positions="max_position_embeddings"),
-                   defaults=dict(tie_word_embeddings=True, max_position_embeddings=1024, hidden_act="gelu_new")),
+                   defaults=dict(tie_word_embeddings=True, max_position_embeddings=1024, hidden_act="gelu_new",
+                                 attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1)),
     # parallel residual, rotary on the first quarter of each head, fused query_key_value, biased LayerNorms
     "gpt_neox": Family(layout="gpt_neox", norm="layernorm", fused_qkv=True, gated_mlp=False, mlp_bias="always",
+                       dropout_keys=dict(attention="attention_dropout", residual="hidden_dropout"),
                        renames=dict(rotary_pct="partial_rotary_factor", rotary_emb_base="rope_theta"),
                        defaults=dict(attention_bias=True, use_parallel_residual=True, partial_rotary_factor=0.25,
                                      max_position_embeddings=2048, hidden_act="gelu")),
@@ -125,6 +131,7 @@ FAMILIES = {
                                         rope_theta=1e6, local_rope_theta=1e4, **_GEMMA_DEFAULTS)),
     # fused qkv_proj and gate_up_proj; Phi3Config accepts no rope scaling but longrope
     "phi3": Family(fused_qkv=True, fused_gate_up=True, **_NO_BIAS_SLIDING, rope_types=("default", "longrope"),
+                   dropout_keys=dict(attention="attention_dropout", residual="resid_pdrop", embedding="embd_pdrop"),
                    defaults=dict(max_position_embeddings=4096, partial_rotary_factor=1.0)),
     # norms after attention and MLP only, q/k norms over the whole projection
     "olmo2": Family(**_OLMO2, defaults=dict(max_position_embeddings=2048)),

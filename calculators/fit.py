@@ -55,11 +55,15 @@ def largest_fitting(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int, what:
 
 
 def methods_that_fit(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> list[dict]:
-    """For each method (and full checkpointing as the fallback): fits or not, and the peak."""
+    """For each method (and full checkpointing as the fallback): fits or not, and the peak. The
+    setup's QLoRA-only and LoRA-only choices (prepare_kbit, autocast_adapter_dtype) carry over to
+    the methods they apply to and fall back to their defaults for the others."""
     rows = []
     for method in METHODS:
         for ckpt in dict.fromkeys([setup.grad_ckpt, "full"]):
-            s = replace(setup, method=method, grad_ckpt=ckpt)
+            s = replace(setup, method=method, grad_ckpt=ckpt,
+                        prepare_kbit=setup.prepare_kbit if method == "qlora" else None,
+                        autocast_adapter_dtype=None if method == "full" else setup.autocast_adapter_dtype)
             b = training_memory(spec, s)
             rows.append({"method": method, "grad_ckpt": ckpt, "total_gpu": b.total_gpu,
                          "fits": b.total_gpu <= gpu_bytes})

@@ -2,6 +2,7 @@
 
 Peak (what torch.cuda.max_memory_allocated would show, the CUDA context excluded):
     static = weights + master weights + optimizer states + strategy buffers + cuBLAS workspaces
+             + minilora's 4-bit dequantize buffer
     peak   = static + max( backward start: activations + logits and loss (or the chunked loss)
                                            + gradients already held,
                            backward through the blocks: the blocks' saved activations + one
@@ -20,7 +21,8 @@ and the CUDA context), then what each moment adds; total_gpu = held + the larges
 can be alive in part (the gradients produced before backward starts, the first block's
 activations at backward end); the terms therefore add up to more than the peak.
 
-A new term is one function in terms.py and one line here, in the phase it is alive in.
+A new term is one function in terms.py (model states, buffers) or activation_terms.py (what the
+forward saves and backward adds) and one line here, in the phase it is alive in.
 """
 from __future__ import annotations
 
@@ -31,12 +33,13 @@ from .long_context_terms import activation_offload_term, blocks_phase_activation
 from .parameters import parameter_tensors
 from .spec import ModelSpec
 from .states import model_state_bytes, nf4_bytes, quantized_linears
-from .terms import (CUBLAS_WORKSPACE, CUDA_CONTEXT, Term, activations_term, backward_workspace_term,
-                    cublas_workspaces_term, cuda_context_term, ddp_buckets_term, first_block_activations,
-                    gathered_parameters_term, gradients_held_at_backward_start, gradients_term,
-                    logits_and_loss_term, master_weights_term, optimizer_states_term, plan_training,
-                    recomputed_block_term, weights_term, widest_intermediate)
-from .training_setup import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup
+from .activation_terms import (activations_term, backward_workspace_term, dequantize_buffer_term,
+                               first_block_activations, gradients_held_at_backward_start, logits_and_loss_term,
+                               recomputed_block_term)
+from .terms import (CUBLAS_WORKSPACE, CUDA_CONTEXT, STACK_WORDS, Term, cublas_workspaces_term, cuda_context_term,
+                    ddp_buckets_term, gathered_parameters_term, gradients_term, master_weights_term,
+                    optimizer_states_term, plan_training, weights_term, widest_intermediate)
+from .training_setup import CHECKPOINTING, DTYPE_BYTES, METHODS, OPTIMIZERS, TrainingSetup, describe_recipe
 
 # TrainingSetup, Term and the rest are defined next door and re-exported: `calculators.memory` is
 # where bench/ and the tests have always imported them from.
@@ -74,11 +77,20 @@ class Breakdown:
     trainable: int
     notes: list = field(default_factory=list)
     phases: list = field(default_factory=list)  # [held throughout, then each moment]: see the module docstring
+    # training only: what one step holds and saves, for checking against the real tensors
+    stack: str | None = None
+    recipe: str | None = None         # the code the setup stands for (training_setup.describe_recipe)
+    saved_activation_bytes: int | None = None  # saved for backward by forward + loss, as saved_tensors_hooks counts
+    model_state_bytes: int | None = None       # weights + gradients + master + optimizer states (+ host), unsharded
 
     def as_dict(self) -> dict:
-        return {"terms": [t.__dict__ for t in self.terms], "peak_bytes": self.peak,
-                "total_gpu_bytes": self.total_gpu, "cpu_bytes": self.cpu, "params": self.params,
-                "trainable": self.trainable, "notes": self.notes, "phases": [p.as_dict() for p in self.phases]}
+        out = {"terms": [t.__dict__ for t in self.terms], "peak_bytes": self.peak,
+               "total_gpu_bytes": self.total_gpu, "cpu_bytes": self.cpu, "params": self.params,
+               "trainable": self.trainable, "notes": self.notes, "phases": [p.as_dict() for p in self.phases]}
+        if self.stack is not None:
+            out.update(stack=self.stack, recipe=self.recipe, saved_activation_bytes=self.saved_activation_bytes,
+                       model_state_bytes=self.model_state_bytes)
+        return out
 
 
 def _gpu(*terms: Term | None) -> int:
@@ -93,7 +105,8 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
     activations, recomputed = activations_term(run), recomputed_block_term(run)
     logits, workspace = chunked_loss_term(run) or logits_and_loss_term(run), backward_workspace_term(run)
     offload = activation_offload_term(run)
-    buffers = (ddp_buckets_term(run), gathered_parameters_term(run, weights.gpu), cublas_workspaces_term(run))
+    buffers = (ddp_buckets_term(run), gathered_parameters_term(run, weights.gpu), cublas_workspaces_term(run),
+               dequantize_buffer_term(run))
     context = cuda_context_term(run)
 
     static = _gpu(weights, master, optimizer, *buffers)
@@ -118,12 +131,16 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
 
     terms = [t for t in (weights, gradients, master, optimizer, activations, offload, recomputed, logits, workspace,
                          *buffers, context) if t is not None]
+    recipe = describe_recipe(setup)
     notes = [f"peak = static {static:,} + max(backward start {backward_start:,}, through the blocks "
              f"{backward_blocks:,}, backward end {backward_end:,}, step {step:,})",
              f"strategy {run.strategy} on {setup.gpus} GPU(s); micro-batch {setup.batch}, "
-             f"grad_accum {setup.grad_accum}"]
-    return Breakdown(terms, peak, peak + context.gpu, sum(t.cpu for t in terms), run.states.params,
-                     run.states.trainable, notes, phases)
+             f"grad_accum {setup.grad_accum}",
+             f"recipe ({STACK_WORDS[setup.stack]}): {recipe}"]
+    st = run.states
+    return Breakdown(terms, peak, peak + context.gpu, sum(t.cpu for t in terms), st.params, st.trainable, notes,
+                     phases, stack=setup.stack, recipe=recipe, saved_activation_bytes=run.activations["total"],
+                     model_state_bytes=st.weights + st.gradients + st.master + st.optimizer + st.host)
 
 
 def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tokens: int = 256,

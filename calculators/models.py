@@ -77,7 +77,7 @@ def model_spec(config: dict | str, name: str | None = None) -> ModelSpec:
     sizes = _sizes(reader)
     layer_types, window = _attention(reader, sizes["num_layers"])
     return ModelSpec(name=name, family=model_type, layer_types=layer_types, sliding_window=window,
-                     **sizes, **_features(reader), **_rope(reader, sizes["head_dim"]))
+                     **sizes, **_features(reader), **_rope(reader, sizes["head_dim"]), **_dropouts(reader))
 
 
 class _Reader:
@@ -206,6 +206,18 @@ def _features(r: _Reader) -> dict:
                 activation=str(r.get(fam.activation_key, r.family.defaults.get("hidden_act", "silu"))),
                 attn_softcap=r.get("attn_logit_softcapping") if fam.softcapping else None,
                 final_softcap=r.get("final_logit_softcapping") if fam.softcapping else None)
+
+
+def _dropouts(r: _Reader) -> dict:
+    """The family's dropout probabilities from the config (a null is 0, as transformers reads it)."""
+    out = {}
+    for kind, key in r.family.dropout_keys.items():
+        value = r.get(key, 0.0)
+        value = 0.0 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            r.refuse(f"{key} must be a probability in [0, 1), got {value!r}")
+        out[f"{kind}_dropout"] = float(value)
+    return out
 
 
 def _rope(r: _Reader, head_dim: int) -> dict:

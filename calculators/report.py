@@ -138,6 +138,8 @@ def render(command: str, out: dict, explain: bool = False) -> str:
     lines = _wrap(out["answer"], "  ")
     if command == "vram":
         lines += ["", *_terms_table(out["terms"]), "", *_wrap(out["peak_explained"])]
+        if out.get("recipe"):   # training: the code the answer is for
+            lines += ["", *_wrap(f"recipe ({out['stack']}): {out['recipe']}", "  ")]
         if explain:
             lines += ["", *explain_lines(out)]
     elif command == "fit" and "methods" in out:

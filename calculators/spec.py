@@ -18,6 +18,8 @@ config dict, so each term can say which feature it depends on:
                every token also passes (moe.py)
   MLA          DeepSeek-V3's multi-head latent attention: q_lora_rank, kv_lora_rank, qk_nope_head_dim,
                qk_rope_head_dim, v_head_dim (mla.py)
+  training     attention_dropout, residual_dropout, embedding_dropout (config.json's, 0 where the
+               family has no such dropout)
 """
 from __future__ import annotations
 
@@ -81,6 +83,10 @@ class ModelSpec:
     rope_type: str | None = None        # full-attention layers' rope_type (default, linear, dynamic, ...)
     rope_theta: float | None = None
     local_rope_theta: float | None = None  # gemma3 / olmo3: sliding layers' own cos/sin base
+    # Training: dropout probabilities (families.Family.dropout_keys says which config key is which).
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
 
     @property
     def q_size(self) -> int:

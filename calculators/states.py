@@ -1,10 +1,16 @@
 """Model states: the exact bytes of weights, gradients, master weights and optimizer states on one
-device before sharding (they equal the sum of the real tensors' nbytes in tests/test_calc_memory.py).
+device before sharding (they equal the sum of the real tensors' nbytes after one optimizer step:
+tests/test_calc_memory.py for minilora, tests/test_calc_stack_hf.py for transformers + peft +
+bitsandbytes).
 
 NF4 sizes follow bitsandbytes' layout (REFERENCE.md section 1); AdamW keeps m, v and a 4-byte
 `step` per tensor; bitsandbytes' 8-bit AdamW keeps uint8 m, v with an fp32 absmax per 256
-elements; CPUOffloadAdamW keeps its states on the host. Which tensors train, and in which dtype,
-comes from the setup (`Precision.of`), decided once.
+elements; CPUOffloadAdamW keeps its states on the host. Which tensors train, and each tensor's
+dtype, come from the setup's recipe (`Precision.of`), decided once. What the transformers stack
+holds besides the parameters: RoPE's inv_freq and original_inv_freq buffers (fp32, per rotary
+embedding), Gemma's embed_scale buffer, and per 4-bit layer its own 16-entry codebook and, with
+double quantization, its own 256-entry nested map (bitsandbytes' QuantState, measured on CPU); a
+4-bit layer's bias is cast to the compute dtype by Linear4bit's first forward.
 """
 from __future__ import annotations
 
@@ -14,9 +20,9 @@ from dataclasses import dataclass
 from .lora import lora_tensors
 from .parameters import Linear, Tensor, linear_layers, parameter_tensors
 from .spec import ModelSpec
-from .training_setup import Precision, TrainingSetup
+from .training_setup import DTYPE_BYTES, Precision, TrainingSetup
 
-__all__ = ["ModelStates", "model_state_bytes", "nf4_bytes", "quantized_linears"]
+__all__ = ["ModelStates", "model_state_bytes", "nf4_bytes", "quantized_linears", "hf_buffer_bytes"]
 
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
 
@@ -34,8 +40,11 @@ class ModelStates:
     trainable: int                # trainable elements (all parameters, or the adapters)
     trainable_shapes: tuple       # shapes of the trainable tensors
     all_shapes: tuple             # shapes of the model's parameters (adapters excluded)
-    dense_shapes: tuple           # LoRA / QLoRA: shapes of the frozen tensors kept in `precision.weights`
+    all_bytes_per_el: tuple       # each parameter's bytes per element, as the recipe holds it dense
+    dense_shapes: tuple           # LoRA / QLoRA: shapes of the frozen tensors kept dense
+    dense_bytes_per_el: tuple     # ... and their bytes per element
     quantized_bytes: int          # QLoRA: the NF4 codes and constants (module buffers, not parameters)
+    buffers: int                  # the model's own buffers (transformers' RoPE inv_freq), never sharded
     block_quantized_bytes: int    # the first transformer block's NF4 bytes
     block_dense_bytes: int        # the first transformer block's other weight bytes (adapters included)
     precision: Precision
@@ -52,6 +61,14 @@ def nf4_bytes(numel: int, block_size: int = 64, double_quant: bool = True) -> in
     if not double_quant:
         return packed + 4 * blocks
     return packed + blocks + 4 * -(-blocks // 256) + 4
+
+
+def hf_buffer_bytes(spec: ModelSpec, precision: Precision) -> int:
+    """transformers' buffers: inv_freq and original_inv_freq (fp32, rotary_dim / 2 each) per rotary
+    embedding (two with a local RoPE base: Gemma 3, OLMo 3), and Gemma's embed_scale scalar."""
+    ropes = 0 if not spec.rotary_dim else (2 if spec.local_rope_theta is not None else 1)
+    scale = DTYPE_BYTES[precision.linear] if spec.scaled_embeddings else 0
+    return ropes * 2 * (spec.rotary_dim // 2) * 4 + scale
 
 
 def quantized_linears(spec: ModelSpec) -> list[Linear]:
@@ -92,13 +109,26 @@ def _offload_host_bytes(numels: list[int], master_fp32: bool, eight_bit: bool) -
 
 
 def _nf4_size(tensor: Tensor, setup: TrainingSetup, quantized: set) -> int | None:
-    """NF4 bytes of a frozen tensor that QLoRA quantizes; None for one that stays dense."""
+    """NF4 bytes of a frozen tensor that QLoRA quantizes; None for one that stays dense. The
+    transformers stack also holds each layer's codebook (64 B) and nested map (1 KiB)."""
+    constants = (64 + (1024 if setup.double_quant else 0)) if setup.stack == "hf" else 0
     if tensor.name in quantized:
-        return nf4_bytes(tensor.numel, setup.block_size, setup.double_quant)
+        return nf4_bytes(tensor.numel, setup.block_size, setup.double_quant) + constants
     if setup.method == "qlora" and tensor.kind == "experts":
         per = tensor.numel // tensor.shape[0]  # each expert quantized as its own (out, in) matrix
-        return tensor.shape[0] * nf4_bytes(per, setup.block_size, setup.double_quant)
+        return tensor.shape[0] * (nf4_bytes(per, setup.block_size, setup.double_quant) + constants)
     return None
+
+
+def _dense_dtype(tensor: Tensor, p: Precision, setup: TrainingSetup) -> str:
+    """The dtype a parameter is held in, by kind (prepare_model_for_kbit_training changes some)."""
+    if tensor.kind in ("embedding", "head"):
+        return p.embedding
+    if tensor.kind == "norm":
+        return p.norm
+    if tensor.kind == "bias" and setup.method == "qlora" and setup.stack == "hf":
+        return p.compute   # Linear4bit's forward: bias.data = bias.data.to(x.dtype), x in the compute dtype
+    return p.linear
 
 
 def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> ModelStates:
@@ -107,28 +137,29 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> ModelStates:
     and freeze the rest (QLoRA's linear layers in NF4)."""
     p = Precision.of(setup)
     tensors = parameter_tensors(spec)
+    sizes = [DTYPE_BYTES[_dense_dtype(t, p, setup)] for t in tensors]
+    trainable_bytes = p.gradients    # a trainable tensor's own dtype
     if setup.method == "full":
-        trainable, frozen, trainable_bytes = [(t.name, t.shape) for t in tensors], [], p.weights
+        trainable, frozen = [(t.name, t.shape) for t in tensors], []
     else:
-        trainable, frozen, trainable_bytes = lora_tensors(spec, setup.lora), tensors, p.adapters
+        trainable, frozen = lora_tensors(spec, setup.lora), list(zip(tensors, sizes))
     quantized = {f"{lin.name}.weight" for lin in quantized_linears(spec)} if setup.method == "qlora" else set()
-    quantized_bytes = dense_bytes = block_quantized = 0
-    dense_shapes = []
+    quantized_bytes = block_quantized = 0
+    dense = []
     block_dense = sum(math.prod(shape) for name, shape in trainable if _in_first_block(name)) * trainable_bytes
-    for t in frozen:
+    for t, size in frozen:
         nf4 = _nf4_size(t, setup, quantized)
-        first = _in_first_block(t.name)
         if nf4 is None:
-            dense_bytes += t.numel * p.weights
-            dense_shapes.append(t.shape)
-            block_dense += t.numel * p.weights if first else 0
+            dense.append((t.shape, size))
+            block_dense += t.numel * size if _in_first_block(t.name) else 0
         else:
             quantized_bytes += nf4
-            block_quantized += nf4 if first else 0
+            block_quantized += nf4 if _in_first_block(t.name) else 0
     numels = [math.prod(shape) for _, shape in trainable]
     offload = setup.optimizer.startswith("offload")
+    buffers = hf_buffer_bytes(spec, p) if setup.stack == "hf" else 0
     return ModelStates(
-        weights=quantized_bytes + dense_bytes + sum(numels) * trainable_bytes,
+        weights=quantized_bytes + sum(math.prod(sh) * b for sh, b in dense) + sum(numels) * trainable_bytes + buffers,
         gradients=0 if offload else sum(numels) * p.gradients,
         master=0 if offload else sum(numels) * p.master,
         optimizer=_optimizer_state_bytes(numels, setup.optimizer, p.optimizer_states),
@@ -136,5 +167,6 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> ModelStates:
         host=_offload_host_bytes(numels, p.master > 0, setup.optimizer == "offload8bit") if offload else 0,
         params=sum(t.numel for t in tensors), trainable=sum(numels),
         trainable_shapes=tuple(shape for _, shape in trainable), all_shapes=tuple(t.shape for t in tensors),
-        dense_shapes=tuple(dense_shapes), quantized_bytes=quantized_bytes,
+        all_bytes_per_el=tuple(sizes), dense_shapes=tuple(sh for sh, _ in dense),
+        dense_bytes_per_el=tuple(b for _, b in dense), quantized_bytes=quantized_bytes, buffers=buffers,
         block_quantized_bytes=block_quantized, block_dense_bytes=block_dense, precision=p)

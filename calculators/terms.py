@@ -1,5 +1,6 @@
 """The terms of training memory on one GPU: one function per term, each returning its bytes with the
-assumption behind them. memory.py adds them up into the peak.
+assumption behind them. memory.py adds them up into the peak. This file holds the run (TrainingRun)
+and the model-state and buffer terms; activation_terms.py what the forward saves and backward adds.
 
 Every term reads a TrainingRun: the model, the setup, and what follows from them, resolved once (the
 sharding strategy, the exact model states with their precision, the activation bytes). A term takes
@@ -22,21 +23,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .activations import ActivationSetup, activation_bytes, block_targets
-from .distributed import is_sharded, parse_strategy, shard, shard_note
+from .activations import ActivationSetup, activation_bytes
+from .distributed import fsdp_rank0_elements, is_sharded, parse_strategy, shard, shard_note
 from .gpus import MiB
-from .lora import lora_layers
 from .mla import mla_projections
-from .moe import busiest_expert_tokens
 from .spec import ModelSpec
 from .states import ModelStates, model_state_bytes
 from .training_setup import Precision, TrainingSetup, check_setup
 
-__all__ = ["Term", "TrainingRun", "plan_training", "widest_intermediate", "CUDA_CONTEXT", "CUBLAS_WORKSPACE",
-           "weights_term", "gradients_term", "master_weights_term", "optimizer_states_term",
-           "activations_term", "recomputed_block_term", "logits_and_loss_term", "backward_workspace_term",
-           "ddp_buckets_term", "gathered_parameters_term", "cublas_workspaces_term", "cuda_context_term",
-           "gradients_held_at_backward_start", "first_block_activations"]
+__all__ = ["Term", "TrainingRun", "STACK_WORDS", "plan_training", "widest_intermediate", "CUDA_CONTEXT",
+           "CUBLAS_WORKSPACE", "weights_term", "gradients_term", "master_weights_term", "optimizer_states_term",
+           "ddp_buckets_term", "gathered_parameters_term", "cublas_workspaces_term", "cuda_context_term"]
+
+STACK_WORDS = {"hf": "transformers + peft + bitsandbytes", "minilora": "minilora (reference_models)"}
 
 CUDA_CONTEXT = 500 * MiB      # driver + kernels; 300-1000 MiB depending on GPU and libraries
 # torch's default cuBLAS workspace per handle on Hopper and newer (CUBLAS_WORKSPACE_CONFIG :4096:8;
@@ -63,6 +62,7 @@ class TrainingRun:
     strategy: str                 # a distributed.STRATEGIES name
     states: ModelStates           # exact, on one device before sharding
     activations: dict             # activation_bytes' parts
+    activation_setup: ActivationSetup  # what the activation replay ran: recipe, targets, dropouts
 
     @property
     def precision(self) -> Precision:
@@ -85,6 +85,9 @@ class TrainingRun:
         if not is_sharded(category, self.strategy, self.setup.gpus):
             return rank0, formula
         if self.strategy.startswith("fsdp") and shapes is not None and bytes_per_el:
+            if isinstance(bytes_per_el, (tuple, list)):   # tensors of several dtypes: rank 0's elements of each
+                return rank0, _per_size([(fsdp_rank0_elements([sh], self.setup.gpus), b)
+                                         for sh, b in zip(shapes, bytes_per_el)], "rank-0 elements")
             return rank0, f"{rank0 // bytes_per_el:,} rank-0 elements x {bytes_per_el} B"
         return rank0, f"ceil(({formula}) / {self.setup.gpus} GPUs)"
 
@@ -102,17 +105,16 @@ def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
     check_setup(setup)
     strategy = parse_strategy(setup.zero, setup.gpus)
     states = model_state_bytes(spec, setup)
-    p = states.precision
-    lora_names = frozenset()
-    if setup.method != "full":
-        lora_names = block_targets(lin.name for lin in lora_layers(spec, setup.lora.targets))
-    act_setup = ActivationSetup(batch=setup.batch, seq=setup.seq, dtype_bytes=p.activations,
-                                attn="eager" if setup.attn == "eager" else "sdpa",
-                                grad_ckpt=setup.grad_ckpt, device=setup.device,
-                                trainable="all" if setup.method == "full" else "lora",
-                                lora_targets=lora_names, lora_rank=setup.lora.rank,
-                                lora_dropout=setup.lora.dropout, lora_dtype_bytes=p.adapters)
-    return TrainingRun(spec, setup, strategy, states, activation_bytes(spec, act_setup))
+    act = ActivationSetup.of(spec, setup)
+    return TrainingRun(spec, setup, strategy, states, activation_bytes(spec, act), act)
+
+
+def _per_size(pairs, what: str) -> str:
+    """(elements, bytes each) pairs -> "n what x b B + ..." with the elements of each size added up."""
+    totals: dict = {}
+    for n, b in pairs:
+        totals[b] = totals.get(b, 0) + n
+    return " + ".join(f"{n:,} {what} x {b} B" for b, n in sorted(totals.items()) if n) or "0 B"
 
 
 def widest_intermediate(spec: ModelSpec) -> int:
@@ -128,34 +130,54 @@ def widest_intermediate(spec: ModelSpec) -> int:
 
 # --- model states -------------------------------------------------------------------------------
 
-def weights_term(run: TrainingRun) -> Term:
+def _weights_assumption(run: TrainingRun) -> str:
     s, st, p = run.setup, run.states, run.precision
-    assumption = {
-        "full": f"all {st.params:,} parameters in {p.name}",
-        "lora": f"base weights frozen in {p.name}, {st.trainable:,} LoRA parameters in {p.name}",
-        "qlora": (f"linear layers in NF4 (block {s.block_size}, "
-                  f"{'double quantization: 4.127' if s.double_quant else 'fp32 absmax: 4.5'} bits/param"
-                  f" + constants); embeddings, norms, lm_head and {st.trainable:,} LoRA "
-                  f"parameters in {p.name}")}[s.method]
+    hf = s.stack == "hf"
+    adapters = f"{st.trainable:,} LoRA parameters in {p.adapter}"
+    if hf and p.adapter != p.linear:
+        adapters += " (peft's autocast_adapter_dtype upcasts adapters on a 16-bit base)"
+    buffers = ", + RoPE's inv_freq buffers (fp32)" if st.buffers else ""
+    if s.method == "full":
+        text = f"all {st.params:,} parameters in {p.linear}{buffers}"
+    elif s.method == "lora":
+        text = f"base weights frozen in {p.linear}, {adapters}{buffers}"
+    else:
+        bits = "double quantization: 4.127" if s.double_quant else "fp32 absmax: 4.5"
+        constants = "a codebook and nested map per layer (bitsandbytes)" if hf else "constants"
+        prepare = ""
+        if s.prepare_kbit is not False:
+            prepare = (" (prepare_model_for_kbit_training casts every weight that is not 4-bit to fp32)" if hf else
+                       " (prepare_for_kbit_training keeps the norms in fp32)")
+        text = (f"linear layers in NF4 (block {s.block_size}, {bits} bits/param + {constants}); embeddings and "
+                f"lm_head in {p.embedding}, norms in {p.norm}{prepare}; {adapters}{buffers}")
     if run.spec.num_experts:
-        assumption += (f"; all {run.spec.num_experts} experts of every sparse layer resident"
-                       + (f" (each expert's matrices in NF4), routers in {p.name}" if s.method == "qlora" else ""))
-    nf4 = f"{st.quantized_bytes:,} B NF4 codes and constants + " if st.quantized_bytes else ""
-    dense = sum(math.prod(shape) for shape in st.dense_shapes)
-    dense = f"{dense:,} frozen params x {p.weights} B + " if dense else ""
-    trained = f"{st.trainable:,} {'params' if s.method == 'full' else 'LoRA params'} x " \
-              f"{p.weights if s.method == 'full' else p.adapters} B"
-    if s.method == "qlora" and run.strategy.startswith("fsdp") and s.gpus > 1:
-        # FSDP2 shards parameters only; LinearNF4 keeps its codes and scales in buffers, which every
-        # rank holds whole (measured in tests/test_distributed.py)
-        dense, formula = run.sharded("weights", st.weights - st.quantized_bytes, dense + trained,
-                                     st.dense_shapes + st.trainable_shapes, p.weights)
-        return Term("weights", st.quantized_bytes + dense, assumption + f", NF4 buffers replicated and the rest "
-                    f"sharded over {s.gpus} GPUs ({run.strategy})", formula=nf4 + formula)
-    # FSDP2 chunks every tensor on dim 0 (rank 0 holds the largest piece); ZeRO one flat buffer
-    shapes = None if s.method == "qlora" else st.all_shapes + (() if s.method == "full" else st.trainable_shapes)
-    gpu, formula = run.sharded("weights", st.weights, nf4 + dense + trained, shapes, p.weights)
-    return Term("weights", gpu, assumption + run.shard_note("weights"), formula=formula)
+        text += (f"; all {run.spec.num_experts} experts of every sparse layer resident"
+                 + (f" (each expert's matrices in NF4), routers in {p.linear}" if s.method == "qlora" else ""))
+    return text
+
+
+def weights_term(run: TrainingRun) -> Term:
+    s, st = run.setup, run.states
+    text = _weights_assumption(run)
+    if s.method == "full":
+        shapes, sizes = st.all_shapes, st.all_bytes_per_el
+    else:
+        shapes = st.dense_shapes + st.trainable_shapes
+        sizes = st.dense_bytes_per_el + (st.precision.gradients,) * len(st.trainable_shapes)
+    replicated = st.quantized_bytes + st.buffers
+    fixed = (f"{st.quantized_bytes:,} B NF4 codes and constants + " if st.quantized_bytes else "") + \
+            (f"{st.buffers:,} B buffers + " if st.buffers else "")
+    dense = _per_size([(math.prod(sh), b) for sh, b in zip(shapes, sizes)], "params")
+    if run.strategy.startswith("fsdp") and s.gpus > 1:
+        # FSDP2 chunks every parameter on dim 0 (rank 0 holds the largest piece) and shards
+        # parameters only: LinearNF4's codes and scales and the model's buffers are module buffers,
+        # which every rank holds whole (measured in tests/test_distributed.py)
+        gpu, formula = run.sharded("weights", st.weights - replicated, dense, shapes, sizes)
+        nf4 = ", NF4 buffers replicated" if st.quantized_bytes else ""
+        return Term("weights", replicated + gpu, f"{text}{nf4}, the rest sharded over {s.gpus} GPUs ({run.strategy})",
+                    formula=fixed + formula)
+    gpu, formula = run.sharded("weights", st.weights, fixed + dense)
+    return Term("weights", gpu, text + run.shard_note("weights"), formula=formula)
 
 
 def gradients_term(run: TrainingRun) -> Term:
@@ -163,7 +185,8 @@ def gradients_term(run: TrainingRun) -> Term:
     if run.offload:
         return Term("gradients", gpu, "none kept on the GPU: each .grad is copied to a host fp32 buffer as "
                                       "it is produced", formula=formula)
-    return Term("gradients", gpu, f"one {run.precision.name} gradient per trainable parameter"
+    dtype = {4: "fp32", 2: "16-bit"}[run.precision.gradients]
+    return Term("gradients", gpu, f"one {dtype} gradient per trainable parameter (its own dtype)"
                 + run.shard_note("gradients"), formula=formula)
 
 
@@ -175,10 +198,12 @@ def master_weights_term(run: TrainingRun) -> Term:
 
 
 def optimizer_states_term(run: TrainingRun) -> Term:
-    s, st = run.setup, run.states
-    state = "fp32" if run.precision.optimizer_states == 4 else run.precision.name
+    s, st, p = run.setup, run.states, run.precision
+    state = "fp32" if p.optimizer_states == 4 else (p.linear if s.method == "full" else p.adapter)
     assumption = {
-        "adamw": f"AdamW m and v in {state} (+4 B step per tensor)",
+        "adamw": f"AdamW m and v in {state}"
+                 + (" (on the fp32 master copy)" if p.master else " (torch AdamW: the parameters' own dtype)")
+                 + " (+4 B step per tensor)",
         "adamw8bit": "bitsandbytes 8-bit AdamW: uint8 m, v + fp32 absmax per 256; tensors < 4096 elements keep fp32",
         "sgd": "plain SGD: no state",
         "sgd-momentum": f"SGD momentum buffer in {state}",
@@ -206,102 +231,6 @@ def optimizer_states_term(run: TrainingRun) -> Term:
         formula = f"{st.optimizer_scalars // 4:,} tensors x 4 B step + {formula}"
     return Term("optimizer states", st.optimizer_scalars + moments, assumption + run.shard_note("optimizer"),
                 formula=formula)
-
-
-# --- activations and what backward adds -----------------------------------------------------------
-
-def activations_term(run: TrainingRun) -> Term:
-    s, act = run.setup, run.activations
-    checkpointing = {"none": "every block keeps what autograd saves",
-                     "full": "checkpointing: each block keeps only its input; one block is recomputed at a time",
-                     "selective": "selective recomputation of attention's (B, H, T, T) core"}[s.grad_ckpt]
-    attention = "eager attention keeps (B, H, T, T) scores" if s.attn == "eager" else \
-        "SDPA/flash: no (B, H, T, T) matrix"
-    dropout = ""
-    if s.method != "full" and s.lora.dropout > 0:
-        dropout = f"; LoRA dropout {s.lora.dropout} keeps a mask and a dropped copy of each adapted input"
-    experts = ""
-    if run.spec.num_experts:  # what the experts keep grows with the routed pairs, not with how they spread
-        experts = f"; experts: {run.spec.experts_per_token} routed copies of every token (whatever the balance)"
-    parts = [(act["embedding"], "B embedding"), (act["shared"], "B RoPE cos and sin"),
-             (act["head"], "B final norm and head input")]
-    blocks = " + ".join(f"{n} block{'s' * (n > 1)} x {nbytes:,} B" for nbytes, n in _runs(act["layers"]))
-    formula = " + ".join([blocks] * bool(blocks) + [f"{n:,} {what}" for n, what in parts if n]) or "0 B"
-    return Term("activations", act["total"] - act["loss"],
-                f"saved for backward, batch {s.batch} x seq {s.seq}, {run.precision.name}; {checkpointing}; "
-                f"{attention}{dropout}{experts}", formula=formula)
-
-
-def _runs(values: list) -> list[tuple]:
-    """[a, a, b, a] -> [(a, 2), (b, 1), (a, 1)]: equal neighbours counted once."""
-    runs = []
-    for v in values:
-        if runs and runs[-1][0] == v:
-            runs[-1] = (v, runs[-1][1] + 1)
-        else:
-            runs.append((v, 1))
-    return runs
-
-
-def recomputed_block_term(run: TrainingRun) -> Term | None:
-    recompute = run.activations["layer_full"] if run.setup.grad_ckpt == "full" else 0
-    if not recompute:
-        return None
-    return Term("recomputed block", recompute,
-                "one block's activations rebuilt during its backward (full checkpointing)",
-                formula=f"{recompute:,} B one block's saved tensors")
-
-
-def logits_and_loss_term(run: TrainingRun) -> Term:
-    s, vocab = run.setup, run.spec.vocab_size
-    btv = s.batch * s.seq * vocab
-    # at backward start nll_loss's fp32 gradient and log_softmax's fp32 gradient are alive together
-    # (the cast back to the logits' dtype comes after the first is freed): measured on an H100
-    logits = btv * run.precision.logits + run.activations["loss"] + 2 * btv * 4
-    shape = f"{s.batch} batch x {s.seq:,} seq x {vocab:,} vocab"
-    return Term("logits and loss", logits,
-                f"logits (B, T, V={vocab:,}) in {run.precision.name} held by the caller, fp32 log-softmax "
-                "saved by the loss, and two fp32 (B, T, V) gradients alive together at backward start",
-                formula=f"{shape} x {run.precision.logits} B logits + {run.activations['loss']:,} B saved by the "
-                        f"loss + 2 gradients x {shape} x 4 B")
-
-
-def backward_workspace_term(run: TrainingRun) -> Term:
-    s, spec = run.setup, run.spec
-    workspace = s.batch * s.seq * (2 * widest_intermediate(spec) + 2 * spec.hidden_size) * run.precision.activations
-    formula = (f"{s.batch} batch x {s.seq:,} seq x (2 x {widest_intermediate(spec):,} widest + 2 x "
-               f"{spec.hidden_size:,} hidden) x {run.precision.activations} B")
-    experts = ""
-    if spec.num_experts:  # the busiest expert's gate/up gradients, over the tokens routed to it
-        busiest = busiest_expert_tokens(spec, s.batch * s.seq, s.expert_imbalance)
-        expert = busiest * (4 * spec.moe_intermediate_size + 2 * spec.hidden_size) * run.precision.activations
-        experts = f"; the busiest expert's {busiest:,} tokens (imbalance {s.expert_imbalance:g} x balanced)"
-        if expert > workspace:
-            workspace, formula = expert, (f"{busiest:,} busiest-expert tokens x (4 x {spec.moe_intermediate_size:,} "
-                                          f"expert I + 2 x {spec.hidden_size:,} hidden) x {run.precision.activations} B")
-    if s.attn == "eager":
-        workspace += 2 * s.batch * spec.num_heads * s.seq ** 2 * 4
-        formula += f" + 2 scores x {s.batch} batch x {spec.num_heads} heads x {s.seq:,} x {s.seq:,} seq x 4 B"
-    return Term("backward workspace", workspace,
-                "estimate: gradients of one block's widest intermediates (and of its scores when eager)" + experts,
-                formula=formula)
-
-
-def gradients_held_at_backward_start(run: TrainingRun, gradients: int) -> int:
-    """Gradients alive when backward starts: all of them with grad_accum > 1 (they persist between
-    micro-batches), else the head's (lm_head / embedding, produced first) with full fine-tuning."""
-    if run.setup.grad_accum > 1:
-        return gradients
-    if run.setup.method != "full":
-        return 0
-    spec = run.spec
-    head = spec.vocab_size * spec.hidden_size * run.precision.gradients * (1 if spec.tie_word_embeddings else 2)
-    return min(head, gradients)
-
-
-def first_block_activations(run: TrainingRun) -> int:
-    """What the first block saved, still alive when backward reaches it last."""
-    return run.activations["layers"][0] if run.activations["layers"] else 0
 
 
 # --- buffers a strategy or the device adds ----------------------------------------------------

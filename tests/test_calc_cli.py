@@ -303,3 +303,89 @@ def test_fit_search_does_not_show_the_searched_setting(capsys):
         assert main(args) == 0
         settings = _printed_settings(capsys.readouterr().out)
         assert what not in settings and settings["search"] == what, settings
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--master-weights", "yes"], r"master_weights=True \(--master-weights yes\) with --stack hf"),
+    (["--method", "full", "--dtype", "fp16", "--autocast", "fp16"], "GradScaler cannot unscale fp16"),
+    (["--method", "lora", "--prepare-kbit", "yes"], "prepare_model_for_kbit_training, for 4-bit models"),
+    (["--grad-ckpt", "selective"], "transformers checkpoints whole decoder layers"),
+    (["--stack", "minilora", "--autocast-adapter-dtype", "no"], "peft's option"),
+    (["--method", "full", "--autocast-adapter-dtype", "yes"], "about LoRA adapters"),
+    (["--stack", "minilora", "--autocast", "fp16"], "autocasts to bf16 only"),
+    (["--attn", "flash", "--device", "cpu"], "flash_attention_2"),
+    (["--stack", "jax"], "--stack must be one of hf, minilora"),
+    (["--autocast", "fp8"], "--autocast must be one of none, bf16, fp16"),
+    (["--model-dropout", "1.5"], "--model-dropout must be config or a probability"),
+    (["--prepare-kbit", "maybe"], "--prepare-kbit must be one of auto, yes, no"),
+    (["--device", "tpu"], "--device must be one of cuda, cpu"),
+])
+def test_recipes_the_libraries_do_not_run_exit_2_with_one_line(args, message, capsys):
+    import re
+    assert main(["vram", "--model", "llama-2-7b", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+FLAG_SETS = [["--method", "qlora", "--targets", "all-linear", "--rank", "16", "--seq", "1024"],
+             ["--method", "full", "--dtype", "fp32", "--autocast", "bf16", "--grad-ckpt", "full"],
+             ["--method", "lora", "--stack", "minilora", "--attn", "eager", "--device", "cpu"],
+             ["--method", "qlora", "--prepare-kbit", "no", "--autocast-adapter-dtype", "no", "--model-dropout", "0.1"]]
+
+
+@pytest.mark.parametrize("flags", FLAG_SETS)
+def test_vram_json_states_and_saved_bytes_equal_the_python_api(flags, capsys):
+    from calculators import ActivationSetup, activation_bytes, model_spec, model_state_bytes
+    from calculators.cli import build_parser, build_setup
+    from calculators.cli import run as run_cli_args
+
+    argv = ["vram", "--model", "mistral-7b", *flags, "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    args = build_parser().parse_args(argv)
+    spec = model_spec("mistral-7b")
+    setup = build_setup(args, spec)
+    states = model_state_bytes(spec, setup)
+    assert out["model_state_bytes"] == states.weights + states.gradients + states.master + states.optimizer + states.host
+    assert out["saved_activation_bytes"] == activation_bytes(spec, ActivationSetup.of(spec, setup))["total"]
+    assert out["stack"] == setup.stack and out["recipe"] in "\n".join(out["notes"])
+    assert run_cli_args(args)["saved_activation_bytes"] == out["saved_activation_bytes"]
+
+
+def test_hf_full_finetuning_is_plain_adamw_and_autocast_is_16_bytes_per_parameter(capsys):
+    """transformers + torch AdamW on a bf16 model: 2 + 2 + 2 + 2 B/param; loaded in fp32 under
+    Trainer(bf16=True)'s autocast: 4 + 4 + 4 + 4 (each plus AdamW's 4-byte step per tensor and
+    RoPE's inv_freq buffers)."""
+    from calculators import model_spec, parameter_tensors
+    spec = model_spec("llama-2-7b")
+    steps, buffers = 4 * len(parameter_tensors(spec)), 2 * 64 * 4
+    for flags, per_param in ((["--dtype", "bf16"], 8), (["--dtype", "fp32", "--autocast", "bf16"], 16)):
+        assert main(["vram", "--model", "llama-2-7b", "--method", "full", *flags, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["model_state_bytes"] == per_param * 6_738_415_616 + steps + buffers
+
+
+def test_config_dropout_and_the_device_change_the_saved_bytes(capsys):
+    def saved(*flags):
+        assert main(["vram", "--model", "gpt2", "--method", "full", *flags, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["saved_activation_bytes"]
+
+    config, none = saved(), saved("--model-dropout", "0")
+    # GPT-2's config.json: 0.1 on attention, residual and embedding; a mask per dropout, bool on CUDA,
+    # in the activations' dtype on CPU, where attention dropout also takes SDPA's math kernel
+    assert config > none
+    assert saved("--device", "cpu") > config
+    # without dropout the devices differ only in LayerNorm's mean and rstd: fp32 on CUDA, bf16 on CPU
+    # (25 LayerNorms x 2 statistics x 512 tokens x 2 bytes)
+    assert none - saved("--model-dropout", "0", "--device", "cpu") == 25 * 2 * 512 * 2
+
+
+def test_fit_methods_carries_qlora_and_lora_only_choices_to_their_methods_only(capsys):
+    assert main(["fit", "--model", "llama-2-7b", "--method", "qlora", "--prepare-kbit", "no",
+                 "--autocast-adapter-dtype", "no", "--gpu", "24GB", "--json"]) == 0
+    rows = {(r["method"], r["grad_ckpt"]): r["total_gpu"] for r in json.loads(capsys.readouterr().out)["methods"]}
+    assert main(["vram", "--model", "llama-2-7b", "--method", "qlora", "--prepare-kbit", "no",
+                 "--autocast-adapter-dtype", "no", "--gpu", "24GB", "--json"]) == 0
+    assert rows[("qlora", "none")] == json.loads(capsys.readouterr().out)["total_gpu_bytes"]
+    assert main(["vram", "--model", "llama-2-7b", "--method", "full", "--gpu", "24GB", "--json"]) == 0
+    assert rows[("full", "none")] == json.loads(capsys.readouterr().out)["total_gpu_bytes"]

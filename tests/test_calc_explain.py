@@ -14,7 +14,7 @@ import re
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from calculators import TrainingSetup, inference_memory, model_spec, training_memory
 from calculators.cli import main
@@ -72,12 +72,15 @@ def test_the_evaluator_reads_what_it_should():
        dtype=st.sampled_from(["bf16", "fp32"]), gpus=st.sampled_from([1, 2, 8]),
        zero=st.sampled_from(["none", "0", "1", "2", "3", "full-shard", "grad-op"]),
        grad_accum=st.sampled_from([1, 4]), device=st.sampled_from(["cuda", "cpu"]),
-       batch=st.integers(1, 8), seq=st.integers(1, 4096))
+       batch=st.integers(1, 8), seq=st.integers(1, 4096), stack=st.sampled_from(["hf", "minilora"]),
+       autocast=st.sampled_from(["none", "bf16"]))
 def test_training_formulas_evaluate_to_the_terms_and_phases_to_the_total(model, method, optimizer, grad_ckpt, attn,
                                                                           dtype, gpus, zero, grad_accum, device,
-                                                                          batch, seq):
+                                                                          batch, seq, stack, autocast):
+    assume(not (stack == "hf" and grad_ckpt == "selective"))  # transformers has no selective recomputation
     setup = TrainingSetup(method=method, optimizer=optimizer, grad_ckpt=grad_ckpt, attn=attn, dtype=dtype,
-                          gpus=gpus, zero=zero, grad_accum=grad_accum, device=device, batch=batch, seq=seq)
+                          gpus=gpus, zero=zero, grad_accum=grad_accum, device=device, batch=batch, seq=seq,
+                          stack=stack, autocast=autocast)
     b = training_memory(model_spec(model), setup)
     for t in b.terms:
         assert evaluate(t.formula) == t.gpu, (t.name, t.formula, t.gpu)

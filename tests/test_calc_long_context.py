@@ -1,4 +1,5 @@
-"""calculators' chunked-loss and activation-offload terms against our models on CPU (issue 16).
+"""calculators' chunked-loss and activation-offload terms against our models on CPU (issue 16). Both
+are minilora.train's, so every setup here names stack="minilora" (--stack minilora).
 
 Exact: the bytes kept for backward against saved_tensors_hooks (each storage once, parameters
 excluded); the chunked loss's backward buffers against the allocations an op-by-op tracker sees
@@ -48,7 +49,7 @@ def setup_for(spec, dtype, method, ckpt, chunk, offload=False):
     names = lora_layers(spec, "all-linear") if method == "lora" else []
     return TrainingSetup(method=method, batch=BATCH, seq=SEQ, grad_ckpt="full" if ckpt else "none", device="cpu",
                          dtype="fp32" if dtype == torch.float32 else "bf16", loss="chunked", loss_chunk=chunk,
-                         offload_activations=offload,
+                         offload_activations=offload, stack="minilora",
                          lora=LoRASpec(rank=4, alpha=8, targets=[lin.name for lin in names] or None))
 
 
@@ -82,7 +83,7 @@ def test_the_chunked_loss_backward_buffers_equal_the_calculators(tokens, hidden,
     spec = model_spec(dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                            num_hidden_layers=1, num_attention_heads=4))
     setup = TrainingSetup(method="full" if trainable else "lora", batch=1, seq=tokens, loss="chunked",
-                          loss_chunk=min(chunk, tokens), device="cpu")
+                          loss_chunk=min(chunk, tokens), device="cpu", stack="minilora")
     g = torch.Generator().manual_seed(tokens * vocab)
     h = torch.randn(1, tokens, hidden, generator=g).to(dtype).requires_grad_()
     weight = torch.randn(vocab, hidden, generator=g).to(dtype).requires_grad_(trainable)
@@ -121,7 +122,8 @@ def test_pinned_host_bytes_are_rounded_up_to_powers_of_two_on_cuda_only():
     assert pinned_bytes(655_360_000, "cpu") == 655_360_000
     spec = model_spec("llama-3.1-8b")
     cuda, cpu = (training_memory(spec, TrainingSetup(method="qlora", seq=57_704, grad_ckpt="full", device=device,
-                                                    offload_activations=True)).cpu for device in ("cuda", "cpu"))
+                                                    offload_activations=True, stack="minilora")).cpu
+                 for device in ("cuda", "cpu"))
     assert cpu == 31 * 57_704 * 4096 * 2 and cuda == 31 * 2 ** 29
 
 
@@ -140,7 +142,7 @@ def test_pinned_host_bytes_equal_torchs_host_allocator():
 def test_defaults_agree_with_the_models():
     assert DEFAULT_LOSS_CHUNK == MODELS_DEFAULT_CHUNK
     spec = model_spec("llama-3.1-8b")
-    short = TrainingSetup(method="qlora", seq=300, loss="chunked")  # a chunk is at most the batch's tokens
+    short = TrainingSetup(method="qlora", seq=300, loss="chunked", stack="minilora")  # a chunk: at most the tokens
     assert chunked_loss_bytes(spec, short, 2, False)["backward"] == 300 * 4096 * 2 + 300 * 128256 * 6
 
 
@@ -150,7 +152,7 @@ def test_each_switch_lengthens_the_longest_context():
     for loss in ("full", "chunked"):
         for offload in (False, True):
             setup = TrainingSetup(method="qlora", grad_ckpt="full", loss=loss, offload_activations=offload,
-                                  lora=LoRASpec(rank=16, targets="all-linear"))
+                                  lora=LoRASpec(rank=16, targets="all-linear"), stack="minilora")
             seq = longest[loss, offload] = largest_fitting(spec, setup, 24 * GiB, "seq")
             fits = training_memory(spec, TrainingSetup(**{**setup.__dict__, "seq": seq})).total_gpu
             over = training_memory(spec, TrainingSetup(**{**setup.__dict__, "seq": seq + 1})).total_gpu
@@ -170,7 +172,7 @@ def test_each_switch_lengthens_the_longest_context():
 ])
 def test_bad_settings_are_refused_naming_the_value(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        training_memory(model_spec("llama-2-7b"), TrainingSetup(**changes))
+        training_memory(model_spec("llama-2-7b"), TrainingSetup(**changes, stack="minilora"))
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -181,14 +183,16 @@ def test_bad_settings_are_refused_naming_the_value(changes, message):
     (["--inference", "--loss", "chunked"], "--loss applies to training only"),
 ])
 def test_the_cli_refuses_bad_long_context_flags_in_one_line(flags, message, capsys):
-    assert main(["vram", "--model", "llama-3.1-8b", "--method", "qlora", *flags]) == 2
+    stack = [] if "--inference" in flags else ["--stack", "minilora"]  # both are training settings
+    assert main(["vram", "--model", "llama-3.1-8b", "--method", "qlora", *stack, *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
 
 
 def test_the_cli_answers_with_both_switches(capsys):
     args = ["--model", "llama-3.1-8b", "--method", "qlora", "--rank", "16", "--targets", "all-linear",
-            "--grad-ckpt", "full", "--loss", "chunked", "--loss-chunk", "512", "--offload-activations", "--gpu", "24GB"]
+            "--grad-ckpt", "full", "--loss", "chunked", "--loss-chunk", "512", "--offload-activations", "--gpu", "24GB",
+            "--stack", "minilora"]
     assert main(["vram", *args]) == 0
     out = capsys.readouterr().out
     assert "chunked loss" in out and "activation offload" in out and "of host memory" in out
@@ -198,11 +202,11 @@ def test_the_cli_answers_with_both_switches(capsys):
 
 def test_fit_says_when_the_models_context_limit_binds_and_how_far_memory_goes(capsys):
     args = ["fit", "--model", "llama-3.1-8b", "--method", "qlora", "--grad-ckpt", "full", "--loss", "chunked",
-            "--offload-activations", "--search", "seq", "--gpu", "80GB", "--json"]
+            "--offload-activations", "--search", "seq", "--gpu", "80GB", "--json", "--stack", "minilora"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["largest"] == out["model_limit"] == model_spec("llama-3.1-8b").max_positions
-    setup = TrainingSetup(method="qlora", grad_ckpt="full", loss="chunked", offload_activations=True)
+    setup = TrainingSetup(method="qlora", grad_ckpt="full", loss="chunked", offload_activations=True, stack="minilora")
     alone = out["memory_alone"]
     assert training_memory(model_spec("llama-3.1-8b"), replace(setup, seq=alone)).total_gpu <= 80 * GiB
     assert training_memory(model_spec("llama-3.1-8b"), replace(setup, seq=alone + 1)).total_gpu > 80 * GiB
@@ -216,7 +220,7 @@ def test_fit_says_when_the_models_context_limit_binds_and_how_far_memory_goes(ca
 def test_the_new_terms_formulas_and_phases_add_up(model, method, dtype, device, loss, offload, chunk, batch, seq):
     setup = TrainingSetup(method=method, dtype=dtype, device=device, grad_ckpt="full", batch=batch, seq=seq,
                           loss=loss, loss_chunk=min(chunk, seq) if chunk and loss == "chunked" else None,
-                          offload_activations=offload)
+                          offload_activations=offload, stack="minilora")
     b = training_memory(model_spec(model), setup)
     for t in b.terms:
         assert evaluate(t.formula) == t.gpu, (t.name, t.formula, t.gpu)
@@ -226,3 +230,10 @@ def test_the_new_terms_formulas_and_phases_add_up(model, method, dtype, device, 
     assert all(0 < n <= terms[name] for p in b.phases for name, n in p.parts.items())
     assert ("chunked loss" in terms) == (loss == "chunked") and ("logits and loss" in terms) == (loss == "full")
     assert ("activation offload" in terms) == offload
+
+
+@pytest.mark.parametrize("flag", [["--loss", "chunked"], ["--offload-activations"]])
+def test_the_hf_stack_refuses_minilora_trains_switches_in_one_line(flag, capsys):
+    assert main(["vram", "--model", "llama-3.1-8b", "--method", "qlora", "--grad-ckpt", "full", *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag[0]}" in err and "--stack minilora" in err, err

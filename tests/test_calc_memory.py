@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from calculators import (LoRASpec, TrainingSetup, deepspeed_zero2_estimate, deepspeed_zero3_estimate,
                          fsdp_rank0_elements, model_spec, model_state_bytes, nf4_bytes, parameter_tensors,
@@ -46,6 +46,10 @@ def real_states(model, optimizer):
 
 
 def predicted(spec, **kw):
+    # the reference models train the minilora way; QLoRA here is quantize_model + inject, no prepare
+    kw.setdefault("stack", "minilora")
+    if kw.get("method") == "qlora":
+        kw.setdefault("prepare_kbit", False)
     s = model_state_bytes(spec, TrainingSetup(**kw))
     return {"weights": s.weights, "gradients": s.gradients, "optimizer": s.optimizer + s.master}
 
@@ -99,7 +103,7 @@ def test_offload_host_bytes_exact(state_bits, dtype):
     train_step(model, opt)
     s = model_state_bytes(spec, TrainingSetup(method="full", dtype="fp32" if dtype == torch.float32 else "bf16",
                                               optimizer="offload" if state_bits == 32 else "offload8bit",
-                                              master_weights=master is not None))
+                                              master_weights=master is not None, stack="minilora"))
     mem = opt.memory_bytes()
     assert mem["cpu"] == s.host
     assert mem["device"] == s.weights + opt.link.staging_bytes
@@ -122,7 +126,8 @@ def test_fsdp_rank0_shard_matches_torch_chunk(rows, cols, gpus):
 def test_zero_model_states_agree_with_deepspeed_estimates(gpus):
     spec = model_spec("llama-2-7b")
     P = 6_738_415_616
-    setup = TrainingSetup(method="full", dtype="bf16", gpus=gpus, grad_ckpt="full")
+    # minilora's full fine-tuning of a bf16 model keeps an fp32 master copy: ZeRO's 16 B/param
+    setup = TrainingSetup(method="full", dtype="bf16", gpus=gpus, grad_ckpt="full", stack="minilora")
     terms = {t.name: t.gpu for t in training_memory(spec, TrainingSetup(**{**setup.__dict__, "zero": "zero2"})).terms}
     ours = terms["weights"] + terms["gradients"] + terms["master weights"] + terms["optimizer states"]
     steps = 4 * len(parameter_tensors(spec))  # torch's 4-byte step per tensor; DeepSpeed does not count it
@@ -168,14 +173,17 @@ def test_peak_grows_with_batch_and_seq_and_shrinks_with_checkpointing():
        dtype=st.sampled_from(["fp32", "bf16"]), gpus=st.sampled_from([1, 2, 8]),
        zero=st.sampled_from(["none", "ddp", "zero1", "zero2", "zero3", "fsdp-full", "fsdp-grad-op"]),
        grad_accum=st.sampled_from([1, 4]), device=st.sampled_from(["cuda", "cpu"]),
-       batch=st.integers(1, 4), seq=st.integers(1, 4096))
+       batch=st.integers(1, 4), seq=st.integers(1, 4096), stack=st.sampled_from(["hf", "minilora"]),
+       autocast=st.sampled_from(["none", "bf16"]))
 def test_peak_is_the_held_terms_plus_the_largest_phase(model, method, optimizer, grad_ckpt, attn, dtype, gpus,
-                                                       zero, grad_accum, device, batch, seq):
-    """peak = weights + master + optimizer + strategy and cuBLAS buffers + max(backward start, backward
-    through the blocks, backward end, step), each phase holding its terms; host bytes are the terms'
-    CPU bytes; the note says the same."""
+                                                       zero, grad_accum, device, batch, seq, stack, autocast):
+    """peak = weights + master + optimizer + strategy, cuBLAS and dequantize buffers + max(backward start,
+    backward through the blocks, backward end, step), each phase holding its terms; host bytes are the
+    terms' CPU bytes; the note says the same."""
+    assume(not (stack == "hf" and grad_ckpt == "selective"))  # transformers has no selective recomputation
     setup = TrainingSetup(method=method, optimizer=optimizer, grad_ckpt=grad_ckpt, attn=attn, dtype=dtype, gpus=gpus,
-                          zero=zero, grad_accum=grad_accum, device=device, batch=batch, seq=seq)
+                          zero=zero, grad_accum=grad_accum, device=device, batch=batch, seq=seq, stack=stack,
+                          autocast=autocast)
     b = training_memory(model_spec(model), setup)
     terms = {t.name: t for t in b.terms}
     assert len(terms) == len(b.terms)
@@ -185,7 +193,8 @@ def test_peak_is_the_held_terms_plus_the_largest_phase(model, method, optimizer,
 
     static, start, blocks, end, step = (int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", b.notes[0]))
     assert static == gpu("weights", "master weights", "optimizer states", "DDP gradient buckets",
-                         "gathered parameters", "cuBLAS workspaces")
+                         "gathered parameters", "cuBLAS workspaces", "4-bit dequantize buffer")
+    assert ("4-bit dequantize buffer" in terms) == (stack == "minilora" and method == "qlora")
     # backward start also holds the gradients produced before it (none, the head's, or all of them)
     assert gpu("activations", "logits and loss") <= start <= gpu("activations", "logits and loss", "gradients")
     if grad_accum > 1:
@@ -255,7 +264,7 @@ def test_fsdp_qlora_gathers_only_the_sharded_dense_part():
     lm_head and the LoRA adapters; full-shard gathers two blocks of those."""
     spec = model_spec("llama-2-7b")
     lora = LoRASpec(rank=16, targets="all-linear")
-    setup = TrainingSetup(method="qlora", lora=lora, gpus=2, zero="fsdp-full")
+    setup = TrainingSetup(method="qlora", lora=lora, gpus=2, zero="fsdp-full", stack="minilora", prepare_kbit=False)
     states = model_state_bytes(spec, setup)
     terms = {t.name: t.gpu for t in training_memory(spec, setup).terms}
     from calculators.lora import lora_tensors

@@ -110,8 +110,9 @@ def test_moe_activation_bytes_equal_saved_tensors_for_a_seeded_routing(family, d
         targets = block_targets(lin.name for lin in lora_layers(spec, lora))
     real, routing = saved_and_routing(model, 2, 17)
     assert all(sum(c) == 2 * 17 * 2 for c in routing) and any(len(set(c)) > 1 for c in routing)  # uneven
-    setup = ActivationSetup(batch=2, seq=17, dtype_bytes=dtype.itemsize, grad_ckpt="full" if ckpt else "none",
-                            device="cpu", trainable="lora" if lora else "all", lora_targets=targets, lora_rank=4)
+    setup = ActivationSetup(batch=2, seq=17, dtype="fp32" if dtype == torch.float32 else "bf16", stack="minilora",
+                            grad_ckpt="full" if ckpt else "none", device="cpu", trainable="lora" if lora else "all",
+                            lora_targets=targets, lora_rank=4)
     assert activation_bytes(spec, setup)["total"] == real
 
 
@@ -125,7 +126,7 @@ def test_qlora_moe_state_bytes_exact_experts_in_nf4_router_dense():
     inject(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     weights = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                for t in list(model.parameters()) + list(model.buffers())}
-    states = model_state_bytes(spec, TrainingSetup(method="qlora", dtype="bf16",
+    states = model_state_bytes(spec, TrainingSetup(method="qlora", dtype="bf16", stack="minilora", prepare_kbit=False,
                                                    lora=LoRASpec(rank=4, targets=["q_proj", "v_proj"])))
     assert states.weights == sum(weights.values())
     assert all(b.mlp.gate.weight.dtype == torch.bfloat16 for b in model.model.layers)

@@ -313,7 +313,7 @@ def _calculator_terms() -> dict:
 
     spec = model_spec(tiny_llama().config.to_hf_dict(), name="tiny")
     setup = TrainingSetup(method="lora", dtype="fp32", batch=2, seq=12, device="cpu", gpus=WORLD, zero="fsdp-full",
-                          lora=LoRASpec(rank=4, alpha=8, targets=LORA_TARGETS))
+                          lora=LoRASpec(rank=4, alpha=8, targets=LORA_TARGETS), stack="minilora")
     return {t.name: t.gpu for t in training_memory(spec, setup).terms}
 
 
@@ -349,7 +349,8 @@ def test_calculator_fsdp2_full_finetune_with_padded_shards_equals_rank0(fsdp_lor
     from calculators.models import model_spec
 
     spec = model_spec(odd_llama().config.to_hf_dict(), name="odd")
-    setup = TrainingSetup(method="full", dtype="fp32", batch=2, seq=12, device="cpu", gpus=WORLD, zero="fsdp-full")
+    setup = TrainingSetup(method="full", dtype="fp32", batch=2, seq=12, device="cpu", gpus=WORLD, zero="fsdp-full",
+                          stack="minilora")
     calc = {t.name: t.gpu for t in training_memory(spec, setup).terms}
     rank0, rank1 = _held(fsdp_lora_run, "bytes_full")
     assert rank0["params"] == rank1["params"] == calc["weights"]  # FSDP2 pads rank 1's storage too
@@ -378,7 +379,7 @@ def test_calculator_fsdp2_qlora_weights_equal_what_each_rank_holds(fsdp_lora_run
 
     spec = model_spec(tiny_llama().config.to_hf_dict(), name="tiny")
     setup = TrainingSetup(method="qlora", dtype="fp32", batch=2, seq=12, device="cpu", gpus=WORLD, zero="fsdp-full",
-                          lora=LoRASpec(rank=4, alpha=8, targets=LORA_TARGETS))
+                          lora=LoRASpec(rank=4, alpha=8, targets=LORA_TARGETS), stack="minilora")
     calc = {t.name: t.gpu for t in training_memory(spec, setup).terms}
     for held in _held(fsdp_lora_run, "bytes_qlora"):
         assert held["params"] + held["buffers"] == calc["weights"], (held, calc)

@@ -68,7 +68,7 @@ def test_memory_validation_without_cuda_says_so_and_exits_0(capsys):
 
 
 def test_memory_validation_dry_run_takes_real_steps_for_every_method(capsys):
-    rows = mv.run(mv.MODEL_TINY, (8,), 1, torch.device("cpu"))
+    rows = mv.run(mv.MODEL_TINY, (8,), 1, torch.device("cpu"), stacks=("minilora",))
     ran = {r["method"]: r for r in rows if r["status"].startswith("ok")}
     assert {"full", "lora"} <= set(ran)
     assert ran["full"]["trainable"] > ran["lora"]["trainable"] > 0
@@ -93,3 +93,16 @@ def test_suite_only_keeps_the_other_benchmarks_of_the_existing_summary(tmp_path,
     assert suite.main(["--only", "memory_validation"]) == 0
     assert [r["name"] for r in json.loads((tmp_path / f"suite-{machine}.json").read_text())["runs"]] == [
         "memory_validation"]
+
+
+@pytest.mark.interop
+def test_memory_validation_dry_run_trains_the_hf_stack_for_every_method_and_checkpointing():
+    """transformers + peft + bitsandbytes through the benchmark's own code on the CPU: every point
+    takes two real steps (bitsandbytes' 4-bit layers included) and the calculator answers for it."""
+    rows = mv.run(mv.MODEL_TINY, (8,), 1, torch.device("cpu"), stacks=("hf",))
+    assert {(r["method"], r["grad_ckpt"]) for r in rows if r["status"] == "ok"} == \
+        {(m, c) for m in mv.METHODS for c in (False, True)}
+    trainable = {r["method"]: r["trainable"] for r in rows}
+    assert trainable["full"] > trainable["lora"] == trainable["qlora"] > 0
+    for r in rows:
+        assert 0 < r["loss"] < 10 and r["measured_MiB"] is None and r["predicted_MiB"] > 0
