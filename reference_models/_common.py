@@ -1,5 +1,6 @@
 """Pieces both model families share: causal attention (SDPA or eager), the KV cache, the loss
-switch (loss.py computes it), checkpointing, the MLP tiling switch (tiled_mlp.py), activations and sampling. Kept in one small file so that gpt.py and llama.py each read as
+switch (loss.py computes it), checkpointing, the MLP tiling switch (tiled_mlp.py), activations and
+sampling. Kept in one small file so that gpt.py and llama.py each read as
 "the model", with the plumbing written once.
 """
 from __future__ import annotations

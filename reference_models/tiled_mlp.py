@@ -93,10 +93,11 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mlp, tile, rows, *weights):
         # rows (N, C) -> (N, C_out); runs without grad (a Function's forward does)
-        device = rows.device
+        device, kind = rows.device, rows.device.type
         ctx.mlp, ctx.tile, ctx.weights = mlp, tile, weights
-        ctx.autocast = dict(device_type=device.type, enabled=torch.is_autocast_enabled(device.type),
-                            dtype=torch.get_autocast_dtype(device.type), cache_enabled=torch.is_autocast_cache_enabled())
+        # backward runs outside the caller's autocast (on CUDA on autograd's own thread): its recompute re-enters it
+        ctx.autocast = dict(device_type=kind, enabled=torch.is_autocast_enabled(kind),
+                            dtype=torch.get_autocast_dtype(kind), cache_enabled=torch.is_autocast_cache_enabled())
         ctx.rng = _rng_state(device) if mlp.training else None  # dropout is only drawn in training
         ctx.save_for_backward(rows)
         return _forward_tiles(mlp, rows, tile)
@@ -113,9 +114,12 @@ class _TiledMLP(torch.autograd.Function):
                 end = start + ctx.tile
                 part = rows[start:end].detach().requires_grad_(want_rows)
                 with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                    out = ctx.mlp.per_token(part)  # (t, C_out), its graph alive until grad returns
+                    # through a view: autocast caches its casts of a leaf that requires grad (it means
+                    # weights), and the forward's input is no leaf; the tile keeps what the forward would
+                    out = ctx.mlp.per_token(part.view_as(part))  # (t, C_out), its graph alive until grad returns
                 # outside autocast, as autograd runs any backward
-                grads = torch.autograd.grad(out, [part] * want_rows + weights, grad_out[start:end], allow_unused=True)
+                grads = torch.autograd.grad(out, [part] * want_rows + weights, grad_out[start:end],
+                                            allow_unused=True)
                 del out
                 if want_rows:
                     grad_rows[start:end] = grads[0]

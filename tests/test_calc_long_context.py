@@ -8,15 +8,22 @@ fp32 values at the targets) and two fp32 scalars; the offloaded bytes against th
 ActivationOffload holds.
 """
 import json
+import types
 from dataclasses import replace
 
 import pytest
 import torch
 from allocations import AllocationTracker, saved_bytes
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from stack_grid import case_of, cases
 
-from calculators import LoRASpec, TrainingSetup, largest_fitting, lora_layers, model_spec, training_memory
+from bench.stack_cases import FAMILIES, LAYERS, METHODS, build_minilora, hf_config, training_setup
+from bench.stack_cases import VOCAB as VOCAB_GRID
+from bench.stack_cases import saved_bytes as saved_by
+
+from calculators import (ActivationSetup, LoRASpec, TrainingSetup, activation_bytes, largest_fitting, lora_layers,
+                         model_spec, training_memory)
 from calculators.gpus import GiB
 from calculators.long_context import DEFAULT_LOSS_CHUNK, chunked_loss_bytes, pinned_bytes
 from calculators.cli import main
@@ -24,6 +31,7 @@ from factories import tiny_model
 from minilora.train import ActivationOffload
 from reference_models.loss import DEFAULT_LOSS_CHUNK as MODELS_DEFAULT_CHUNK
 from reference_models.loss import chunked_cross_entropy
+from reference_models.tiled_mlp import TileableMLP
 from test_calc_explain import evaluate
 
 VOCAB, BATCH, SEQ = 101, 2, 24
@@ -237,3 +245,77 @@ def test_the_hf_stack_refuses_minilora_trains_switches_in_one_line(flag, capsys)
     assert main(["vram", "--model", "llama-3.1-8b", "--method", "qlora", "--grad-ckpt", "full", *flag]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{flag[0]}" in err and "--stack minilora" in err, err
+
+
+# ---- the tiled MLP (--mlp-tile): exact against the reference models, over the sampled CPU grid ---------
+
+def _tile_bytes_in_backward(model) -> list:
+    """Instruments every tiled MLP: the bytes each tile's recompute in backward saves (its input rows
+    are a view of the MLP's input, counted with the block: excluded, as the calculator does). Only
+    for MLPs that run tiled: an MLP run whole under checkpointing's recompute saves through
+    checkpoint's own hooks, which these would hide."""
+    tiles = []
+    for mlp in (m for m in model.modules() if isinstance(m, TileableMLP)):
+        def per_token(self, x, original=type(mlp).per_token):
+            if not torch.is_grad_enabled():  # the forward's tiles run without a graph
+                return original(self, x)
+            out = []
+            tiles.append(saved_bytes(lambda: out.append(original(self, x)), [*self.parameters(), x]))
+            return out[0]
+        mlp.per_token = types.MethodType(per_token, mlp)
+    return tiles
+
+
+def _block_bytes(model, forward) -> list:
+    """What each block saves (each storage once within the block, parameters excluded), without checkpointing."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    per_block, hooks = [], []
+
+    def enter(block, args):
+        seen = {}
+        per_block.append(seen)
+        block.saving = torch.autograd.graph.saved_tensors_hooks(
+            lambda t: seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t, lambda t: t)
+        block.saving.__enter__()
+
+    def leave(block, args, out):
+        block.saving.__exit__(None, None, None)
+
+    for block in (m for m in model.modules() if hasattr(m, "layer") and hasattr(m, "mlp")):
+        hooks += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+    loss = forward()
+    for h in hooks:
+        h.remove()
+    return loss, [sum(n for ptr, n in seen.items() if ptr not in skip) for seen in per_block]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=4)
+@given(drawn=cases, tile=st.integers(1, 40))
+def test_the_tiled_mlps_saved_bytes_one_block_and_one_tile_equal_the_calculators_exactly(family, method, drawn, tile):
+    case = case_of("minilora", family, method, drawn)
+    tile = min(tile, case.seq)
+    spec = model_spec(hf_config(case).to_dict())
+    act = activation_bytes(spec, ActivationSetup.of(spec, replace(training_setup(case), mlp_tile=tile)))
+    model = build_minilora(case)
+    model.set_mlp_tiling(tile)
+    ids = torch.randint(0, VOCAB_GRID, (case.batch, case.seq), generator=torch.Generator().manual_seed(1))
+
+    def loss():  # as the grid measures it: "fp32+autocast" is Trainer(bf16=True)'s recipe
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.precision == "fp32+autocast"):
+            return model(ids, ids.roll(-1, dims=1))[1]
+
+    if case.ckpt:
+        out, saved = saved_by(model, loss)
+    else:
+        out, blocks = _block_bytes(model, loss)
+        assert blocks[1:] == [act["layer_full"]] * (len(blocks) - 1)  # blocks whose input needs a gradient
+        out, saved = saved_by(model, loss)
+    assert saved == act["total"]
+    if case.batch * case.seq <= tile:  # one tile: the MLP runs whole, and nothing is recomputed for it
+        assert act["mlp_tile"] == 0
+        return
+    tiles = _tile_bytes_in_backward(model)
+    out.backward()
+    assert len(tiles) == LAYERS * -(-case.batch * case.seq // tile) and max(tiles) == act["mlp_tile"] > 0

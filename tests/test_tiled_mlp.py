@@ -87,7 +87,8 @@ GRID = [("llama", "full", torch.float32, "none"), ("llama", "lora", torch.bfloat
 @pytest.mark.parametrize("family,method,dtype,memory", GRID)
 def test_tiles_of_16_rows_are_bit_identical_outside_the_mlp_and_within_rounding_inside(family, method, dtype, memory):
     model = build(family, dtype, method)
-    model.set_gradient_checkpointing(memory != "none", offload=ActivationOffload("cpu") if memory == "offload" else None)
+    offload = ActivationOffload("cpu") if memory == "offload" else None
+    model.set_gradient_checkpointing(memory != "none", offload=offload)
     x, y = ids(2, 40, 0), ids(2, 40, 1)  # 80 tokens: tiles of 16 and 32 rows, the last 16
     want_loss, want = loss_and_grads(model, x, y, None)
     for tile in (16, 32):
