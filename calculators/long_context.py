@@ -73,7 +73,7 @@ def check_long_context(setup) -> None:
         raise ValueError(f"mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got {tile!r}")
     if tile > setup.seq:
         raise ValueError(f"mlp_tile must be at most the sequence length {setup.seq} (a longer tile is the whole "
-                         f"sequence: no tiling), got {tile}")
+                         f"sequence), got {tile}")
 
 
 def chunk_tokens(setup) -> int:

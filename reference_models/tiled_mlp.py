@@ -34,16 +34,14 @@ import contextlib
 import torch
 from torch import nn
 
+from .loss import check_token_count
+
 __all__ = ["TileableMLP", "tiled_mlp", "check_mlp_tile"]
 
 
 def check_mlp_tile(tile, seq: int | None = None, name: str = "mlp_tile") -> None:
     """A tile is a whole number of tokens, from 1 up to the sequence length (when one is given)."""
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"{name} must be an integer >= 1 (tokens per tile), got {tile!r}")
-    if seq is not None and tile > seq:
-        raise ValueError(f"{name} must be at most the sequence length {seq} (a longer tile is the whole "
-                         f"sequence: no tiling), got {tile}")
+    check_token_count(tile, seq, name, "tile")
 
 
 class TileableMLP(nn.Module):

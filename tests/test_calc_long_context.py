@@ -179,8 +179,8 @@ def test_each_switch_lengthens_the_longest_context():
     (dict(loss="chunked", lora=LoRASpec(targets=["lm_head", "q_proj"])), "LoRA on lm_head needs loss 'full'"),
     (dict(mlp_tile=-1), "mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got -1"),
     (dict(mlp_tile=2.5), "mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got 2.5"),
-    (dict(mlp_tile=513), "mlp_tile must be at most the sequence length 512 (a longer tile is the whole sequence: "
-                         "no tiling), got 513"),
+    (dict(mlp_tile=513), "mlp_tile must be at most the sequence length 512 (a longer tile is the whole sequence), "
+                         "got 513"),
 ])
 def test_bad_settings_are_refused_naming_the_value(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

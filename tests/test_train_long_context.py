@@ -92,8 +92,8 @@ def test_resume_refuses_another_loss_and_reads_older_checkpoints_as_full(llama_d
     (["--loss", "full", "--loss-chunk", "8"], "loss_chunk applies to loss 'chunked' only"),
     (["--offload-activations"], "offload_activations needs grad_checkpointing"),
     (["--mlp-tile", "-1"], "mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got -1"),
-    (["--mlp-tile", "33"], "mlp_tile must be at most the sequence length 32 (a longer tile is the whole sequence: "
-                           "no tiling), got 33"),
+    (["--mlp-tile", "33"], "mlp_tile must be at most the sequence length 32 (a longer tile is the whole sequence), "
+                           "got 33"),
 ])
 def test_bad_long_context_flags_exit_2_with_one_line(argv_tail, message, llama_dir, corpus, tmp_path, capsys):
     argv = ["--model", str(llama_dir), "--data", str(corpus), "--out", str(tmp_path), "--max-seq-len", "32"]
