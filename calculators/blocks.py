@@ -16,6 +16,7 @@ Checked against saved_tensors_hooks on both stacks for gpt2, llama, mistral, qwe
 (tests/test_calc_moe.py: transformers' own MoE code is not replayed, the hf stack estimates it with
 ours); the other families use decoder_block as an estimate until their steps are added (OLMo 2's
 whole-projection q/k norms, sandwich norms, partial RoPE, parallel residual, latent attention).
+A dense MLP runs through Replay.mlp, which replays it tiled when the setup says so (mlp_tile).
 """
 from __future__ import annotations
 
@@ -34,9 +35,13 @@ def gpt2_block(r: Replay, x: Sym) -> Sym:
     k, v = r.stack.training_kv(r, qkv.view(shape.bhtd), qkv.view(shape.bhtd))
     y = r.attention(q, k, v, shape, s.attn_pdrop, v_contiguous=v.storage is not qkv.storage)
     x = t.add(x, t.dropout(r.linear(y, "attn.c_proj", h, h), s.resid_pdrop))
-    f = r.act(r.linear(r.norm(x), "mlp.c_fc", h, spec.intermediate_size))
-    m = t.dropout(r.linear(f, "mlp.c_proj", spec.intermediate_size, h), s.resid_pdrop)
-    return t.add(x, m)
+    return t.add(x, r.mlp(r.norm(x), _gpt2_mlp))
+
+
+def _gpt2_mlp(r: Replay, n: Sym) -> Sym:
+    h, inter = r.spec.hidden_size, r.spec.intermediate_size
+    f = r.act(r.linear(n, "mlp.c_fc", h, inter))
+    return r.tape.dropout(r.linear(f, "mlp.c_proj", inter, h), r.s.resid_pdrop)
 
 
 def _attention_projections(r: Replay, n: Sym, h: int) -> tuple:
@@ -123,7 +128,7 @@ def decoder_block(r: Replay, x: Sym, layer: int = 0) -> Sym:
     n = r.norm(x)
     if spec.family == "gemma2":                                      # post-attention + pre-feed-forward norms
         n = r.norm(n)
-    m = _moe_mlp(r, n) if spec.is_sparse(layer) else _gated_mlp(r, n, h)
+    m = _moe_mlp(r, n) if spec.is_sparse(layer) else r.mlp(n, _gated_mlp, h)
     if spec.family == "gemma2":
         m = r.norm(m)
     return t.add(x, m)
