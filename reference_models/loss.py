@@ -144,11 +144,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if ctx.scaled:
+        if ctx.scaled:  # (before unpacking, whose version check would name no cause)
             raise RuntimeError("the chunked loss computes its gradients in forward and its backward scales them in "
                                "place, so it runs once per forward; for a second backward through the same graph "
                                "(retain_graph=True) use set_loss('full')")
+        grad_hidden, grad_weight = ctx.saved_tensors
         if bool(grad_loss != 1):  # (one device-to-host sync) exactly 1: the kept gradients as they are
             ctx.scaled = True
             for grad in (grad_hidden, grad_weight):
@@ -178,14 +178,14 @@ def _chunk(hidden, w, targets, softcap, scale, grad_hidden, grad_weight) -> torc
     logits, squashed = _chunk_logits(h, w, softcap)  # (c, V) fp32
     target_logit = logits.gather(1, targets[:, None])[:, 0]  # (c,)
     peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
-    exp = logits.sub_(peak).exp_()  # (c, V), in place
-    sums = exp.sum(dim=1)  # (c,)
+    sums = logits.sub_(peak).exp_().sum(dim=1)  # (c,); logits now hold exp(z - peak)
     loss = (sums.log().add_(peak[:, 0]) - target_logit).sum()  # log-sum-exp - the target's logit
     if grad_hidden is None and grad_weight is None:
         return loss
-    grad = exp.mul_((scale / sums)[:, None])  # softmax / N, in place
+    grad = logits.mul_((scale / sums)[:, None])  # softmax / N, in place
+    del logits  # one name for the fp32 buffer, so that the cast below frees it (in 16 bits)
     grad[torch.arange(h.shape[0], device=h.device), targets] -= scale  # minus the one-hot target / N
-    grad = grad.to(w.dtype)  # d loss / d logits, in the head's dtype (the fp32 buffer is freed)
+    grad = grad.to(w.dtype)  # d loss / d logits, in the head's dtype
     if squashed is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh(z / cap)^2
         grad.mul_(squashed.square_().neg_().add_(1))
     if grad_hidden is not None:  # (c, C), written in place when the dtypes allow
