@@ -29,7 +29,7 @@ from calculators.gpus import GiB
 from calculators.long_context import DEFAULT_LOSS_CHUNK, chunked_loss_bytes, pinned_bytes
 from calculators.cli import main
 from factories import tiny_model
-from minilora.train import ActivationOffload
+from minilora.train import ActivationOffload, TrainConfig
 from reference_models.loss import DEFAULT_LOSS_CHUNK as MODELS_DEFAULT_CHUNK
 from reference_models.loss import chunked_cross_entropy
 from reference_models.tiled_mlp import TileableMLP
@@ -166,6 +166,10 @@ def test_pinned_host_bytes_equal_torchs_host_allocator():
 
 def test_defaults_agree_with_the_models():
     assert DEFAULT_LOSS_CHUNK == MODELS_DEFAULT_CHUNK
+    # each stack's default recipe: minilora.train's loss, transformers' full logits from labels=
+    assert TrainingSetup(stack="minilora").loss == TrainConfig().loss == "chunked"
+    assert TrainingSetup(stack="hf").loss == "full" and TrainingSetup().loss == "full"
+    assert TrainingSetup(stack="minilora", loss="full").loss == "full"
     spec = model_spec("llama-3.1-8b")
     short = TrainingSetup(method="qlora", seq=300, loss="chunked", stack="minilora")  # a chunk: at most the tokens
     b = chunked_loss_bytes(spec, short, 2, False)
@@ -191,7 +195,7 @@ def test_each_switch_lengthens_the_longest_context():
     (dict(loss="fused"), "loss must be one of full, chunked, got 'fused'"),
     (dict(loss="chunked", loss_chunk=0), "loss_chunk must be an integer >= 1 (tokens per chunk), got 0"),
     (dict(loss="chunked", loss_chunk=513), "loss_chunk must be at most the sequence length 512"),
-    (dict(loss_chunk=64), "loss_chunk applies to loss 'chunked' only"),
+    (dict(loss="full", loss_chunk=64), "loss_chunk applies to loss 'chunked' only"),
     (dict(offload_activations=True), "offload_activations needs grad_ckpt 'full'"),
     (dict(offload_activations=True, grad_ckpt="selective"), "got grad_ckpt 'selective'"),
     (dict(loss="chunked", lora=LoRASpec(targets=["lm_head", "q_proj"])), "LoRA on lm_head needs loss 'full'"),
@@ -209,7 +213,7 @@ def test_bad_settings_are_refused_naming_the_value(changes, message):
     (["--loss-chunk", "0", "--loss", "chunked"], "loss_chunk must be an integer >= 1"),
     (["--loss-chunk", "4096", "--loss", "chunked", "--seq", "2048"], "at most the sequence length 2048"),
     (["--offload-activations"], "offload_activations needs grad_ckpt 'full'"),
-    (["--loss", "fast"], "--loss must be one of full, chunked, got 'fast'"),
+    (["--loss", "fast"], "--loss must be one of auto, full, chunked, got 'fast'"),
     (["--inference", "--loss", "chunked"], "--loss applies to training only"),
     (["--mlp-tile", "-8"], "mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got -8"),
     (["--mlp-tile", "4096", "--seq", "2048"], "mlp_tile must be at most the sequence length 2048"),
