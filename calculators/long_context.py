@@ -1,6 +1,7 @@
 """Long context: what the chunked loss, activation offload and the tiled MLP hold, as arithmetic (issue 16).
 
-Three switches of TrainingSetup, each mirroring code in this repository:
+Three switches of TrainingSetup, each mirroring code in this repository (the loss left unset is the
+stack's default, training_setup.STACK_LOSS: chunked on minilora, as minilora.train trains, full on hf):
 
   loss="chunked", loss_chunk=c   reference_models/loss.py: the head and the cross-entropy over chunks
                                  of c learned tokens, each chunk's gradients computed in forward.

@@ -53,8 +53,9 @@ IGNORE_INDEX = -100
 LOSSES = ("full", "chunked")
 # Tokens per chunk. The size trades the chunk's buffers, chunk x V x (dt + 4) bytes, against the
 # length of the head's matmul, (chunk x C) @ (C x V), and the number of passes: on the CPU here the
-# loss took 1.23 / 1.11 / 1.04 / 1.02 times the full loss's time at 128 / 256 / 512 / 1024 tokens
-# (bench/long_context.py, 32,000 words, width 256); a GPU, too, needs a long first dimension to
+# loss (forward and backward, a frozen head) took 0.70-0.83 / 0.64-0.76 / 0.64-0.72 / 0.71-0.72 times
+# the full loss's time at 128 / 256 / 512 / 1024 tokens (bench/long_context.py, 32,000 words, width
+# 256, three runs): little to choose between on a CPU; a GPU needs a long first dimension to
 # fill its matmul units. 1024 keeps it long while the buffers stay small beside a long-context
 # step: 0.73 GiB for Llama 3's 128,256-word vocabulary in bf16, against 3.4 GiB for the full loss
 # at 2,048 tokens and 134 GiB at 80,000.
@@ -114,7 +115,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)  # (N, C), (N,)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         with torch.autocast(device, enabled=False):
-            return _chunk_loop(hidden, weight.to(dtype), targets, chunk_size, softcap)[0]
+            return _chunk_loop(hidden, weight.to(dtype), targets, chunk_size, softcap)
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, softcap, dtype)
 
 
@@ -134,8 +135,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.empty_like(hidden) if want_hidden else None  # (N, C)
             # the head's gradient is summed over the chunks in fp32 (in fp32 it is the gradient itself)
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-            loss, grad_hidden, grad_weight = _chunk_loop(hidden, weight.to(dtype), targets, chunk_size, softcap,
-                                                         grad_hidden, grad_weight)
+            loss = _chunk_loop(hidden, weight.to(dtype), targets, chunk_size, softcap, grad_hidden, grad_weight)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)  # (V, C)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -157,17 +157,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _chunk_loop(hidden, w, targets, chunk_size, softcap, grad_hidden=None, grad_weight=None):
-    """The one loop over chunks: the mean loss over hidden's N rows and, into grad_hidden (N, C) and
-    the fp32 grad_weight (V, C) where given, its gradients. w is the head in the compute dtype.
-    Returns (loss, grad_hidden, grad_weight)."""
+def _chunk_loop(hidden, w, targets, chunk_size, softcap, grad_hidden=None, grad_weight=None) -> torch.Tensor:
+    """The one loop over chunks: the mean loss over hidden's N rows (returned) and, written into
+    grad_hidden (N, C) and summed into the fp32 grad_weight (V, C) where given, its gradients. w is
+    the head in the compute dtype."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     scale = 1.0 / max(hidden.shape[0], 1)  # d mean / d each row's loss (no rows: no chunks, a NaN mean)
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         total += _chunk(hidden[rows], w, targets[rows], softcap, scale,
                         None if grad_hidden is None else grad_hidden[rows], grad_weight)
-    return total / hidden.shape[0], grad_hidden, grad_weight
+    return total / hidden.shape[0]
 
 
 def _chunk(hidden, w, targets, softcap, scale, grad_hidden, grad_weight) -> torch.Tensor:
