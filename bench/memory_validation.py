@@ -163,9 +163,10 @@ def predict(model_kw: dict, method: str, grad_ckpt: bool, seq: int, batch: int, 
     spec = model_spec(LlamaConfig(**model_kw).to_hf_dict(), name="validation")
     lora = LoRASpec(rank=LORA["lora_r"], alpha=LORA["lora_alpha"], targets=parse_targets(LORA["lora_targets"]))
     minilora = stack == "minilora"
+    # loss: the full one, which build()'s model keeps (set_loss's default; minilora.train's is chunked)
     setup = TrainingSetup(method=method, batch=batch, seq=seq, grad_ckpt="full" if grad_ckpt else "none",
                           dtype=DTYPE_NAME[WEIGHT_DTYPE[method]], master_weights=False if minilora else None,
-                          optimizer="adamw", lora=lora, device=device, stack=stack,
+                          optimizer="adamw", lora=lora, device=device, stack=stack, loss="full",
                           autocast="bf16" if minilora and device == "cuda" else "none")  # minilora.train's autocast
     breakdown = training_memory(spec, setup)
     return {**{t.name: t.gpu for t in breakdown.terms if t.name != "CUDA context"},

@@ -1,17 +1,22 @@
 """Long context: what the chunked loss, activation offload and the tiled MLP hold, as arithmetic (issue 16).
 
-Three switches of TrainingSetup, each mirroring code in this repository:
+Three switches of TrainingSetup, each mirroring code in this repository (the loss left unset is the
+stack's default, training_setup.STACK_LOSS: chunked on minilora, as minilora.train trains, full on hf):
 
   loss="chunked", loss_chunk=c   reference_models/loss.py: the head and the cross-entropy over chunks
-                                 of c learned tokens, each chunk's logits recomputed in backward.
-      kept for backward   the final norm's output (B*T, C) in the compute dtype (a new saving unless
-                          the head's own weight gradient keeps it already: full fine-tuning), the
-                          targets (B*T int64) and one fp32 log-sum-exp per token
-      backward start      the hidden states' gradient (B*T, C), and one chunk's logits in the compute
-                          dtype and in fp32, alive together for the copy: c*V*(dt + 4) bytes (c*V*4
-                          in fp32, where the copy is the tensor itself); with a trainable head in a
-                          16-bit dtype also an fp32 (V, C) accumulator and each chunk's (V, C)
-                          product (in fp32 the accumulator is the head's gradient itself)
+                                 of c learned tokens, each chunk's gradients computed in forward.
+      forward, at its end the last chunk's buffers: its logits in the compute dtype and in fp32, alive
+                          together for the copy, c*V*(dt + 4) bytes (c*V*4 in fp32, where the copy
+                          is the tensor itself), turned in place into the logits' gradient and cast
+                          to dt; with a trainable head in a 16-bit dtype also an fp32 (V, C)
+                          accumulator and each chunk's (V, C) product in dt (in fp32 the accumulator
+                          is the head's gradient itself, which the gradients term counts). Beside
+                          them the hidden states' gradient (B*T, C), filled chunk by chunk, and the
+                          head's input (B*T, C), which nothing keeps with a frozen head (with a
+                          trainable one the activations count it, as lm_head's saved input)
+      kept for backward   the hidden states' gradient (B*T, C) in dt (and the head's gradient, the
+                          gradients term's); not the head's input, the targets or a log-sum-exp.
+                          Backward allocates nothing: it scales the kept gradients in place
       Every token is counted as learned: ignored ones (prompts, padding) never reach the head.
 
   offload_activations=True       minilora/train/offload_activations.py, with full checkpointing: each
@@ -39,7 +44,7 @@ and the loss have let go of theirs, holds the blocks' saved activations (two inp
 a recomputed block and the backward workspace.
 
 Exact on CPU against the reference models (tests/test_calc_long_context.py): the saved bytes
-against saved_tensors_hooks (with the tiled MLP too, and one tile's), the loss's backward buffers
+against saved_tensors_hooks (with the tiled MLP too, and one tile's), the loss's forward buffers
 against the allocations an op-by-op tracker sees, the host bytes against the offloader's host tensors.
 """
 from __future__ import annotations
@@ -88,10 +93,10 @@ def mlp_tile_rows(setup) -> int:
 
 
 def chunked_loss_bytes(spec, setup, dtype_bytes: int, head_trainable: bool) -> dict:
-    """{"saved": kept for backward, "backward": alive at backward start besides it and besides the
-    head's own gradient (which the gradients term counts)}, as in the module docstring."""
+    """{"kept": kept from forward to backward (the hidden states' gradient), "forward": alive besides
+    it at forward's end, its last chunk (the chunk's buffers, a frozen head's input)}, neither
+    counting the head's own gradient (the gradients term's), as in the module docstring."""
     tokens, hidden, vocab, d = setup.batch * setup.seq, spec.hidden_size, spec.vocab_size, dtype_bytes
-    saved = tokens * 8 + tokens * 4 + (0 if head_trainable else tokens * hidden * d)
     rows = chunk_tokens(setup)
     chunk = rows * vocab * (4 if d == 4 else d + 4)  # its logits in dt and in fp32 (one buffer in fp32)
     buffers = chunk
@@ -100,7 +105,8 @@ def chunked_loss_bytes(spec, setup, dtype_bytes: int, head_trainable: bool) -> d
         # at the end the accumulator's cast is the head's gradient, counted with the gradients
         product = vocab * hidden * d
         buffers = vocab * hidden * 4 + max(chunk - product, rows * vocab * d)
-    return {"saved": saved, "backward": tokens * hidden * d + buffers}
+    head_input = 0 if head_trainable else tokens * hidden * d
+    return {"kept": tokens * hidden * d, "forward": head_input + buffers}
 
 
 def pinned_bytes(nbytes: int, device: str) -> int:

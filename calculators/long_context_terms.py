@@ -3,7 +3,9 @@
 long_context.py holds the arithmetic; here it becomes Terms, with their assumptions and formulas
 (numbers put in, evaluating to the GPU bytes as terms.py's do), which memory.py places:
 
-    chunked loss            backward start, in place of "logits and loss"
+    chunked loss            backward start, in place of "logits and loss": its buffers live at
+                            forward's end (the loss is forward's last op, every activation still
+                            alive), the hidden states' gradient from there into backward
     activation offload      its CPU bytes: the host holding every block input but the last; its GPU
                             bytes: the one input backward fetches ahead, alive while backward goes
                             through the blocks and at backward end (block 0's, fetched last)
@@ -46,15 +48,16 @@ def chunked_loss_term(run: TrainingRun) -> Term | None:
     trainable = s.method == "full"
     b = chunked_loss_bytes(spec, s, d, trainable)
     rows, tokens, hidden, vocab = chunk_tokens(s), f"{s.batch} batch x {s.seq:,} seq", spec.hidden_size, spec.vocab_size
-    kept = "" if trainable else f" + {hidden:,} hidden x {d} B kept"
-    formula = (f"{tokens} x (8 B targets + 4 B log-sum-exp{kept}) + {tokens} x {hidden:,} hidden x {d} B gradient + "
+    head_input = "" if trainable else f"{tokens} x {hidden:,} hidden x {d} B head input + "
+    formula = (f"{tokens} x {hidden:,} hidden x {d} B gradient + {head_input}"
                + _buffers_formula(rows, vocab, hidden, d, trainable))
     chunk = f"chunks of {rows:,} tokens" + (" (the default)" if s.loss_chunk is None and rows == DEFAULT_LOSS_CHUNK
                                            else "")
-    return Term("chunked loss", b["saved"] + b["backward"],
-                f"head and loss over {chunk}, logits recomputed in backward: no (B, T, V) tensor; kept: "
-                + ("targets, fp32 log-sum-exp" if trainable else "the head's input, targets, fp32 log-sum-exp")
-                + f"; at backward start the hidden gradient and one chunk's logits in {run.precision.name} and fp32"
+    return Term("chunked loss", b["kept"] + b["forward"],
+                f"head and loss over {chunk}, each chunk's gradients computed in forward: no (B, T, V) tensor; "
+                f"kept for backward: the hidden states' gradient; at forward's end, besides it, "
+                + ("" if trainable else "the head's input and ")
+                + f"one chunk's logits in {run.precision.name} and fp32"
                 + ("; the head's fp32 gradient accumulator" if trainable and d != 4 else ""), formula=formula)
 
 

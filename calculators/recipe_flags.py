@@ -10,7 +10,7 @@ from .training_setup import AUTOCAST, STACKS
 __all__ = ["RECIPE_CHOICES", "RECIPE_FLAGS", "add_recipe_flags", "recipe_fields"]
 
 # flags whose values come from a fixed set (cli.CHOICES checks them in one place)
-RECIPE_CHOICES = {"loss": LOSSES, "stack": STACKS, "autocast": AUTOCAST, "prepare_kbit": ("auto", "yes", "no"),
+RECIPE_CHOICES = {"loss": ("auto", *LOSSES), "stack": STACKS, "autocast": AUTOCAST, "prepare_kbit": ("auto", "yes", "no"),
                   "autocast_adapter_dtype": ("auto", "yes", "no"), "device": ("cuda", "cpu")}
 RECIPE_FLAGS = ("loss", "loss_chunk", "offload_activations", "mlp_tile", "stack", "autocast", "prepare_kbit",
                 "autocast_adapter_dtype", "model_dropout", "device")
@@ -18,7 +18,8 @@ _YES_NO = {"auto": None, "yes": True, "no": False}
 
 
 def add_recipe_flags(p) -> None:
-    p.add_argument("--loss", default="full", help="full: the (B, T, V) logits | chunked: head and loss per chunk")
+    p.add_argument("--loss", default="auto", help="auto (the stack's own: full with hf, chunked with minilora, "
+                   "as minilora.train trains) | full: the (B, T, V) logits | chunked: head and loss per chunk")
     p.add_argument("--loss-chunk", type=int, default=None, help="tokens per chunk of --loss chunked")
     p.add_argument("--offload-activations", action="store_true",
                    help="with --grad-ckpt full: checkpointed block inputs wait in pinned host memory")
@@ -38,7 +39,7 @@ def add_recipe_flags(p) -> None:
 
 def recipe_fields(args) -> dict:
     """The TrainingSetup fields the recipe flags set (their values already checked against RECIPE_CHOICES)."""
-    return dict(loss=args.loss, loss_chunk=args.loss_chunk, offload_activations=args.offload_activations,
+    return dict(loss=None if args.loss == "auto" else args.loss, loss_chunk=args.loss_chunk, offload_activations=args.offload_activations,
                 mlp_tile=args.mlp_tile, stack=args.stack, autocast=args.autocast,
                 prepare_kbit=_YES_NO[args.prepare_kbit],
                 autocast_adapter_dtype=_YES_NO[args.autocast_adapter_dtype],

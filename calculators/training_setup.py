@@ -26,7 +26,8 @@ from .long_context import check_long_context
 from .lora import LoRASpec
 
 __all__ = ["TrainingSetup", "Precision", "check_setup", "DTYPE_BYTES", "METHODS", "OPTIMIZERS",
-           "CHECKPOINTING", "ATTENTION", "STACKS", "AUTOCAST", "STACK_VERSIONS", "dtype_name", "describe_recipe"]
+           "CHECKPOINTING", "ATTENTION", "STACKS", "AUTOCAST", "STACK_VERSIONS", "STACK_LOSS", "dtype_name",
+           "describe_recipe"]
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 METHODS = ("full", "lora", "qlora")
@@ -38,6 +39,9 @@ AUTOCAST = ("none", "bf16", "fp16")
 # The library versions the "hf" stack follows, op for op (tests/test_calc_stack_hf.py checks the
 # installed ones against this; a new version is re-measured before it is listed here).
 STACK_VERSIONS = {"transformers": "5.24", "peft": "0.21", "bitsandbytes": "0.50"}
+# The loss each stack computes unless told otherwise: transformers' from labels= (the full (B, T, V)
+# logits) and minilora.train's default, the chunked loss (minilora/train/config.py; tests keep the two equal).
+STACK_LOSS = {"hf": "full", "minilora": "chunked"}
 
 
 def dtype_name(dtype: str) -> str:
@@ -70,10 +74,14 @@ class TrainingSetup:
     autocast_adapter_dtype: bool | None = None  # hf LoRA: peft's flag; None: its default, yes
     model_dropout: float | None = None  # every dropout of config.json set to this; None: the config's own
     expert_imbalance: float = 1.0  # MoE: the busiest expert gets this many times the balanced N * k / E tokens
-    loss: str = "full"            # full | chunked: head and loss over chunks of tokens (long_context.py)
+    loss: str | None = None       # full | chunked (long_context.py); None: the stack's default, STACK_LOSS
     loss_chunk: int | None = None  # tokens per chunk of the chunked loss; None: DEFAULT_LOSS_CHUNK
     offload_activations: bool = False  # full checkpointing's block inputs wait on the host (long_context.py)
     mlp_tile: int = 0             # tokens per tile of every block's MLP (long_context.py); 0: the whole sequence
+
+    def __post_init__(self):
+        if self.loss is None:  # the stack's default recipe (an unknown stack is check_setup's to refuse)
+            object.__setattr__(self, "loss", STACK_LOSS.get(self.stack, "full"))
 
 
 def check_setup(setup: TrainingSetup) -> None:
@@ -235,4 +243,6 @@ def describe_recipe(setup: TrainingSetup) -> str:
         steps.append("model.set_gradient_checkpointing(True)")
     if s.mlp_tile:
         steps.append(f"model.set_mlp_tiling({s.mlp_tile})")
+    if s.loss == "chunked":
+        steps.append(f"model.set_loss('chunked'{'' if s.loss_chunk is None else f', {s.loss_chunk}'})")
     return "; ".join(steps) + f"; loss from model(idx, targets); {step}{autocast}"

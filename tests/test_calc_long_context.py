@@ -2,10 +2,11 @@
 are minilora.train's, so every setup here names stack="minilora" (--stack minilora).
 
 Exact: the bytes kept for backward against saved_tensors_hooks (each storage once, parameters
-excluded); the chunked loss's backward buffers against the allocations an op-by-op tracker sees
-(tests/allocations.py), up to the chunk's row indices (12 bytes per row: an int64 arange and the
-fp32 values at the targets) and two fp32 scalars; the offloaded bytes against the host tensors
-ActivationOffload holds.
+excluded); the chunked loss's forward buffers against the allocations an op-by-op tracker sees
+(tests/allocations.py), up to the learned-token mask (1 byte per token), three fp32 values per
+chunk row (target logit, max, sum of exponentials), the one-hot's index temporaries (12 bytes per
+row: an int64 arange and the fp32 values at the targets) and two fp32 scalars; its backward
+allocates nothing; the offloaded bytes against the host tensors ActivationOffload holds.
 """
 import json
 import types
@@ -28,7 +29,7 @@ from calculators.gpus import GiB
 from calculators.long_context import DEFAULT_LOSS_CHUNK, chunked_loss_bytes, pinned_bytes
 from calculators.cli import main
 from factories import tiny_model
-from minilora.train import ActivationOffload
+from minilora.train import ActivationOffload, TrainConfig
 from reference_models.loss import DEFAULT_LOSS_CHUNK as MODELS_DEFAULT_CHUNK
 from reference_models.loss import chunked_cross_entropy
 from reference_models.tiled_mlp import TileableMLP
@@ -80,28 +81,43 @@ def test_saved_bytes_with_the_chunked_loss_equal_the_calculators_exactly(family,
     real = saved_bytes(lambda: model(ids(0), ids(1)), model.parameters())  # targets of their own, as in training
     setup = setup_for(spec, dtype, method, ckpt, 7)
     terms = {t.name: t for t in training_memory(spec, setup).terms}
-    kept = chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full")["saved"]
-    assert real == terms["activations"].gpu + kept
-    assert terms["chunked loss"].gpu == kept + chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full")["backward"]
+    b = chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full")
+    assert real == terms["activations"].gpu + b["kept"] + head_gradient_less_input(spec, setup, dtype, method)
+    assert terms["chunked loss"].gpu == b["kept"] + b["forward"]
+
+
+def head_gradient_less_input(spec, setup, dtype, method):
+    """With full fine-tuning the loss keeps the head's gradient too (the gradients term counts it) and
+    not the head's input, which the activations count as lm_head's saved input (alive through the
+    loss's forward, as the full loss's head would keep it). A frozen head: neither."""
+    if method != "full":
+        return 0
+    return (spec.vocab_size - setup.batch * setup.seq) * spec.hidden_size * dtype.itemsize
 
 
 @given(tokens=st.integers(1, 60), hidden=st.sampled_from([16, 64]), vocab=st.integers(2, 300),
        chunk=st.integers(1, 64), dtype=st.sampled_from([torch.float32, torch.bfloat16]), trainable=st.booleans())
-def test_the_chunked_loss_backward_buffers_equal_the_calculators(tokens, hidden, vocab, chunk, dtype, trainable):
+def test_the_chunked_loss_forward_buffers_equal_the_calculators_and_backward_allocates_nothing(
+        tokens, hidden, vocab, chunk, dtype, trainable):
     spec = model_spec(dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                            num_hidden_layers=1, num_attention_heads=4))
+    rows = min(chunk, tokens)
     setup = TrainingSetup(method="full" if trainable else "lora", batch=1, seq=tokens, loss="chunked",
-                          loss_chunk=min(chunk, tokens), device="cpu", stack="minilora")
+                          loss_chunk=rows, device="cpu", stack="minilora")
     g = torch.Generator().manual_seed(tokens * vocab)
     h = torch.randn(1, tokens, hidden, generator=g).to(dtype).requires_grad_()
     weight = torch.randn(vocab, hidden, generator=g).to(dtype).requires_grad_(trainable)
-    loss = chunked_cross_entropy(h, weight, torch.randint(0, vocab, (1, tokens), generator=g), min(chunk, tokens))
-    with AllocationTracker() as tracker:
+    targets = torch.randint(0, vocab, (1, tokens), generator=g)
+    with AllocationTracker() as forward:
+        loss = chunked_cross_entropy(h, weight, targets, rows)
+    with AllocationTracker() as backward:
         loss.backward()
-    predicted = chunked_loss_bytes(spec, setup, dtype.itemsize, trainable)["backward"]
+    b = chunked_loss_bytes(spec, setup, dtype.itemsize, trainable)
+    head_input = 0 if trainable else tokens * hidden * dtype.itemsize  # the caller's: alive, not allocated here
     head_gradient = vocab * hidden * dtype.itemsize if trainable else 0  # the gradients term's, not the loss's
-    rows = min(chunk, tokens)
-    assert 0 <= tracker.peak - (predicted + head_gradient) <= 12 * rows + 8
+    predicted = b["kept"] + b["forward"] - head_input + head_gradient
+    assert 0 <= forward.peak - predicted <= tokens + 24 * rows + 8
+    assert backward.peak == 4 + 1  # only the loss's own gradient (an fp32 1) and the bool saying it is 1
 
 
 @pytest.mark.parametrize("family,dtype,method", [("llama", torch.bfloat16, "lora"), ("gpt2", torch.float32, "full"),
@@ -119,8 +135,9 @@ def test_offload_host_and_device_bytes_equal_the_calculators_exactly(family, dty
     b = training_memory(spec, setup_for(spec, dtype, method, True, 7, offload=True))
     terms = {t.name: t for t in b.terms}
     assert host == terms["activation offload"].cpu == b.cpu > 0
-    kept = chunked_loss_bytes(spec, setup_for(spec, dtype, method, True, 7), dtype.itemsize, method == "full")["saved"]
-    assert everything - host == terms["activations"].gpu + kept
+    plain = setup_for(spec, dtype, method, True, 7)
+    kept = chunked_loss_bytes(spec, plain, dtype.itemsize, method == "full")["kept"]
+    assert everything - host == terms["activations"].gpu + kept + head_gradient_less_input(spec, plain, dtype, method)
     assert terms["activation offload"].gpu == host // (spec.num_layers - 1)  # one block input fetched ahead
 
 
@@ -149,9 +166,14 @@ def test_pinned_host_bytes_equal_torchs_host_allocator():
 
 def test_defaults_agree_with_the_models():
     assert DEFAULT_LOSS_CHUNK == MODELS_DEFAULT_CHUNK
+    # each stack's default recipe: minilora.train's loss, transformers' full logits from labels=
+    assert TrainingSetup(stack="minilora").loss == TrainConfig().loss == "chunked"
+    assert TrainingSetup(stack="hf").loss == "full" and TrainingSetup().loss == "full"
+    assert TrainingSetup(stack="minilora", loss="full").loss == "full"
     spec = model_spec("llama-3.1-8b")
     short = TrainingSetup(method="qlora", seq=300, loss="chunked", stack="minilora")  # a chunk: at most the tokens
-    assert chunked_loss_bytes(spec, short, 2, False)["backward"] == 300 * 4096 * 2 + 300 * 128256 * 6
+    b = chunked_loss_bytes(spec, short, 2, False)
+    assert (b["kept"], b["forward"]) == (300 * 4096 * 2, 300 * 4096 * 2 + 300 * 128256 * 6)
 
 
 def test_each_switch_lengthens_the_longest_context():
@@ -173,7 +195,7 @@ def test_each_switch_lengthens_the_longest_context():
     (dict(loss="fused"), "loss must be one of full, chunked, got 'fused'"),
     (dict(loss="chunked", loss_chunk=0), "loss_chunk must be an integer >= 1 (tokens per chunk), got 0"),
     (dict(loss="chunked", loss_chunk=513), "loss_chunk must be at most the sequence length 512"),
-    (dict(loss_chunk=64), "loss_chunk applies to loss 'chunked' only"),
+    (dict(loss="full", loss_chunk=64), "loss_chunk applies to loss 'chunked' only"),
     (dict(offload_activations=True), "offload_activations needs grad_ckpt 'full'"),
     (dict(offload_activations=True, grad_ckpt="selective"), "got grad_ckpt 'selective'"),
     (dict(loss="chunked", lora=LoRASpec(targets=["lm_head", "q_proj"])), "LoRA on lm_head needs loss 'full'"),
@@ -191,7 +213,7 @@ def test_bad_settings_are_refused_naming_the_value(changes, message):
     (["--loss-chunk", "0", "--loss", "chunked"], "loss_chunk must be an integer >= 1"),
     (["--loss-chunk", "4096", "--loss", "chunked", "--seq", "2048"], "at most the sequence length 2048"),
     (["--offload-activations"], "offload_activations needs grad_ckpt 'full'"),
-    (["--loss", "fast"], "--loss must be one of full, chunked, got 'fast'"),
+    (["--loss", "fast"], "--loss must be one of auto, full, chunked, got 'fast'"),
     (["--inference", "--loss", "chunked"], "--loss applies to training only"),
     (["--mlp-tile", "-8"], "mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got -8"),
     (["--mlp-tile", "4096", "--seq", "2048"], "mlp_tile must be at most the sequence length 2048"),

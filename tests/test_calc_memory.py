@@ -195,10 +195,13 @@ def test_peak_is_the_held_terms_plus_the_largest_phase(model, method, optimizer,
     assert static == gpu("weights", "master weights", "optimizer states", "DDP gradient buckets",
                          "gathered parameters", "cuBLAS workspaces", "4-bit dequantize buffer")
     assert ("4-bit dequantize buffer" in terms) == (stack == "minilora" and method == "qlora")
-    # backward start also holds the gradients produced before it (none, the head's, or all of them)
-    assert gpu("activations", "logits and loss") <= start <= gpu("activations", "logits and loss", "gradients")
+    # backward start also holds the gradients produced before it (none, the head's, or all of them); the
+    # loss's term is the stack's default loss: "logits and loss" (hf) or "chunked loss" (minilora.train's)
+    loss = "logits and loss" if stack == "hf" else "chunked loss"
+    assert loss in terms
+    assert gpu("activations", loss) <= start <= gpu("activations", loss, "gradients")
     if grad_accum > 1:
-        assert start == gpu("activations", "logits and loss", "gradients")
+        assert start == gpu("activations", loss, "gradients")
     # backward end also holds what the first block saved (a part of the activations)
     assert gpu("gradients", "recomputed block", "backward workspace") <= end
     assert end <= gpu("gradients", "recomputed block", "backward workspace", "activations")

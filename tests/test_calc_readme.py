@@ -40,7 +40,8 @@ def test_each_claim_row_is_what_the_cli_prints(row, capsys):
 # The README's long-context table: its columns' flags (with --stack minilora and the 8B QLoRA base)
 LONG_BASE = ["--model", "llama-3.1-8b", "--method", "qlora", "--rank", "16", "--targets", "all-linear", "--grad-ckpt",
              "full", "--stack", "minilora", "--batch", "1"]
-LONG_COLUMNS = {"none": [], "chunked loss": ["--loss", "chunked"], "offload": ["--offload-activations"],
+LONG_COLUMNS = {"none": ["--loss", "full"], "chunked loss": ["--loss", "chunked"],
+                "offload": ["--loss", "full", "--offload-activations"],
                 "both": ["--loss", "chunked", "--offload-activations"],
                 "both + tiled MLP": ["--loss", "chunked", "--offload-activations", "--mlp-tile", "4096"]}
 

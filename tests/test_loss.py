@@ -4,7 +4,9 @@ The bound we state and check (README, "Long context"): the loss equals the full 
 rounding (relative difference <= 2^-20, about 8 ulps: the per-token terms are summed in another
 order); every gradient tensor is within 2^-18 of its largest element in fp32 and within 2^-5 in
 bf16 (autocast or bf16 weights: the head's bf16 products round apart by an ulp, and backward
-carries that through the blocks). The chunked loss never allocates a (B, T, V) tensor.
+carries that through the blocks). The chunked loss never allocates a (B, T, V) tensor. It computes
+its gradients in forward and backward scales them by the loss's gradient: exactly (bit for bit) for
+a power of two, within the same bounds otherwise, and not at all under torch.no_grad.
 """
 import math
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from allocations import AllocationTracker
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reference_models import GPT, GPTConfig, GPTNeoX, GPTNeoXConfig, Llama, LlamaConfig
 from reference_models.loss import DEFAULT_LOSS_CHUNK, chunked_cross_entropy, lm_loss
@@ -185,3 +188,89 @@ def test_a_head_that_is_not_a_plain_linear_layer_is_refused_not_bypassed():
         model(x, x)
     model.set_loss("full")
     assert model(x, x)[1].isfinite()
+
+
+def scaled_grads(fn, hidden, weight, targets, scales, **kw):
+    """Gradients after backward of each scales[i] * fn(...) in turn, accumulated (gradient accumulation)."""
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    for scale in scales:
+        (fn(hidden, weight, targets, **kw) * scale).backward()
+    return hidden.grad, weight.grad
+
+
+@given(width=st.sampled_from([8, 24]), vocab=st.integers(2, 200), chunk=st.integers(1, 30),
+       softcap=st.sampled_from([None, 2.0]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       power=st.integers(-6, 3), seed=st.integers(0, 2 ** 16))
+def test_a_loss_scaled_by_a_power_of_two_scales_every_gradient_bit_for_bit(width, vocab, chunk, softcap, dtype, power,
+                                                                         seed):
+    # backward multiplies the gradients forward kept by the loss's gradient; by 2^k that is exact
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(2, 15, width, generator=g).to(dtype), torch.randn(vocab, width, generator=g).to(dtype)
+    targets = torch.randint(0, vocab, (2, 15), generator=g)
+    one = scaled_grads(chunked_cross_entropy, hidden, weight, targets, [1.0], chunk_size=chunk, softcap=softcap)
+    scaled = scaled_grads(chunked_cross_entropy, hidden, weight, targets, [2.0 ** power], chunk_size=chunk,
+                          softcap=softcap)
+    for got, want in zip(scaled, one):
+        assert torch.equal(got, want * 2.0 ** power)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scales", [[0.25], [0.3], [0.6, 0.4], [1.0, 1.0, 0.5]])
+def test_scaled_and_accumulated_gradients_are_the_full_losss_within_the_bound(dtype, scales):
+    # a loss times a share, backward per micro-batch, the gradients summed in .grad (minilora.train's step)
+    g = torch.Generator().manual_seed(len(scales))
+    hidden = torch.randn(2, 21, 24, generator=g).to(dtype)
+    weight = (torch.randn(150, 24, generator=g) * 24 ** -0.5).to(dtype)
+    targets = torch.randint(0, 150, (2, 21), generator=g)
+    targets[1, :6] = -100
+    want = scaled_grads(full_loss, hidden, weight, targets, scales)
+    got = scaled_grads(chunked_cross_entropy, hidden, weight, targets, scales, chunk_size=8)
+    assert_within_bound(got[0], want[0], dtype, "hidden")
+    assert_within_bound(got[1], want[1], dtype, "weight")
+
+
+class MatmulCounter(TorchDispatchMode):
+    """Counts the matrix products (mm, addmm, either form) aten runs."""
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad_enabled,hidden_grad,head_grad,products", [
+    (False, True, True, 1), (True, False, False, 1), (True, True, False, 2), (True, False, True, 2),
+    (True, True, True, 3)])
+def test_forward_does_gradient_work_only_for_what_needs_a_gradient(grad_enabled, hidden_grad, head_grad, products):
+    # per chunk: the logits, then the hidden rows' gradient and the head's, each only when wanted
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, 20, 16, generator=g).requires_grad_(hidden_grad)
+    weight = torch.randn(90, 16, generator=g).requires_grad_(head_grad)
+    targets = torch.randint(0, 90, (1, 20), generator=g)
+    with torch.set_grad_enabled(grad_enabled), MatmulCounter() as counter, AllocationTracker() as tracker:
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=7)
+    assert counter.count == 3 * products  # 3 chunks
+    assert loss.requires_grad == (grad_enabled and (hidden_grad or head_grad))
+    assert ((20, 16) in tracker.shapes) == (grad_enabled and hidden_grad)  # the hidden rows' gradient
+    assert ((90, 16) in tracker.shapes) == (grad_enabled and head_grad)  # the head's fp32 gradient sum
+    if products == 1:  # the loss alone: one chunk's fp32 logits, the learned-token mask, a few values per row
+        assert tracker.peak <= 7 * 90 * 4 + 20 + 24 * 7 + 8
+
+
+def test_a_second_backward_through_a_scaled_chunked_loss_is_refused_not_wrong():
+    # the kept gradients are scaled in place; with the loss's gradient exactly 1 they are handed on as they are
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(1, 10, 8, generator=g, requires_grad=True)
+    weight, targets = torch.randn(30, 8, generator=g), torch.randint(0, 30, (1, 10), generator=g)
+    loss = chunked_cross_entropy(hidden, weight, targets, 4)
+    loss.backward(retain_graph=True)
+    once = hidden.grad.clone()
+    loss.backward(retain_graph=True)
+    assert torch.equal(hidden.grad, 2 * once)
+    scaled = chunked_cross_entropy(hidden, weight, targets, 4) * 0.5
+    scaled.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"runs once per forward; for a second backward through the same graph "
+                                           r"\(retain_graph=True\) use set_loss\('full'\)"):
+        scaled.backward()

@@ -80,8 +80,18 @@ def test_resume_refuses_another_loss_and_reads_older_checkpoints_as_full(llama_d
     del state["config"]["loss"], state["config"]["loss_chunk"]  # as a checkpoint written before these settings
     state_file.write_text(json.dumps(state))
     (checkpoints / "latest.json").write_text(json.dumps({"step": 2, "path": "step-000002"}))
+    with pytest.raises(ValueError, match="trained with loss='full', this run has 'chunked'"):  # today's default
+        train(config(llama_dir, corpus, tmp_path, resume=True, **kw))
     resumed = train(config(llama_dir, corpus, tmp_path, loss="full", resume=True, **kw))
     assert [h["step"] for h in resumed.history if "loss" in h] == [1, 2, 3, 4]
+
+
+def test_the_chunked_loss_is_the_default_and_lora_on_lm_head_is_told_to_use_the_full_one(llama_dir, corpus, tmp_path):
+    assert TrainConfig().loss == "chunked"
+    with pytest.raises(ValueError, match=r"loss 'chunked' \(the default\) multiplies by lm_head's weight itself, and "
+                                         r"this lm_head is a LoRALinear \(LoRA on lm_head\?\): pass --loss full"):
+        train(config(llama_dir, corpus, tmp_path / "a", lora_targets="q_proj,lm_head"))
+    assert train(config(llama_dir, corpus, tmp_path / "b", lora_targets="q_proj,lm_head", loss="full")).history
 
 
 @pytest.mark.parametrize("argv_tail, message", [

@@ -53,8 +53,9 @@ HELP = {
     "offload_activations": "with --grad-checkpointing: keep each block's checkpointed input in pinned host memory "
                            "between forward and backward, copied on side streams, prefetched one block ahead "
                            "(device memory holds two block inputs instead of one per layer)",
-    "loss": "full: the (B, T, V) logits, then the cross-entropy; chunked: head and loss over chunks of tokens, "
-            "recomputed in backward, so the logits never exist (same loss to fp32 rounding)",
+    "loss": "chunked: head and loss over chunks of tokens, each chunk's gradients computed in forward, so the "
+            "(B, T, V) logits never exist (same loss to fp32 rounding); full: the logits, then the cross-entropy "
+            "(needed for LoRA on lm_head)",
     "loss_chunk": "with --loss chunked: learned tokens of the micro-batch per chunk, 1 to --max-seq-len "
                   "(default: reference_models.loss.DEFAULT_LOSS_CHUNK, 1024)",
     "mlp_tile": "run every block's MLP over tiles of N tokens of the micro-batch, 1 to --max-seq-len (0: off): "

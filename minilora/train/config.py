@@ -24,7 +24,8 @@ RESUME_KEYS = ("model", "data", "tokenizer", "method", "tasks", "max_seq_len", "
                "min_lr_ratio", "warmup_steps", "weight_decay", "optimizer", "offload_state_bits", "lora_r",
                "lora_alpha", "lora_dropout", "lora_targets", "quant_type", "quant_block_size", "double_quant",
                "seed", "eval_fraction", "loss", "loss_chunk", "mlp_tile")
-# What a checkpoint written before a RESUME_KEYS setting existed was trained with.
+# What a checkpoint written before a RESUME_KEYS setting existed was trained with (the full loss:
+# the chunked one became the default later, so a checkpoint without the key was trained without it).
 RESUME_DEFAULTS = {"loss": "full", "loss_chunk": None, "mlp_tile": 0}
 
 
@@ -61,7 +62,7 @@ class TrainConfig:
     precision: str = "auto"
     grad_checkpointing: bool = False
     offload_activations: bool = False
-    loss: str = "full"
+    loss: str = "chunked"  # no slower than "full" on the CPU here, and no (B, T, V) logits (README, Long context)
     loss_chunk: int | None = None
     mlp_tile: int = 0
     eval_every: int = 50

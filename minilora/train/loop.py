@@ -178,6 +178,10 @@ def _set_memory_switches(cfg: TrainConfig, model, device: torch.device) -> None:
         raise ValueError(f"offload_activations needs a reference model; {type(model).__name__} has no "
                          "set_gradient_checkpointing")
     if hasattr(model, "set_loss"):
+        head = getattr(model, "lm_head", None)
+        if cfg.loss == "chunked" and not (type(head) is torch.nn.Linear and head.bias is None):
+            raise ValueError(f"loss 'chunked' (the default) multiplies by lm_head's weight itself, and this lm_head is "
+                             f"a {type(head).__name__} (LoRA on lm_head?): pass --loss full")
         model.set_loss(cfg.loss, cfg.loss_chunk)
     elif cfg.loss != "full":
         raise ValueError(f"loss {cfg.loss!r} needs a reference model; {type(model).__name__} has no set_loss")
