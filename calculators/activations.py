@@ -144,7 +144,8 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
 
     Returns {"embedding": ..., "layers": [per-layer bytes], "shared": RoPE cos/sin and transformers'
     eager mask (made once, kept by the first layer that needs them, reported here), "head": final
-    norm + lm_head input, "loss": fp32 log-softmax + targets, "total": their sum, "layer_full": one
+    norm + lm_head input ("final_norm": the norm's share; "hidden_dtype": its output's dtype), "loss":
+    fp32 log-softmax + targets, "total": their sum, "layer_full": one
     layer's bytes without checkpointing, "mlp_tile": what one tile of a tiled MLP saves while
     backward recomputes it (0 without mlp_tile)}.
     """
@@ -161,7 +162,9 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     x, layers = _layers(r, x)
     shared = sum(t.saved.get(c.storage, 0) for c in (*r.rope, r.mask) if c is not None)
     mark = t.mark()
-    logits = r.linear(r.norm(x), "lm_head", spec.hidden_size, spec.vocab_size)
+    hidden = r.norm(x)                                               # (B, T, C): the head's input
+    final_norm = t.since(mark)
+    logits = r.linear(hidden, "lm_head", spec.hidden_size, spec.vocab_size)
     head = t.since(mark)
     mark = t.mark()
     t.cross_entropy(t.to(logits, "fp32"), r.stack.loss_targets(r))   # logits.float(), then cross_entropy
@@ -169,4 +172,4 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     total = t.total()
     layer_full, tile = _one_layer_bytes(spec, s)
     return {"embedding": embedding, "layers": layers, "shared": shared, "head": head, "loss": loss,
-            "total": total, "layer_full": layer_full, "mlp_tile": max(r.tile_bytes, tile)}
+            "final_norm": final_norm, "hidden_dtype": hidden.dtype, "total": total, "layer_full": layer_full, "mlp_tile": max(r.tile_bytes, tile)}

@@ -12,9 +12,9 @@ stack's default, training_setup.STACK_LOSS: chunked on minilora, as minilora.tra
                           accumulator and each chunk's (V, C) product in dt (in fp32 the accumulator
                           is the head's gradient itself, which the gradients term counts). Beside
                           them the hidden states' gradient (B*T, C), filled chunk by chunk, and the
-                          head's input (B*T, C), which nothing keeps with a frozen head (with a
-                          trainable one the activations count it, as lm_head's saved input)
-      kept for backward   the hidden states' gradient (B*T, C) in dt (and the head's gradient, the
+                          head's input (B*T, C), the final norm's output, which nothing keeps
+      kept for backward   the hidden states' gradient (B*T, C) in their dtype (the final norm's
+                          output's: fp32 under autocast over fp32 weights) (and the head's gradient, the
                           gradients term's); not the head's input, the targets or a log-sum-exp.
                           Backward allocates nothing: it scales the kept gradients in place
       Every token is counted as learned: ignored ones (prompts, padding) never reach the head.
@@ -49,7 +49,9 @@ against the allocations an op-by-op tracker sees, the host bytes against the off
 """
 from __future__ import annotations
 
-__all__ = ["LOSSES", "DEFAULT_LOSS_CHUNK", "check_long_context", "chunk_tokens", "chunked_loss_bytes",
+from .tape import DTYPE_SIZE
+
+__all__ = ["LOSSES", "DEFAULT_LOSS_CHUNK", "check_long_context", "chunk_tokens", "chunked_loss_bytes", "with_chunked_loss",
            "offload_activation_bytes", "pinned_bytes", "mlp_tile_rows"]
 
 LOSSES = ("full", "chunked")
@@ -92,10 +94,11 @@ def mlp_tile_rows(setup) -> int:
     return min(setup.mlp_tile, tokens) if setup.mlp_tile else tokens
 
 
-def chunked_loss_bytes(spec, setup, dtype_bytes: int, head_trainable: bool) -> dict:
-    """{"kept": kept from forward to backward (the hidden states' gradient), "forward": alive besides
-    it at forward's end, its last chunk (the chunk's buffers, a frozen head's input)}, neither
-    counting the head's own gradient (the gradients term's), as in the module docstring."""
+def chunked_loss_bytes(spec, setup, dtype_bytes: int, head_trainable: bool, hidden_bytes: int) -> dict:
+    """{"kept": kept from forward to backward (the hidden states' gradient, in the hidden states'
+    dtype: hidden_bytes), "forward": alive besides it at forward's end, its last chunk (the chunk's
+    buffers in dtype_bytes, the compute dtype, and the head's input)}, neither counting the head's own
+    gradient (the gradients term's), as in the module docstring."""
     tokens, hidden, vocab, d = setup.batch * setup.seq, spec.hidden_size, spec.vocab_size, dtype_bytes
     rows = chunk_tokens(setup)
     chunk = rows * vocab * (4 if d == 4 else d + 4)  # its logits in dt and in fp32 (one buffer in fp32)
@@ -105,8 +108,21 @@ def chunked_loss_bytes(spec, setup, dtype_bytes: int, head_trainable: bool) -> d
         # at the end the accumulator's cast is the head's gradient, counted with the gradients
         product = vocab * hidden * d
         buffers = vocab * hidden * 4 + max(chunk - product, rows * vocab * d)
-    head_input = 0 if head_trainable else tokens * hidden * d
-    return {"kept": tokens * hidden * d, "forward": head_input + buffers}
+    return {"kept": tokens * hidden * hidden_bytes, "forward": tokens * hidden * hidden_bytes + buffers}
+
+
+def with_chunked_loss(act: dict, spec, setup, head_gradient_bytes: int) -> dict:
+    """activation_bytes' parts (replayed with the full loss) as the chunked loss leaves them: the final
+    norm keeps what it keeps, lm_head keeps nothing (the loss multiplies by its weight itself), and
+    the loss keeps the hidden states' gradient and, when the head trains, the head's gradient
+    (head_gradient_bytes per element; saved_tensors_hooks sees it, the gradients term counts it).
+    Unchanged with the full loss."""
+    if setup.loss != "chunked":
+        return act
+    tokens, hidden = setup.batch * setup.seq, spec.hidden_size
+    loss = tokens * hidden * DTYPE_SIZE[act["hidden_dtype"]] + spec.vocab_size * hidden * head_gradient_bytes
+    total = act["total"] - act["head"] - act["loss"] + act["final_norm"] + loss
+    return {**act, "head": act["final_norm"], "loss": loss, "total": total}
 
 
 def pinned_bytes(nbytes: int, device: str) -> int:

@@ -26,6 +26,7 @@ from .long_context import (DEFAULT_LOSS_CHUNK, chunk_tokens, chunked_loss_bytes,
                            offload_activation_bytes)
 from .lora import lora_layers, lora_tensors
 from .parameters import parameter_tensors
+from .tape import DTYPE_SIZE
 from .terms import Term, TrainingRun, attention_width, mlp_width
 
 __all__ = ["with_offload", "chunked_loss_term", "activation_offload_term", "blocks_phase_activations",
@@ -46,18 +47,17 @@ def chunked_loss_term(run: TrainingRun) -> Term | None:
     if s.method != "full" and any(lin.name == "lm_head" for lin in lora_layers(spec, s.lora.targets)):
         raise ValueError("loss 'chunked' multiplies by lm_head's weight itself: LoRA on lm_head needs loss 'full'")
     trainable = s.method == "full"
-    b = chunked_loss_bytes(spec, s, d, trainable)
+    h = DTYPE_SIZE[run.activations["hidden_dtype"]]  # the final norm's output and its gradient
+    b = chunked_loss_bytes(spec, s, d, trainable, h)
     rows, tokens, hidden, vocab = chunk_tokens(s), f"{s.batch} batch x {s.seq:,} seq", spec.hidden_size, spec.vocab_size
-    head_input = "" if trainable else f"{tokens} x {hidden:,} hidden x {d} B head input + "
-    formula = (f"{tokens} x {hidden:,} hidden x {d} B gradient + {head_input}"
+    formula = (f"{tokens} x {hidden:,} hidden x {h} B gradient + {tokens} x {hidden:,} hidden x {h} B head input + "
                + _buffers_formula(rows, vocab, hidden, d, trainable))
     chunk = f"chunks of {rows:,} tokens" + (" (the default)" if s.loss_chunk is None and rows == DEFAULT_LOSS_CHUNK
                                            else "")
     return Term("chunked loss", b["kept"] + b["forward"],
                 f"head and loss over {chunk}, each chunk's gradients computed in forward: no (B, T, V) tensor; "
                 f"kept for backward: the hidden states' gradient; at forward's end, besides it, "
-                + ("" if trainable else "the head's input and ")
-                + f"one chunk's logits in {run.precision.name} and fp32"
+                f"the head's input and one chunk's logits in {run.precision.name} and fp32"
                 + ("; the head's fp32 gradient accumulator" if trainable and d != 4 else ""), formula=formula)
 
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from .activations import ActivationSetup, activation_bytes
 from .distributed import fsdp_rank0_elements, is_sharded, parse_strategy, shard, shard_note
 from .gpus import MiB
+from .long_context import with_chunked_loss
 from .mla import mla_projections
 from .spec import ModelSpec
 from .states import ModelStates, model_state_bytes
-from .training_setup import Precision, TrainingSetup, check_setup
+from .training_setup import DTYPE_BYTES, Precision, TrainingSetup, check_setup
 
 __all__ = ["Term", "TrainingRun", "STACK_WORDS", "plan_training", "widest_intermediate", "mlp_width",
            "attention_width", "CUDA_CONTEXT", "CUBLAS_WORKSPACE", "weights_term", "gradients_term",
@@ -107,7 +108,9 @@ def plan_training(spec: ModelSpec, setup: TrainingSetup) -> TrainingRun:
     strategy = parse_strategy(setup.zero, setup.gpus)
     states = model_state_bytes(spec, setup)
     act = ActivationSetup.of(spec, setup)
-    return TrainingRun(spec, setup, strategy, states, activation_bytes(spec, act), act)
+    head_gradient = DTYPE_BYTES[states.precision.embedding] if setup.method == "full" else 0
+    return TrainingRun(spec, setup, strategy, states,
+                       with_chunked_loss(activation_bytes(spec, act), spec, setup, head_gradient), act)
 
 
 def _per_size(pairs, what: str) -> str:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stack_grid import case_of, cases
 
-from bench.stack_cases import FAMILIES, LAYERS, METHODS, build_minilora, hf_config, training_setup
+from bench.stack_cases import FAMILIES, LAYERS, METHODS, Case, build_minilora, hf_config, training_setup
 from bench.stack_cases import VOCAB as VOCAB_GRID
 from bench.stack_cases import saved_bytes as saved_by
 
@@ -80,19 +80,44 @@ def test_saved_bytes_with_the_chunked_loss_equal_the_calculators_exactly(family,
     model.set_loss("chunked", 7)
     real = saved_bytes(lambda: model(ids(0), ids(1)), model.parameters())  # targets of their own, as in training
     setup = setup_for(spec, dtype, method, ckpt, 7)
-    terms = {t.name: t for t in training_memory(spec, setup).terms}
-    b = chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full")
-    assert real == terms["activations"].gpu + b["kept"] + head_gradient_less_input(spec, setup, dtype, method)
+    out = training_memory(spec, setup)
+    terms = {t.name: t for t in out.terms}
+    b = chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full", dtype.itemsize)
+    assert real == out.saved_activation_bytes == terms["activations"].gpu + b["kept"] + head_gradient(spec, dtype, method)
     assert terms["chunked loss"].gpu == b["kept"] + b["forward"]
 
 
-def head_gradient_less_input(spec, setup, dtype, method):
-    """With full fine-tuning the loss keeps the head's gradient too (the gradients term counts it) and
-    not the head's input, which the activations count as lm_head's saved input (alive through the
-    loss's forward, as the full loss's head would keep it). A frozen head: neither."""
-    if method != "full":
-        return 0
-    return (spec.vocab_size - setup.batch * setup.seq) * spec.hidden_size * dtype.itemsize
+def head_gradient(spec, dtype, method):
+    """With full fine-tuning the chunked loss keeps the head's gradient too (the gradients term counts
+    it, saved_tensors_hooks sees it)."""
+    return spec.vocab_size * spec.hidden_size * dtype.itemsize if method == "full" else 0
+
+
+# the recipes where the hidden states are not in the compute dtype, or lm_head would keep a cast copy:
+# autocast over fp32 weights (an fp32 residual stream, 16-bit matmuls) and QLoRA with and without
+# prepare_for_kbit_training (fp32 norms)
+RECIPES = [("llama", "lora-all", "fp32+autocast", False), ("gpt2", "full", "fp32+autocast", True),
+           ("llama", "full", "fp32+autocast", False), ("gpt2", "lora-qv", "fp32+autocast", False),
+           ("llama", "qlora-prepare", "bf16", True), ("gpt2", "qlora-prepare", "bf16", False),
+           ("qwen3", "qlora", "bf16", False), ("llama", "full", "bf16", False)]
+
+
+@pytest.mark.parametrize("family,method,precision,ckpt", RECIPES)
+def test_saved_bytes_with_the_chunked_loss_under_autocast_and_qlora_equal_the_calculators_exactly(
+        family, method, precision, ckpt):
+    case = Case("minilora", family, method, ckpt=ckpt, precision=precision)
+    model = build_minilora(case)
+    model.set_loss("chunked", 7)
+    x = torch.randint(0, VOCAB_GRID, (case.batch, case.seq), generator=torch.Generator().manual_seed(0))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "fp32+autocast"):
+            return model(x, x.roll(-1, dims=1))[1]
+
+    _, real = saved_by(model, forward)
+    spec = model_spec(hf_config(case).to_dict())
+    out = training_memory(spec, replace(training_setup(case), loss="chunked", loss_chunk=7))
+    assert real == out.saved_activation_bytes
 
 
 @given(tokens=st.integers(1, 60), hidden=st.sampled_from([16, 64]), vocab=st.integers(2, 300),
@@ -112,8 +137,8 @@ def test_the_chunked_loss_forward_buffers_equal_the_calculators_and_backward_all
         loss = chunked_cross_entropy(h, weight, targets, rows)
     with AllocationTracker() as backward:
         loss.backward()
-    b = chunked_loss_bytes(spec, setup, dtype.itemsize, trainable)
-    head_input = 0 if trainable else tokens * hidden * dtype.itemsize  # the caller's: alive, not allocated here
+    b = chunked_loss_bytes(spec, setup, dtype.itemsize, trainable, dtype.itemsize)
+    head_input = tokens * hidden * dtype.itemsize  # the caller's: alive, not allocated here
     head_gradient = vocab * hidden * dtype.itemsize if trainable else 0  # the gradients term's, not the loss's
     predicted = b["kept"] + b["forward"] - head_input + head_gradient
     assert 0 <= forward.peak - predicted <= tokens + 24 * rows + 8
@@ -136,8 +161,8 @@ def test_offload_host_and_device_bytes_equal_the_calculators_exactly(family, dty
     terms = {t.name: t for t in b.terms}
     assert host == terms["activation offload"].cpu == b.cpu > 0
     plain = setup_for(spec, dtype, method, True, 7)
-    kept = chunked_loss_bytes(spec, plain, dtype.itemsize, method == "full")["kept"]
-    assert everything - host == terms["activations"].gpu + kept + head_gradient_less_input(spec, plain, dtype, method)
+    kept = chunked_loss_bytes(spec, plain, dtype.itemsize, method == "full", dtype.itemsize)["kept"]
+    assert everything - host == terms["activations"].gpu + kept + head_gradient(spec, dtype, method)
     assert terms["activation offload"].gpu == host // (spec.num_layers - 1)  # one block input fetched ahead
 
 
@@ -172,7 +197,7 @@ def test_defaults_agree_with_the_models():
     assert TrainingSetup(stack="minilora", loss="full").loss == "full"
     spec = model_spec("llama-3.1-8b")
     short = TrainingSetup(method="qlora", seq=300, loss="chunked", stack="minilora")  # a chunk: at most the tokens
-    b = chunked_loss_bytes(spec, short, 2, False)
+    b = chunked_loss_bytes(spec, short, 2, False, 2)
     assert (b["kept"], b["forward"]) == (300 * 4096 * 2, 300 * 4096 * 2 + 300 * 128256 * 6)
 
 
