@@ -124,7 +124,7 @@ def backward_workspace_term(run: TrainingRun) -> Term:
 def _largest_dequantized_weight(run: TrainingRun) -> tuple[int, int]:
     """QLoRA: the elements of the largest 4-bit weight, and the bytes of the dtype it is decoded to."""
     p = run.precision
-    largest = max(lin.in_features * lin.out_features for lin in quantized_linears(run.spec))
+    largest = max(lin.in_features * lin.out_features for lin in quantized_linears(run.spec, run.setup.stack))
     return largest, DTYPE_BYTES[p.autocast or p.compute]
 
 

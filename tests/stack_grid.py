@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from hypothesis import strategies as st
 
-from bench.stack_cases import PRECISIONS, SHAPES, Case, with_shape
+from bench.stack_cases import PRECISIONS, SHAPES, Case, as_accepted, with_shape
 
 cases = st.builds(dict, ckpt=st.booleans(), attn=st.sampled_from(["sdpa", "eager"]),
                   precision=st.sampled_from(PRECISIONS), dropout=st.booleans(), shape=st.sampled_from(SHAPES),
@@ -20,4 +20,4 @@ def case_of(stack: str, family: str, method: str, drawn: dict) -> Case:
     if method != "full":   # minilora has no autocast_adapter_dtype: its adapters take the base dtype
         case = replace(case, adapter_fp32=drawn["adapter_fp32"] or stack == "minilora",
                        lora_dropout=drawn["lora_dropout"])
-    return with_shape(case, drawn["shape"])
+    return as_accepted(with_shape(case, drawn["shape"]))
