@@ -66,6 +66,7 @@ class Case:
     rank: int = RANK
     lora_dropout: float = 0.0
     adapter_fp32: bool = True     # hf: get_peft_model(..., autocast_adapter_dtype=adapter_fp32)
+    use_cache: bool = True        # config.json's use_cache (transformers fills a DynamicCache in training)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -83,11 +84,13 @@ def hf_config(case: Case):
     p = DROPOUT if case.dropout else 0.0
     if case.family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=case.width, n_layer=LAYERS, n_head=HEADS,
-                             resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, bos_token_id=0, eos_token_id=0)
+                             resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, bos_token_id=0, eos_token_id=0,
+                             use_cache=case.use_cache)
     if case.family == "gpt_neox":   # partial rotary (a quarter of each head), parallel residual, no GQA
         return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
                                 num_hidden_layers=LAYERS, num_attention_heads=HEADS, max_position_embeddings=POSITIONS,
-                                rotary_pct=0.25, attention_dropout=p, hidden_dropout=p, bos_token_id=0, eos_token_id=0)
+                                rotary_pct=0.25, attention_dropout=p, hidden_dropout=p, bos_token_id=0, eos_token_id=0,
+                                use_cache=case.use_cache)
     name, extra = _FAMILY[case.family]
     if case.family == "phi3" and case.stack == "hf":
         extra = dict(extra, resid_pdrop=p)   # reference_models' Phi-3 has no residual dropout (it refuses one)
@@ -96,7 +99,7 @@ def hf_config(case: Case):
     sizes = dict(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
                  num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                  head_dim=case.width // HEADS, max_position_embeddings=POSITIONS, attention_dropout=p, bos_token_id=0,
-                 eos_token_id=0, pad_token_id=None)
+                 eos_token_id=0, pad_token_id=None, use_cache=case.use_cache)
     return getattr(tf, name)(**{**sizes, **extra})
 
 
@@ -105,7 +108,7 @@ _SAVED_FOLDERS: dict = {}
 
 def _saved_folder(case: Case) -> str:
     """A saved fp32 checkpoint of the case's config (one per config), for from_pretrained."""
-    key = (case.stack, case.family, case.width, case.dropout)
+    key = (case.stack, case.family, case.width, case.dropout, case.use_cache)
     if key not in _SAVED_FOLDERS:
         import transformers as tf
 

@@ -40,7 +40,7 @@ def _activations_assumption(run: TrainingRun) -> str:
     if a.attn_pdrop or a.resid_pdrop or a.embd_pdrop:
         notes.append(f"dropout masks (attention {a.attn_pdrop:g}, residual {a.resid_pdrop:g}, embedding "
                      f"{a.embd_pdrop:g}{', from config.json' if s.model_dropout is None else ''})")
-    if hf and s.grad_ckpt == "none":
+    if hf and s.grad_ckpt == "none" and run.spec.use_cache:
         notes.append("config.use_cache: a DynamicCache keeps copies of k and v")
     if run.spec.num_experts:  # what the experts keep grows with the routed pairs, not with how they spread
         notes.append(f"experts: {run.spec.experts_per_token} routed copies of every token (whatever the balance)")

@@ -203,7 +203,8 @@ ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 # config switches that change what training saves and that the calculator does not model: refused, never ignored
 _UNMODELLED = {"router_jitter_noise": (0, 0.0, None),   # Mixtral: a (B, T, h) noise tensor kept per sparse layer
                "output_router_logits": (False, None),   # MoE: the router's auxiliary loss in the training forward
-               "reorder_and_upcast_attn": (False, None)}  # GPT-2: eager attention's scores in fp32
+               "reorder_and_upcast_attn": (False, None),  # GPT-2: eager attention's scores in fp32
+               "add_cross_attention": (False, None)}      # GPT-2: a cross-attention layer in every block
 
 
 def _features(r: _Reader) -> dict:
@@ -221,7 +222,7 @@ def _features(r: _Reader) -> dict:
     return dict(norm=fam.norm, norm_layout=fam.norm_layout, qk_norm=fam.qk_norm, fused_qkv=fam.fused_qkv,
                 fused_gate_up=fam.fused_gate_up, gated_mlp=fam.gated_mlp, scaled_embeddings=fam.scaled_embeddings,
                 parallel_residual=fam.layout == "gpt_neox" and bool(r.get("use_parallel_residual")),
-                activation=activation, rope_in_fp32=fam.rope_in_fp32,
+                activation=activation, rope_in_fp32=fam.rope_in_fp32, use_cache=bool(r.get("use_cache", True)),
                 attn_softcap=r.get("attn_logit_softcapping") if fam.softcapping == "both" else None,
                 final_softcap=r.get("final_logit_softcapping") if fam.softcapping != "none" else None)
 

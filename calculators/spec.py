@@ -19,7 +19,7 @@ config dict, so each term can say which feature it depends on:
   MLA          DeepSeek-V3's multi-head latent attention: q_lora_rank, kv_lora_rank, qk_nope_head_dim,
                qk_rope_head_dim, v_head_dim (mla.py)
   training     attention_dropout, residual_dropout, embedding_dropout (config.json's, 0 where the
-               family has no such dropout)
+               family has no such dropout); use_cache (transformers keeps a DynamicCache in training too)
 """
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ class ModelSpec:
     attention_dropout: float = 0.0
     residual_dropout: float = 0.0
     embedding_dropout: float = 0.0
+    use_cache: bool = True      # config.use_cache: transformers' forward fills a DynamicCache unless it is off
 
     @property
     def q_size(self) -> int:

@@ -243,7 +243,7 @@ class Transformers(Stack):
     def training_kv(self, r: Replay, k: Sym, v: Sym) -> tuple:
         # config.use_cache is on while training: DynamicCache.update returns torch.cat copies (a sliding
         # layer's too: it returns the whole concatenation); checkpointed layers run without a cache
-        if r.s.grad_ckpt != "none":
+        if r.s.grad_ckpt != "none" or not r.spec.use_cache:
             return k, v
         return Sym(k.numel, k.dtype, k.grad), Sym(v.numel, v.dtype, v.grad)
 
