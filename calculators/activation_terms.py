@@ -42,6 +42,10 @@ def _activations_assumption(run: TrainingRun) -> str:
                      f"{a.embd_pdrop:g}{', from config.json' if s.model_dropout is None else ''})")
     if hf and s.grad_ckpt == "none" and run.spec.use_cache:
         notes.append("config.use_cache: a DynamicCache keeps copies of k and v")
+    if run.spec.mla:          # no reference model to measure against
+        notes.append("estimated, not measured (no reference model): multi-head latent attention replayed from "
+                     "transformers' DeepseekV3Attention (SDPA's output at the query's head width), the sigmoid "
+                     "group-limited router as a softmax top-k one")
     if run.spec.num_experts:  # what the experts keep grows with the routed pairs, not with how they spread
         notes.append(f"experts: {run.spec.experts_per_token} routed copies of every token (whatever the balance)")
     return "; ".join(notes)

@@ -19,7 +19,8 @@ eager; a sliding-window mask when the window is shorter than the sequence). Insi
 (fused gate_up_proj: phi3), ungated (gpt_neox, gpt2), or a router and experts (moe_replay.py).
 Exact against saved_tensors_hooks on CPU in both stacks for every family with a reference model
 (tests/test_calc_stack_hf.py, tests/test_calc_activations.py). DeepSeek-V3 has none: its multi-head
-latent attention is estimated here as grouped-query attention of its q/k/v sizes (activations.py).
+latent attention (_mla_attention) follows transformers' code unmeasured, and its sigmoid group-limited
+routing is replayed as the softmax top-k router: estimates, as its activations term says.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def _projections(r: Replay, n: Sym) -> tuple:
 def _attention(r: Replay, n: Sym, layer: int) -> Sym:
     """The attention sublayer on its input n (B, T, h) -> the output projection's (B, T, h)."""
     s, spec = r.s, r.spec
+    if spec.mla:
+        return _mla_attention(r, n, layer)
     shape = AttentionShape(s.batch, spec.num_heads, spec.num_kv_heads, s.seq, spec.head_dim)
     q, k, v = _projections(r, n)
     if spec.qk_norm == "projection":                                 # olmo2: over all heads, before the split
@@ -77,6 +80,32 @@ def _attention(r: Replay, n: Sym, layer: int) -> Sym:
     k, v2 = r.stack.training_kv(r, k, v)
     y = r.attention(q, k, v2, shape, s.attn_pdrop, v_contiguous=v2 is not v, layer=layer)
     return r.linear(y, _names(r)["o"], spec.q_size, spec.hidden_size)
+
+
+def _mla_attention(r: Replay, n: Sym, layer: int) -> Sym:
+    """DeepSeek-V3's multi-head latent attention (mla.py) as transformers' DeepseekV3Attention runs it.
+    An estimate, as there is no reference model to measure: the latent's split and norm, the per-head
+    key built by new_empty + copy_, and SDPA's output counted at the query's head width (not v_head_dim)."""
+    spec, h, heads, rope = r.spec, r.spec.hidden_size, r.spec.num_heads, r.spec.qk_rope_head_dim
+    rows, qk, latent = n.numel // h, spec.qk_nope_head_dim + rope, spec.kv_lora_rank
+    if spec.q_lora_rank is None:
+        q = r.linear(n, "self_attn.q_proj", h, heads * qk)                                  # (B, T, H*qk)
+    else:
+        q_a = r.norm(r.linear(n, "self_attn.q_a_proj", h, spec.q_lora_rank), spec.q_lora_rank)
+        q = r.linear(q_a, "self_attn.q_b_proj", spec.q_lora_rank, heads * qk)
+    compressed = r.linear(n, "self_attn.kv_a_proj_with_mqa", h, latent + rope)          # (B, T, latent + rope)
+    kv = r.norm(compressed.view(rows * latent), latent)
+    q_rot = r.stack.rope(r, q.view(rows * heads * rope), layer)                         # the rotated parts
+    k_rot = r.stack.rope(r, compressed.view(rows * rope), layer)
+    k_rot, kv = r.stack.training_kv(r, k_rot, kv)                                       # the cache holds the latent
+    query = Sym(rows * heads * qk, q.dtype, q.grad or q_rot.grad)                       # torch.cat: nothing kept
+    kv = r.linear(kv, "self_attn.kv_b_proj", latent, heads * (spec.qk_nope_head_dim + spec.v_head_dim))
+    key = Sym(rows * heads * qk, kv.dtype, kv.grad or k_rot.grad)                       # (B, H, T, qk), copied in
+    shape = AttentionShape(r.s.batch, heads, heads, r.s.seq, qk)
+    y = r.attention(query, key, kv.view(rows * heads * spec.v_head_dim), shape, r.s.attn_pdrop, v_contiguous=False,
+                    layer=layer)
+    y = Sym(rows * heads * spec.v_head_dim, y.dtype, y.grad)                             # (B, T, H*v)
+    return r.linear(y, "self_attn.o_proj", heads * spec.v_head_dim, h)
 
 
 def _gated_mlp(r: Replay, n: Sym, h: int, prefix: str = "mlp", inter: int | None = None) -> Sym:
