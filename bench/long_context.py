@@ -1,6 +1,8 @@
-"""Long context on one GPU: the chunked (fused linear) cross-entropy and activation offload, side by side.
+"""Long context on one GPU: the chunked (fused linear) cross-entropy, activation offload and the tiled
+MLP, side by side.
 
     .venv/bin/python -m bench.long_context [--quick]        # CPU: training-step ratios, chunk sizes
+    .venv/bin/python -m bench.long_context --tiled [--quick]   # CPU: the tiled MLP's step time
     .venv/bin/python -m bench.long_context_gpu              # CUDA: the 8B shape at its predicted longest
 
 CPU (issue 16's measured goals): a LoRA training step (r=8 all-linear, AdamW, built as
@@ -13,6 +15,10 @@ minilora.train builds it) of two small Llamas (MODELS: one whose head dominates,
                         on a CPU), head-heavy model; goal <= 1.1
   chunk sizes           the head and the loss alone (1024 tokens x width 256 -> 32,000), forward and
                         backward, per chunk size, over the full loss's time
+  tiled / whole MLP     (--tiled, its own results file) every block's MLP over tiles of 128, 256 and
+                        512 tokens over the MLP run whole, 8B proportions, batch 1 x 1024 tokens, the
+                        chunked loss, with checkpointing and without; no goal: the recompute costs one
+                        more MLP forward per step, the ratio says how much time that is
 
 The GPU goals (the 8B shape at its predicted longest sequence, peak vs prediction, tokens/s) are
 bench/long_context_gpu.py's.
@@ -75,10 +81,11 @@ def instruction_batch(batch: int, max_seq: int):
     return collate(data.examples[:batch], tokenizer.pad_id)
 
 
-def step_fn(model, optimizer, x, y, loss: str, offload=None, checkpointing: bool = False):
+def step_fn(model, optimizer, x, y, loss: str, offload=None, checkpointing: bool = False, mlp_tile=None):
     def step():
         model.set_loss(loss)
         model.set_gradient_checkpointing(checkpointing or offload is not None, offload=offload)
+        model.set_mlp_tiling(mlp_tile)
         optimizer.zero_grad(set_to_none=True)
         model(x, y)[1].backward()
         optimizer.step()
@@ -114,6 +121,21 @@ def offload_ratio(name: str, model_kw: dict, batch: int, seq: int, repeats: int)
             "ratio": t["offload"] / t["none"], "goal": "<= 1.1"}
 
 
+def tile_ratios(name: str, model_kw: dict, batch: int, seq: int, tiles: tuple, repeats: int) -> list[dict]:
+    """Every block's MLP over tiles of each size, over the MLP run whole: with checkpointing (the MLP's
+    forward runs three times instead of two) and without (twice instead of once)."""
+    model, optimizer = build(model_kw)
+    x, y = text_batch(model_kw["vocab_size"], batch, seq)
+    rows = []
+    for checkpointing in (True, False):
+        t = timeit_interleaved({tile: step_fn(model, optimizer, x, y, "chunked", checkpointing=checkpointing,
+                                              mlp_tile=tile) for tile in (None, *tiles)}, repeats=repeats, clock=CLOCK)
+        rows += [{"pair": "tiled / whole MLP", "model": name, "checkpointing": checkpointing,
+                  "tokens": f"{batch} x {seq}", "tile": tile, "a_s": t[tile], "b_s": t[None],
+                  "ratio": t[tile] / t[None], "goal": "report"} for tile in tiles]
+    return rows
+
+
 def chunk_sizes(vocab: int, width: int, tokens: int, repeats: int) -> list[dict]:
     """Head + loss alone, forward and backward, per chunk size, over the full loss's time."""
     g = torch.Generator().manual_seed(0)
@@ -140,10 +162,17 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU seconds are meaningful with 1)")
+    p.add_argument("--tiled", action="store_true", help="only the tiled MLP's ratios (long_context-tiled-*.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = QUICK if args.quick else MODELS
     repeats = args.repeats or (3 if args.quick else 7)
+    if args.tiled:
+        name, kw = ("head-heavy", QUICK["head-heavy"]) if args.quick else ("8B proportions", MODELS["8B proportions"])
+        tiles = (64, 128) if args.quick else (128, 256, 512)
+        rows = tile_ratios(name, kw, 1, 256 if args.quick else 1024, tiles, repeats)
+        report("long_context-tiled" + ("-quick" if args.quick else ""), rows, extra={"model": kw})
+        return 0
     seq = 128 if args.quick else 256
     rows = [row for name, kw in models.items() for row in loss_ratios(name, kw, 4, seq, repeats)]
     first = next(iter(models))

@@ -8,11 +8,14 @@ bf16 on the device and quantized to NF4 there (minilora.train's QLoRA path), LoR
 linear layer, batch 1, full gradient checkpointing, AdamW, bf16 autocast. With --gib G (default:
 the device's memory), the caching allocator is capped at G GiB less the calculator's 500 MiB for
 the CUDA context (torch.cuda.set_per_process_memory_fraction), as on a G GiB card. Then:
-  1. the calculator's longest sequence on G GiB for none, chunked loss, offload, both;
-  2. two training steps of "both" at its longest: torch.cuda.max_memory_allocated during the second
-     beside the calculator's peak (goal: within 5%), and the host's pinned bytes beside its CPU column;
+  1. the calculator's longest sequence on G GiB for none, chunked loss, offload, both, and both with
+     the tiled MLP (tiles of MLP_TILE tokens);
+  2. two training steps of "both" and of "both + tiled MLP", each at its longest:
+     torch.cuda.max_memory_allocated during the second beside the calculator's peak (goal: within
+     5%), and the host's pinned bytes beside its CPU column;
   3. tokens/s of each combination at one length all of them fit (the longest "none" fits, at most
-     8,192, or --throughput-seq; --quick: 2,048), two timed steps after a warm-up each.
+     8,192, or --throughput-seq; --quick: 2,048; the MLP in tiles of a quarter of it, at most
+     MLP_TILE), two timed steps after a warm-up each.
 Writes bench/results/long_context_gpu-<machine>.json. --dry-run runs every step on the CPU with a
 tiny Llama and a 1 GiB "GPU" (no measurement: torch counts no CPU allocations) and writes nothing,
 so CI runs the code.
@@ -30,17 +33,24 @@ from bench._harness import report
 PRESET = "llama-3.1-8b"
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-COMBOS = {"none": ("full", False), "chunked loss": ("chunked", False), "offload": ("full", True),
-          "both": ("chunked", True)}
+# (loss, activation offload, tiled MLP)
+COMBOS = {"none": ("full", False, False), "chunked loss": ("chunked", False, False), "offload": ("full", True, False),
+          "both": ("chunked", True, False), "both + tiled MLP": ("chunked", True, True)}
+PEAKS = ("both", "both + tiled MLP")   # measured at their longest
+# Tokens per MLP tile: Arctic's TiledMLP default is the hidden size (4,096 for the 8B); the
+# calculator puts one tile's intermediates at 0.44 GiB there, against 9.9 GiB for the whole MLP
+# at 57,349 tokens. The dry run's tiny Llama tiles by 16.
+MLP_TILE = 4096
 LORA = dict(lora_r=16, lora_alpha=32, lora_targets="all-linear")
 
 
-def setup_for(combo: str, seq: int):
+def setup_for(combo: str, seq: int, tile: int = MLP_TILE):
     from calculators import LoRASpec, TrainingSetup
 
-    loss, offload = COMBOS[combo]
+    loss, offload, tiled = COMBOS[combo]
     return TrainingSetup(method="qlora", batch=1, seq=seq, grad_ckpt="full", loss=loss, stack="minilora",
-                         offload_activations=offload, lora=LoRASpec(rank=16, alpha=32, targets="all-linear"))
+                         offload_activations=offload, mlp_tile=min(tile, seq) if tiled else 0,
+                         lora=LoRASpec(rank=16, alpha=32, targets="all-linear"))
 
 
 def build(config: dict, device: torch.device):
@@ -78,40 +88,43 @@ def step(cfg, model, optimizer, seq: int, device: torch.device) -> int:
     return host
 
 
-def switch(model, combo: str, device: torch.device) -> None:
+def switch(model, combo: str, device: torch.device, tile: int) -> None:
     from minilora.train import ActivationOffload
 
-    loss, offload = COMBOS[combo]
+    loss, offload, tiled = COMBOS[combo]
     model.set_loss(loss)
     model.set_gradient_checkpointing(True, offload=ActivationOffload(device) if offload else None)
+    model.set_mlp_tiling(tile if tiled else None)
 
 
-def peak_at_longest(cfg, model, optimizer, spec, seq: int, device: torch.device) -> dict:
-    """Two steps of "both" at `seq`: the second's peak and host bytes beside the calculator's."""
+def peak_at_longest(cfg, model, optimizer, spec, combo: str, seq: int, tile: int, device: torch.device) -> dict:
+    """Two steps of `combo` at `seq`: the second's peak and host bytes beside the calculator's."""
     from calculators import training_memory
 
-    switch(model, "both", device)
+    tile = min(tile, seq)
+    switch(model, combo, device, tile)
     cuda = device.type == "cuda"
     step(cfg, model, optimizer, seq, device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     host = step(cfg, model, optimizer, seq, device)
-    predicted = training_memory(spec, setup_for("both", seq))
+    predicted = training_memory(spec, setup_for(combo, seq, tile))
     measured = torch.cuda.max_memory_allocated() if cuda else None
     # what the pinned allocator holds (its blocks rounded up to powers of two, cached between steps)
     pinned = torch.cuda.memory.host_memory_stats().get("allocated_bytes.current") if cuda else None
-    return {"combo": "both", "seq": seq, "predicted_peak_gib": predicted.peak / 2 ** 30,
+    return {"combo": combo, "seq": seq, "mlp_tile": tile if COMBOS[combo][2] else None,
+            "predicted_peak_gib": predicted.peak / 2 ** 30,
             "measured_peak_gib": measured / 2 ** 30 if measured is not None else None,
             "predicted / measured": predicted.peak / measured if measured else None,
             "predicted_host_gib": predicted.cpu / 2 ** 30, "host_tensors_gib": host / 2 ** 30,
             "pinned_allocated_gib": pinned / 2 ** 30 if pinned is not None else None}
 
 
-def throughput(cfg, model, optimizer, seq: int, device: torch.device) -> list[dict]:
+def throughput(cfg, model, optimizer, seq: int, tile: int, device: torch.device) -> list[dict]:
     rows = []
     for combo in COMBOS:
-        switch(model, combo, device)
+        switch(model, combo, device, tile)
         step(cfg, model, optimizer, seq, device)  # warm-up
         times = []
         for _ in range(2):
@@ -122,7 +135,8 @@ def throughput(cfg, model, optimizer, seq: int, device: torch.device) -> list[di
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        rows.append({"combo": combo, "seq": seq, "tokens_per_s": seq / min(times)})
+        rows.append({"combo": combo, "seq": seq, "mlp_tile": tile if COMBOS[combo][2] else None,
+                     "tokens_per_s": seq / min(times)})
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["vs none"] = row["tokens_per_s"] / base
@@ -144,7 +158,8 @@ def run_gpu(dry_run: bool = False, gib: float | None = None, throughput_seq: int
         gib = 1.0
     elif gib is None:
         gib = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    longest = {combo: largest_fitting(spec, setup_for(combo, 1), int(gib * 2 ** 30), "seq") for combo in COMBOS}
+    tile = 16 if dry_run else MLP_TILE
+    longest = {combo: largest_fitting(spec, setup_for(combo, 1, tile), int(gib * 2 ** 30), "seq") for combo in COMBOS}
     print(f"longest sequence on {gib:.1f} GiB:", longest)
     cfg, model, optimizer = build(config, device)
     if not dry_run:
@@ -153,11 +168,11 @@ def run_gpu(dry_run: bool = False, gib: float | None = None, throughput_seq: int
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, (gib * 2 ** 30 - CUDA_CONTEXT) / total), device)
-    seq_max = min(longest["both"], 64) if dry_run else longest["both"]
-    rows = [peak_at_longest(cfg, model, optimizer, spec, seq_max, device)]
+    rows = [peak_at_longest(cfg, model, optimizer, spec, combo, min(longest[combo], 64) if dry_run else longest[combo],
+                            tile, device) for combo in PEAKS]
     common = throughput_seq or min(longest["none"], 64 if dry_run else 8192)
-    rows += throughput(cfg, model, optimizer, common, device)
-    extra = {"model": PRESET if not dry_run else TINY, "gib": gib, "longest": longest}
+    rows += throughput(cfg, model, optimizer, common, min(tile, max(common // 4, 1)), device)
+    extra = {"model": PRESET if not dry_run else TINY, "gib": gib, "longest": longest, "mlp_tile": tile}
     if dry_run:
         print(rows, "\n(dry run: nothing measured, nothing written)")
     else:

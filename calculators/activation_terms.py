@@ -8,6 +8,7 @@ estimates and say so.
 """
 from __future__ import annotations
 
+from .long_context_terms import tiled_mlp_workspace
 from .moe import busiest_expert_tokens
 from .states import quantized_linears
 from .terms import STACK_WORDS, Term, TrainingRun, widest_intermediate
@@ -103,6 +104,9 @@ def backward_workspace_term(run: TrainingRun) -> Term:
     workspace = s.batch * s.seq * (2 * widest_intermediate(spec) + 2 * spec.hidden_size) * run.precision.activations
     formula = (f"{s.batch} batch x {s.seq:,} seq x (2 x {widest_intermediate(spec):,} widest + 2 x "
                f"{spec.hidden_size:,} hidden) x {run.precision.activations} B")
+    tiled = tiled_mlp_workspace(run)
+    if tiled is not None:
+        workspace, formula = tiled
     experts = ""
     if spec.num_experts:  # the busiest expert's gate/up gradients, over the tokens routed to it
         busiest = busiest_expert_tokens(spec, s.batch * s.seq, s.expert_imbalance)
@@ -120,9 +124,10 @@ def backward_workspace_term(run: TrainingRun) -> Term:
         workspace += largest * size
         formula += f" + {largest:,} elements of the largest quantized weight x {size} B"
         decoded = "; bitsandbytes decodes a 4-bit weight into a new tensor for each matmul (the largest)"
+    tile = "; the MLP's over one tile, and fp32 sums of its weights' gradients" if tiled is not None else ""
     return Term("backward workspace", workspace,
-                "estimate: gradients of one block's widest intermediates (and of its scores when eager)" + experts
-                + decoded, formula=formula)
+                "estimate: gradients of one block's widest intermediates (and of its scores when eager)" + tile
+                + experts + decoded, formula=formula)
 
 
 def _largest_dequantized_weight(run: TrainingRun) -> tuple[int, int]:

@@ -49,6 +49,7 @@ class ActivationSetup:
     lora_targets: frozenset = field(default_factory=frozenset)  # in-block names, e.g. "self_attn.q_proj"
     lora_rank: int = 8
     lora_dropout: float = 0.0
+    mlp_tile: int = 0                    # tokens per tile of every dense MLP (reference_models/tiled_mlp.py); 0: off
     embd_pdrop: float = 0.0              # embedding, residual and attention dropout (spec's, or overridden)
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0
@@ -75,8 +76,8 @@ class ActivationSetup:
                    grad_ckpt=setup.grad_ckpt, device=setup.device,
                    trainable="all" if setup.method == "full" else "lora", quantized=qlora,
                    prepare_kbit=qlora and setup.prepare_kbit is not False, lora_targets=targets,
-                   lora_rank=setup.lora.rank, lora_dropout=setup.lora.dropout, embd_pdrop=embd, resid_pdrop=resid,
-                   attn_pdrop=attn)
+                   lora_rank=setup.lora.rank, lora_dropout=setup.lora.dropout, mlp_tile=setup.mlp_tile,
+                   embd_pdrop=embd, resid_pdrop=resid, attn_pdrop=attn)
 
 
 def _check_stack_runs(spec: ModelSpec, setup: TrainingSetup, targets: frozenset, resid: float) -> None:
@@ -154,14 +155,22 @@ def _layers(r: Replay, x: Sym) -> tuple:
     return x, layers
 
 
-def _one_layer_bytes(spec: ModelSpec, setup: ActivationSetup) -> int:
-    """One block's saved bytes without checkpointing, its input requiring grad: what backward rebuilds
-    (a mixture of experts' sparse layer, which keeps the most, where there is one)."""
-    r = Replay(spec, setup, setup.resolved_precision, STACK_OBJECTS[setup.stack])
-    x = Sym(setup.batch * setup.seq * spec.hidden_size, r.p.embedding, True)
-    _shared_inputs(r, x)
-    run_block(r, x, next((i for i in range(spec.num_layers) if spec.is_sparse(i)), 0))
-    return r.tape.total()
+def _one_layer_bytes(spec: ModelSpec, setup: ActivationSetup) -> tuple[int, int]:
+    """One block's saved bytes without checkpointing, its input requiring grad: what backward rebuilds,
+    for the block that keeps the most (one of each kind replayed: dense or sparse, full or sliding
+    attention, whose mask a sliding layer keeps past its window); and what one tile of its MLP saves
+    when it runs tiled (0 otherwise)."""
+    kinds = {}
+    for i in range(spec.num_layers):
+        kinds.setdefault((spec.is_sparse(i), spec.layer_types[i] if spec.layer_types else None), i)
+    block = tile = 0
+    for i in kinds.values():
+        r = Replay(spec, setup, setup.resolved_precision, STACK_OBJECTS[setup.stack])
+        x = Sym(setup.batch * setup.seq * spec.hidden_size, r.p.embedding, True)
+        _shared_inputs(r, x)
+        run_block(r, x, i)
+        block, tile = max(block, r.tape.total()), max(tile, r.tile_bytes)
+    return block, tile
 
 
 def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
@@ -170,7 +179,8 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     Returns {"embedding": ..., "layers": [per-layer bytes], "shared": RoPE cos/sin and transformers'
     eager mask (made once, kept by the first layer that needs them, reported here), "head": final
     norm + lm_head input, "loss": fp32 log-softmax + targets, "total": their sum, "layer_full": one
-    layer's bytes without checkpointing}.
+    layer's bytes without checkpointing, "mlp_tile": what one tile of a tiled MLP saves while
+    backward recomputes it (0 without mlp_tile)}.
     """
     s = setup
     if s.batch <= 0 or s.seq <= 0:
@@ -193,5 +203,6 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     t.cross_entropy(t.to(logits, "fp32"), r.stack.loss_targets(r))   # logits.float(), then cross_entropy
     loss = t.since(mark)
     total = t.total()
+    layer_full, tile = _one_layer_bytes(spec, s)
     return {"embedding": embedding, "layers": layers, "shared": shared, "head": head, "loss": loss,
-            "total": total, "layer_full": _one_layer_bytes(spec, s)}
+            "total": total, "layer_full": layer_full, "mlp_tile": max(r.tile_bytes, tile)}

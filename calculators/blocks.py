@@ -21,6 +21,7 @@ Exact against saved_tensors_hooks on CPU in both stacks for every family with a 
 (tests/test_calc_stack_hf.py, tests/test_calc_activations.py). DeepSeek-V3 has none: its multi-head
 latent attention (_mla_attention) follows transformers' code unmeasured, and its sigmoid group-limited
 routing is replayed as the softmax top-k router: estimates, as its activations term says.
+A dense MLP runs through Replay.mlp, which replays it tiled when the setup says so (mlp_tile).
 """
 from __future__ import annotations
 
@@ -45,9 +46,13 @@ def gpt2_block(r: Replay, x: Sym) -> Sym:
     k, v = r.stack.training_kv(r, qkv.view(shape.bhtd), qkv.view(shape.bhtd))
     y = r.attention(q, k, v, shape, s.attn_pdrop, v_contiguous=v.storage is not qkv.storage)
     x = t.add(x, t.dropout(r.linear(y, "attn.c_proj", h, h), s.resid_pdrop))
-    f = r.act(r.linear(r.norm(x), "mlp.c_fc", h, spec.intermediate_size))
-    m = t.dropout(r.linear(f, "mlp.c_proj", spec.intermediate_size, h), s.resid_pdrop)
-    return t.add(x, m)
+    return t.add(x, r.mlp(r.norm(x), _gpt2_mlp))
+
+
+def _gpt2_mlp(r: Replay, n: Sym) -> Sym:
+    h, inter = r.spec.hidden_size, r.spec.intermediate_size
+    f = r.act(r.linear(n, "mlp.c_fc", h, inter))
+    return r.tape.dropout(r.linear(f, "mlp.c_proj", inter, h), r.s.resid_pdrop)
 
 
 def _names(r: Replay) -> dict:
@@ -142,14 +147,19 @@ def _moe_mlp(r: Replay, n: Sym) -> Sym:
     return Sym(out.numel, out.dtype, out.grad or shared.grad)
 
 
+def _ungated_mlp(r: Replay, n: Sym) -> Sym:
+    names, h, inter = _names(r), r.spec.hidden_size, r.spec.intermediate_size   # gpt_neox: up, act, down
+    return r.linear(r.act(r.linear(n, names["up"], h, inter)), names["down"], inter, h)
+
+
 def _mlp(r: Replay, n: Sym, layer: int) -> Sym:
+    """The MLP sublayer; a dense one through Replay.mlp (tiled when the setup says so)."""
     spec = r.spec
     if spec.is_sparse(layer):
         return _moe_mlp(r, n)
     if spec.gated_mlp:
-        return _gated_mlp(r, n, spec.hidden_size)
-    names, h, inter = _names(r), spec.hidden_size, spec.intermediate_size   # gpt_neox: up, act, down
-    return r.linear(r.act(r.linear(n, names["up"], h, inter)), names["down"], inter, h)
+        return r.mlp(n, _gated_mlp, spec.hidden_size)
+    return r.mlp(n, _ungated_mlp)
 
 
 def decoder_block(r: Replay, x: Sym, layer: int = 0) -> Sym:

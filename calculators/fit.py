@@ -22,8 +22,10 @@ def fits(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> bool:
 def _with(setup: TrainingSetup, what: str, value: int) -> TrainingSetup:
     if what == "rank":
         return replace(setup, lora=replace(setup.lora, rank=value))
-    if what == "seq" and setup.loss_chunk is not None:  # a chunk longer than the sequence is the sequence
-        return replace(setup, seq=value, loss_chunk=min(setup.loss_chunk, value))
+    if what == "seq":  # a loss chunk or an MLP tile longer than the sequence is the sequence
+        chunk = setup.loss_chunk
+        return replace(setup, seq=value, loss_chunk=chunk if chunk is None else min(chunk, value),
+                       mlp_tile=min(setup.mlp_tile, value))
     return replace(setup, **{what: value})
 
 

@@ -1,6 +1,6 @@
-"""Long context: what the chunked loss and activation offload hold, as arithmetic (issue 16).
+"""Long context: what the chunked loss, activation offload and the tiled MLP hold, as arithmetic (issue 16).
 
-Two switches of TrainingSetup, both mirroring code in this repository:
+Three switches of TrainingSetup, each mirroring code in this repository:
 
   loss="chunked", loss_chunk=c   reference_models/loss.py: the head and the cross-entropy over chunks
                                  of c learned tokens, each chunk's logits recomputed in backward.
@@ -22,25 +22,37 @@ Two switches of TrainingSetup, both mirroring code in this repository:
       device              the last block's input never leaves; while backward goes through the
                           blocks it holds two (the one recomputing, the one arriving)
 
+  mlp_tile=t                     reference_models/tiled_mlp.py: every block's dense MLP over tiles of
+                                 t tokens of the micro-batch, recomputed one tile at a time in backward.
+      kept for backward   the MLP's input (B*T, C) instead of its intermediates (activations.py
+                          replays it: Replay.mlp), in every block without checkpointing and in the
+                          recomputed block with it
+      backward            one tile's intermediates, recomputed and kept for that tile's backward
+                          (the replay's bytes for t rows); the backward workspace's MLP part over t
+                          rows; an fp32 sum per trainable weight of the MLP (the tiles' gradients
+                          are added into it, and handed on once)
+      Refused for mixture-of-experts models (reference_models refuses them: the router sees every
+      token at once) and with the hf stack (transformers has no tiled MLP).
+
 And a phase of the peak that the full loss hid: backward through the last block, after the head
 and the loss have let go of theirs, holds the blocks' saved activations (two inputs with offload),
 a recomputed block and the backward workspace.
 
 Exact on CPU against the reference models (tests/test_calc_long_context.py): the saved bytes
-against saved_tensors_hooks, the loss's backward buffers against the allocations an op-by-op
-tracker sees, the host bytes against the offloader's host tensors.
+against saved_tensors_hooks (with the tiled MLP too, and one tile's), the loss's backward buffers
+against the allocations an op-by-op tracker sees, the host bytes against the offloader's host tensors.
 """
 from __future__ import annotations
 
 __all__ = ["LOSSES", "DEFAULT_LOSS_CHUNK", "check_long_context", "chunk_tokens", "chunked_loss_bytes",
-           "offload_activation_bytes", "pinned_bytes"]
+           "offload_activation_bytes", "pinned_bytes", "mlp_tile_rows"]
 
 LOSSES = ("full", "chunked")
 DEFAULT_LOSS_CHUNK = 1024  # reference_models.loss.DEFAULT_LOSS_CHUNK (tests keep the two equal)
 
 
 def check_long_context(setup) -> None:
-    """Refuse a loss, chunk or offload setting that cannot run, naming the value and what is allowed."""
+    """Refuse a loss, chunk, offload or MLP tile setting that cannot run, naming the value and what is allowed."""
     if setup.loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {setup.loss!r}")
     chunk = setup.loss_chunk
@@ -56,11 +68,23 @@ def check_long_context(setup) -> None:
     if setup.offload_activations and setup.grad_ckpt != "full":
         raise ValueError(f"offload_activations needs grad_ckpt 'full' (it moves each block's checkpointed input "
                          f"to the host), got grad_ckpt {setup.grad_ckpt!r}")
+    tile = setup.mlp_tile
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
+        raise ValueError(f"mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got {tile!r}")
+    if tile > setup.seq:
+        raise ValueError(f"mlp_tile must be at most the sequence length {setup.seq} (a longer tile is the whole "
+                         f"sequence), got {tile}")
 
 
 def chunk_tokens(setup) -> int:
     """Rows of one chunk: loss_chunk (default DEFAULT_LOSS_CHUNK), at most the batch's tokens."""
     return min(setup.loss_chunk or DEFAULT_LOSS_CHUNK, setup.batch * setup.seq)
+
+
+def mlp_tile_rows(setup) -> int:
+    """Rows one MLP call computes at once: mlp_tile, or every token of the micro-batch without tiling."""
+    tokens = setup.batch * setup.seq
+    return min(setup.mlp_tile, tokens) if setup.mlp_tile else tokens
 
 
 def chunked_loss_bytes(spec, setup, dtype_bytes: int, head_trainable: bool) -> dict:

@@ -7,14 +7,16 @@ Peak (what torch.cuda.max_memory_allocated would show, the CUDA context excluded
                                            + gradients already held,
                            backward through the blocks: the blocks' saved activations + one
                                            recomputed block + backward workspace + gradients held
-                                           (+ the input the activation offload fetches ahead),
+                                           (+ the input the activation offload fetches ahead,
+                                           + one recomputed tile of a tiled MLP),
                            backward end:   all gradients + one block's recomputed activations
-                                           + backward workspace + the first block's activations,
+                                           (+ one MLP tile's) + backward workspace + the first
+                                           block's activations,
                            optimizer step: all gradients )
 Gradients already held at backward start are all of them with grad_accum > 1 (they persist
 between micro-batches), else the head's (lm_head / embedding) with full fine-tuning, else none.
 Host memory is the sum of the terms' CPU bytes (the offload optimizer's states, the offloaded
-activations). The chunked loss and the activation offload are long_context_terms.py's.
+activations). The chunked loss, the activation offload and the tiled MLP are long_context_terms.py's.
 
 The same sum as phases (Breakdown.phases), for a reader: what is held throughout (the static terms
 and the CUDA context), then what each moment adds; total_gpu = held + the largest moment. A term
@@ -29,7 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .kv_cache import kv_bytes_per_position, kv_cache_bytes, kv_cache_positions
-from .long_context_terms import activation_offload_term, blocks_phase_activations, chunked_loss_term, with_offload
+from .long_context_terms import (activation_offload_term, blocks_phase_activations, chunked_loss_term, mlp_tile_term,
+                                 with_offload)
 from .parameters import parameter_tensors
 from .spec import ModelSpec
 from .states import model_state_bytes, nf4_bytes, quantized_linears
@@ -100,6 +103,7 @@ def _gpu(*terms: Term | None) -> int:
 def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
     """Per-GPU training memory (rank 0's under a sharding strategy), term by term."""
     run = with_offload(plan_training(spec, setup))
+    tile = mlp_tile_term(run)  # first: it refuses what cannot be tiled
     weights, gradients, master = weights_term(run), gradients_term(run), master_weights_term(run)
     optimizer = optimizer_states_term(run)
     activations, recomputed = activations_term(run), recomputed_block_term(run)
@@ -113,8 +117,8 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
     held = gradients_held_at_backward_start(run, gradients.gpu)
     backward_start = _gpu(activations, logits) + held
     in_blocks = blocks_phase_activations(run)
-    backward_blocks = in_blocks + _gpu(offload, recomputed, workspace) + held
-    backward_end = _gpu(gradients, recomputed, workspace, offload) + first_block_activations(run)
+    backward_blocks = in_blocks + _gpu(offload, recomputed, tile, workspace) + held
+    backward_end = _gpu(gradients, recomputed, tile, workspace, offload) + first_block_activations(run)
     step = gradients.gpu
     peak = static + max(backward_start, backward_blocks, backward_end, step)
     phases = [_phase("held throughout", *((t.name, t.gpu) for t in (weights, master, optimizer, *buffers, context)
@@ -122,15 +126,15 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
               _phase("backward start", ("activations", activations.gpu), (logits.name, logits.gpu),
                      ("gradients", held)),
               _phase("backward through the blocks", ("activations", in_blocks), ("activation offload", _gpu(offload)),
-                     ("recomputed block", _gpu(recomputed)), ("backward workspace", workspace.gpu),
-                     ("gradients", held)),
+                     ("recomputed block", _gpu(recomputed)), ("recomputed MLP tile", _gpu(tile)),
+                     ("backward workspace", workspace.gpu), ("gradients", held)),
               _phase("backward end", ("gradients", gradients.gpu), ("recomputed block", _gpu(recomputed)),
-                     ("backward workspace", workspace.gpu), ("activations", first_block_activations(run)),
-                     ("activation offload", _gpu(offload))),
+                     ("recomputed MLP tile", _gpu(tile)), ("backward workspace", workspace.gpu),
+                     ("activations", first_block_activations(run)), ("activation offload", _gpu(offload))),
               _phase("optimizer step", ("gradients", step))]
 
-    terms = [t for t in (weights, gradients, master, optimizer, activations, offload, recomputed, logits, workspace,
-                         *buffers, context) if t is not None]
+    terms = [t for t in (weights, gradients, master, optimizer, activations, offload, recomputed, tile, logits,
+                         workspace, *buffers, context) if t is not None]
     recipe = describe_recipe(setup)
     notes = [f"peak = static {static:,} + max(backward start {backward_start:,}, through the blocks "
              f"{backward_blocks:,}, backward end {backward_end:,}, step {step:,})",

@@ -1,7 +1,7 @@
 """The command-line flags that say how a training run trains: which stack and precision recipe
-(training_setup.py says what each is and which combinations the libraries refuse) and where its
-loss and checkpoints are held (long_context.py), and the TrainingSetup fields they set
-(calculators/cli.py adds them to every command)."""
+(training_setup.py says what each is and which combinations the libraries refuse), where its
+loss and checkpoints are held and whether its MLPs run over tiles (long_context.py), and the
+TrainingSetup fields they set (calculators/cli.py adds them to every command)."""
 from __future__ import annotations
 
 from .long_context import LOSSES
@@ -12,7 +12,7 @@ __all__ = ["RECIPE_CHOICES", "RECIPE_FLAGS", "add_recipe_flags", "recipe_fields"
 # flags whose values come from a fixed set (cli.CHOICES checks them in one place)
 RECIPE_CHOICES = {"loss": LOSSES, "stack": STACKS, "autocast": AUTOCAST, "prepare_kbit": ("auto", "yes", "no"),
                   "autocast_adapter_dtype": ("auto", "yes", "no"), "device": ("cuda", "cpu")}
-RECIPE_FLAGS = ("loss", "loss_chunk", "offload_activations", "stack", "autocast", "prepare_kbit",
+RECIPE_FLAGS = ("loss", "loss_chunk", "offload_activations", "mlp_tile", "stack", "autocast", "prepare_kbit",
                 "autocast_adapter_dtype", "model_dropout", "device")
 _YES_NO = {"auto": None, "yes": True, "no": False}
 
@@ -22,6 +22,8 @@ def add_recipe_flags(p) -> None:
     p.add_argument("--loss-chunk", type=int, default=None, help="tokens per chunk of --loss chunked")
     p.add_argument("--offload-activations", action="store_true",
                    help="with --grad-ckpt full: checkpointed block inputs wait in pinned host memory")
+    p.add_argument("--mlp-tile", type=int, default=0,
+                   help="tokens per tile of every block's MLP, recomputed one tile at a time in backward (0: off)")
     p.add_argument("--stack", default="hf", help="hf (transformers + peft + bitsandbytes as shipped) | "
                    "minilora (reference_models + minilora)")
     p.add_argument("--autocast", default="none", help="none | bf16 | fp16: torch.autocast, as Trainer(bf16=True)")
@@ -37,7 +39,8 @@ def add_recipe_flags(p) -> None:
 def recipe_fields(args) -> dict:
     """The TrainingSetup fields the recipe flags set (their values already checked against RECIPE_CHOICES)."""
     return dict(loss=args.loss, loss_chunk=args.loss_chunk, offload_activations=args.offload_activations,
-                stack=args.stack, autocast=args.autocast, prepare_kbit=_YES_NO[args.prepare_kbit],
+                mlp_tile=args.mlp_tile, stack=args.stack, autocast=args.autocast,
+                prepare_kbit=_YES_NO[args.prepare_kbit],
                 autocast_adapter_dtype=_YES_NO[args.autocast_adapter_dtype],
                 model_dropout=_model_dropout(args.model_dropout), device=args.device)
 

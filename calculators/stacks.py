@@ -54,6 +54,7 @@ class Replay:
         self.full = setup.trainable == "all"
         self.mask = None          # transformers' float attention mask, made once per forward when eager
         self.rope = {}            # layer type -> (cos, sin), made once per forward
+        self.tile_bytes = 0       # the most one MLP tile saves (setup.mlp_tile), alive while backward recomputes it
 
     def lora_rank(self, name: str, rank: int | None = None) -> int:
         """The rank of the adapter on layer `name` (0: none). `rank`: an expert tensor's own (moe)."""
@@ -72,6 +73,24 @@ class Replay:
 
     def act(self, x: Sym) -> Sym:
         return self.stack.activation(self, x)
+
+    def mlp(self, n: Sym, body, *args) -> Sym:
+        """A block's dense MLP, body(self, n, *args) -> its (rows, hidden) output, on its input n.
+
+        With setup.mlp_tile and more rows than a tile it runs as reference_models/tiled_mlp.py runs
+        it: forward keeps only n (the tiles run without a graph); backward replays one tile at a time,
+        whose saved bytes (its rows are a view of n, counted already) go to `tile_bytes`."""
+        tile, hidden = self.s.mlp_tile, self.spec.hidden_size
+        rows = n.numel // hidden
+        if not tile or rows <= tile:
+            return body(self, n, *args)
+        main, self.tape = self.tape, Tape(self.tape.device, self.tape.autocast)
+        out = body(self, n.view(tile * hidden), *args)   # (tile, hidden)
+        self.tile_bytes = max(self.tile_bytes, self.tape.since(0, exclude={n.storage}))
+        self.tape = main
+        if out.grad:                                     # the tiled Function keeps its input
+            main.save(n)
+        return Sym(rows * hidden, out.dtype, out.grad)
 
     def layer_type(self, layer: int) -> str:
         types = self.spec.layer_types

@@ -31,9 +31,10 @@ from .spec import ModelSpec
 from .states import ModelStates, model_state_bytes
 from .training_setup import Precision, TrainingSetup, check_setup
 
-__all__ = ["Term", "TrainingRun", "STACK_WORDS", "plan_training", "widest_intermediate", "CUDA_CONTEXT",
-           "CUBLAS_WORKSPACE", "weights_term", "gradients_term", "master_weights_term", "optimizer_states_term",
-           "ddp_buckets_term", "gathered_parameters_term", "cublas_workspaces_term", "cuda_context_term"]
+__all__ = ["Term", "TrainingRun", "STACK_WORDS", "plan_training", "widest_intermediate", "mlp_width",
+           "attention_width", "CUDA_CONTEXT", "CUBLAS_WORKSPACE", "weights_term", "gradients_term",
+           "master_weights_term", "optimizer_states_term", "ddp_buckets_term", "gathered_parameters_term",
+           "cublas_workspaces_term", "cuda_context_term"]
 
 STACK_WORDS = {"hf": "transformers + peft + bitsandbytes", "minilora": "minilora (reference_models)"}
 
@@ -121,11 +122,20 @@ def widest_intermediate(spec: ModelSpec) -> int:
     """Width of a block's widest activation over all its tokens: the (gated) MLP input (a mixture of
     experts: its dense layers' or shared expert's; routed experts see fewer tokens, see
     backward_workspace_term) or the fused q/k/v output (MLA: its widest projection)."""
+    return max(mlp_width(spec), attention_width(spec))
+
+
+def mlp_width(spec: ModelSpec) -> int:
+    """The MLP's widest activation: gate and up together (gated), else the up projection's output."""
     mlp = spec.intermediate_size
     if spec.num_experts:
         mlp = max(spec.intermediate_size if spec.dense_layers else 0, spec.shared_expert_size)
-    attention = max(n_out for _, _, n_out, _ in mla_projections(spec)) if spec.mla else spec.q_size + 2 * spec.kv_size
-    return max(mlp * (2 if spec.gated_mlp else 1), attention)
+    return mlp * (2 if spec.gated_mlp else 1)
+
+
+def attention_width(spec: ModelSpec) -> int:
+    """Attention's widest activation: q, k and v together (MLA: its widest projection)."""
+    return max(n_out for _, _, n_out, _ in mla_projections(spec)) if spec.mla else spec.q_size + 2 * spec.kv_size
 
 
 # --- model states -------------------------------------------------------------------------------

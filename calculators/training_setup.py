@@ -73,6 +73,7 @@ class TrainingSetup:
     loss: str = "full"            # full | chunked: head and loss over chunks of tokens (long_context.py)
     loss_chunk: int | None = None  # tokens per chunk of the chunked loss; None: DEFAULT_LOSS_CHUNK
     offload_activations: bool = False  # full checkpointing's block inputs wait on the host (long_context.py)
+    mlp_tile: int = 0             # tokens per tile of every block's MLP (long_context.py); 0: the whole sequence
 
 
 def check_setup(setup: TrainingSetup) -> None:
@@ -128,6 +129,9 @@ def _refused_recipe(s: TrainingSetup) -> str | None:
         return (f"{flag} is minilora.train's (reference_models/loss.py, ActivationOffload): add --stack minilora; "
                 "transformers + peft has no chunked loss, and its activation_checkpointing_enable(offload=True) is "
                 "not modelled")
+    if hf and s.mlp_tile:
+        return ("--mlp-tile is minilora.train's (reference_models/tiled_mlp.py): add --stack minilora; transformers "
+                "has no tiled MLP (Arctic's and Unsloth's replace its MLP modules' forward: not modelled)")
     if hf and s.attn == "flash" and (s.device == "cpu" or (d == "fp32" and s.autocast == "none")):
         return (f"--attn flash (attn_implementation='flash_attention_2') runs on CUDA in 16-bit only, got "
                 f"--device {s.device} --dtype {d} --autocast {s.autocast}")
@@ -229,4 +233,6 @@ def describe_recipe(setup: TrainingSetup) -> str:
         steps.append(f"inject(model, LoRAConfig({lora}))")
     if ckpt:
         steps.append("model.set_gradient_checkpointing(True)")
+    if s.mlp_tile:
+        steps.append(f"model.set_mlp_tiling({s.mlp_tile})")
     return "; ".join(steps) + f"; loss from model(idx, targets); {step}{autocast}"

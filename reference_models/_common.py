@@ -1,5 +1,6 @@
 """Pieces both model families share: causal attention (SDPA or eager), the KV cache, the loss
-switch (loss.py computes it), checkpointing, activations and sampling. Kept in one small file so that gpt.py and llama.py each read as
+switch (loss.py computes it), checkpointing, the MLP tiling switch (tiled_mlp.py), activations and
+sampling. Kept in one small file so that gpt.py and llama.py each read as
 "the model", with the plumbing written once.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .loss import DEFAULT_LOSS_CHUNK, LOSSES, check_loss_chunk, chunked_cross_entropy, lm_loss
+from .tiled_mlp import TileableMLP, check_mlp_tile
 
 ATTN_IMPLS = ("sdpa", "eager")
 
@@ -181,6 +183,7 @@ class CausalLM(nn.Module):
     activation_offload = None  # checkpointing's offload (set_gradient_checkpointing); None: inputs stay
     loss = "full"  # "full" | "chunked" (set_loss)
     loss_chunk = DEFAULT_LOSS_CHUNK
+    mlp_tile: int | None = None  # tokens per tile of every block's MLP (set_mlp_tiling); None: whole
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) when set
     max_len: int | None = None  # the longest sequence it can position (None: RoPE has no hard limit)
     cache_refresh_length: int | None = None  # generate() rebuilds the KV cache when it holds this many positions
@@ -227,6 +230,22 @@ class CausalLM(nn.Module):
         chunk_size = DEFAULT_LOSS_CHUNK if chunk_size is None else chunk_size
         check_loss_chunk(chunk_size, name="chunk_size")
         self.loss, self.loss_chunk = loss, chunk_size
+
+    def set_mlp_tiling(self, tile: int | None) -> None:
+        """Run every block's MLP over tiles of `tile` tokens (tiled_mlp.py): in training it keeps only
+        its input and backward recomputes one tile at a time; the same values (to the rounding its
+        docstring states), less memory. None: the whole sequence at once. Works with or without
+        checkpointing; a mixture-of-experts layer is refused (its router sees every token at once)."""
+        if tile is not None:
+            check_mlp_tile(tile, name="tile")
+        blocks = [m for m in self.modules() if isinstance(getattr(m, "mlp", None), nn.Module)]
+        for i, block in enumerate(blocks):
+            if not isinstance(block.mlp, TileableMLP):
+                raise ValueError(f"MLP tiling runs dense MLPs; layer {i}'s mlp is a {type(block.mlp).__name__}, "
+                                 "whose router and experts are not tiled: leave tile None for this model")
+        for block in blocks:
+            block.mlp.tile = tile
+        self.mlp_tile = tile
 
     def _run_block(self, block, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled() and args[-1] is None:

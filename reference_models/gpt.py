@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ._common import ACTIVATIONS, ATTN_IMPLS, CausalLM, KVCache, causal_attention, check_choice
+from .tiled_mlp import TileableMLP
 
 __all__ = ["GPTConfig", "GPT"]
 
@@ -86,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-class MLP(nn.Module):
+class MLP(TileableMLP):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
@@ -94,7 +95,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x):
+    def per_token(self, x):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._common import ACTIVATIONS, ATTN_IMPLS, CausalLM, KVCache, causal_attention, check_choice
+from .tiled_mlp import TileableMLP
 from .families import FAMILIES, Family, check_moe, llama_hf_dict
 from .moe import MoEConfig, SparseMoE, load_balancing_loss
 from .norms import NORMS
@@ -186,7 +187,7 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-class MLP(nn.Module):
+class MLP(TileableMLP):
     def __init__(self, config: LlamaConfig, intermediate_size: int | None = None):
         super().__init__()
         c, inter = config, intermediate_size or config.intermediate_size  # Qwen2-MoE's shared expert has its own
@@ -199,7 +200,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, c.hidden_size, bias=c.mlp_bias)
         self.act = ACTIVATIONS[c.hidden_act]
 
-    def forward(self, x):
+    def per_token(self, x):
         # a gated MLP (SwiGLU, Shazeer 2020): act(gate) * up, then project down
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x (B, T, I)

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "LOSSES", "DEFAULT_LOSS_CHUNK", "lm_loss", "chunked_cross_entropy", "check_loss_chunk"]
+__all__ = ["IGNORE_INDEX", "LOSSES", "DEFAULT_LOSS_CHUNK", "lm_loss", "chunked_cross_entropy", "check_loss_chunk",
+           "check_token_count"]
 
 IGNORE_INDEX = -100
 LOSSES = ("full", "chunked")
@@ -47,11 +48,17 @@ DEFAULT_LOSS_CHUNK = 1024
 
 def check_loss_chunk(chunk_size, seq: int | None = None, name: str = "loss chunk") -> None:
     """A chunk is a whole number of tokens, from 1 up to the sequence length (when one is given)."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{name} must be an integer >= 1 (tokens per chunk), got {chunk_size!r}")
-    if seq is not None and chunk_size > seq:
-        raise ValueError(f"{name} must be at most the sequence length {seq} (a longer chunk is the whole "
-                         f"sequence), got {chunk_size}")
+    check_token_count(chunk_size, seq, name, "chunk")
+
+
+def check_token_count(count, seq: int | None, name: str, unit: str) -> None:
+    """`count` tokens per `unit` (a loss chunk, an MLP tile): a whole number from 1 up to the sequence
+    length (when one is given)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (tokens per {unit}), got {count!r}")
+    if seq is not None and count > seq:
+        raise ValueError(f"{name} must be at most the sequence length {seq} (a longer {unit} is the whole "
+                         f"sequence), got {count}")
 
 
 def _check_targets(targets: torch.Tensor, leading: tuple) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._common import ACTIVATIONS, ATTN_IMPLS, CausalLM, KVCache, causal_attention, check_choice
+from .tiled_mlp import TileableMLP
 from .rope import Rope, apply_rotary, check_rope_parameters
 
 __all__ = ["GPTNeoXConfig", "GPTNeoX"]
@@ -110,14 +111,14 @@ class Attention(nn.Module):
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
-class MLP(nn.Module):
+class MLP(TileableMLP):
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACTIVATIONS[config.hidden_act]
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x):
+    def per_token(self, x):
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 

@@ -8,15 +8,22 @@ fp32 values at the targets) and two fp32 scalars; the offloaded bytes against th
 ActivationOffload holds.
 """
 import json
+import types
 from dataclasses import replace
 
 import pytest
 import torch
 from allocations import AllocationTracker, saved_bytes
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from stack_grid import case_of, cases
 
-from calculators import LoRASpec, TrainingSetup, largest_fitting, lora_layers, model_spec, training_memory
+from bench.stack_cases import FAMILIES, LAYERS, METHODS, build_minilora, hf_config, training_setup
+from bench.stack_cases import VOCAB as VOCAB_GRID
+from bench.stack_cases import saved_bytes as saved_by
+
+from calculators import (ActivationSetup, LoRASpec, TrainingSetup, activation_bytes, largest_fitting, lora_layers,
+                         model_spec, training_memory)
 from calculators.gpus import GiB
 from calculators.long_context import DEFAULT_LOSS_CHUNK, chunked_loss_bytes, pinned_bytes
 from calculators.cli import main
@@ -24,6 +31,7 @@ from factories import tiny_model
 from minilora.train import ActivationOffload
 from reference_models.loss import DEFAULT_LOSS_CHUNK as MODELS_DEFAULT_CHUNK
 from reference_models.loss import chunked_cross_entropy
+from reference_models.tiled_mlp import TileableMLP
 from test_calc_explain import evaluate
 
 VOCAB, BATCH, SEQ = 101, 2, 24
@@ -169,6 +177,10 @@ def test_each_switch_lengthens_the_longest_context():
     (dict(offload_activations=True), "offload_activations needs grad_ckpt 'full'"),
     (dict(offload_activations=True, grad_ckpt="selective"), "got grad_ckpt 'selective'"),
     (dict(loss="chunked", lora=LoRASpec(targets=["lm_head", "q_proj"])), "LoRA on lm_head needs loss 'full'"),
+    (dict(mlp_tile=-1), "mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got -1"),
+    (dict(mlp_tile=2.5), "mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got 2.5"),
+    (dict(mlp_tile=513), "mlp_tile must be at most the sequence length 512 (a longer tile is the whole sequence), "
+                         "got 513"),
 ])
 def test_bad_settings_are_refused_naming_the_value(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -181,6 +193,10 @@ def test_bad_settings_are_refused_naming_the_value(changes, message):
     (["--offload-activations"], "offload_activations needs grad_ckpt 'full'"),
     (["--loss", "fast"], "--loss must be one of full, chunked, got 'fast'"),
     (["--inference", "--loss", "chunked"], "--loss applies to training only"),
+    (["--mlp-tile", "-8"], "mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got -8"),
+    (["--mlp-tile", "4096", "--seq", "2048"], "mlp_tile must be at most the sequence length 2048"),
+    (["--mlp-tile", "many"], "argument --mlp-tile: invalid int value: 'many'"),
+    (["--inference", "--mlp-tile", "64"], "--mlp-tile applies to training only"),
 ])
 def test_the_cli_refuses_bad_long_context_flags_in_one_line(flags, message, capsys):
     stack = [] if "--inference" in flags else ["--stack", "minilora"]  # both are training settings
@@ -216,11 +232,13 @@ def test_fit_says_when_the_models_context_limit_binds_and_how_far_memory_goes(ca
 @given(model=st.sampled_from(["gpt2", "llama-3.1-8b", "gemma-2-2b", "qwen3-0.6b"]),
        method=st.sampled_from(["full", "lora", "qlora"]), dtype=st.sampled_from(["bf16", "fp32"]),
        device=st.sampled_from(["cuda", "cpu"]), loss=st.sampled_from(["full", "chunked"]), offload=st.booleans(),
-       chunk=st.one_of(st.none(), st.integers(1, 4096)), batch=st.integers(1, 4), seq=st.integers(1, 8192))
-def test_the_new_terms_formulas_and_phases_add_up(model, method, dtype, device, loss, offload, chunk, batch, seq):
-    setup = TrainingSetup(method=method, dtype=dtype, device=device, grad_ckpt="full", batch=batch, seq=seq,
+       chunk=st.one_of(st.none(), st.integers(1, 4096)), batch=st.integers(1, 4), seq=st.integers(1, 8192),
+       tile=st.one_of(st.just(0), st.integers(1, 8192)), ckpt=st.sampled_from(["full", "full", "none"]))
+def test_the_new_terms_formulas_and_phases_add_up(model, method, dtype, device, loss, offload, chunk, batch, seq, tile,
+                                                  ckpt):
+    setup = TrainingSetup(method=method, dtype=dtype, device=device, grad_ckpt=ckpt, batch=batch, seq=seq,
                           loss=loss, loss_chunk=min(chunk, seq) if chunk and loss == "chunked" else None,
-                          offload_activations=offload, stack="minilora")
+                          offload_activations=offload and ckpt == "full", stack="minilora", mlp_tile=min(tile, seq))
     b = training_memory(model_spec(model), setup)
     for t in b.terms:
         assert evaluate(t.formula) == t.gpu, (t.name, t.formula, t.gpu)
@@ -229,11 +247,138 @@ def test_the_new_terms_formulas_and_phases_add_up(model, method, dtype, device, 
     terms = {t.name: t.gpu for t in b.terms}
     assert all(0 < n <= terms[name] for p in b.phases for name, n in p.parts.items())
     assert ("chunked loss" in terms) == (loss == "chunked") and ("logits and loss" in terms) == (loss == "full")
-    assert ("activation offload" in terms) == offload
+    assert ("activation offload" in terms) == (offload and ckpt == "full")
+    assert ("recomputed MLP tile" in terms) == (0 < min(tile, seq) < batch * seq)
 
 
-@pytest.mark.parametrize("flag", [["--loss", "chunked"], ["--offload-activations"]])
+@pytest.mark.parametrize("flag", [["--loss", "chunked"], ["--offload-activations"], ["--mlp-tile", "256"]])
 def test_the_hf_stack_refuses_minilora_trains_switches_in_one_line(flag, capsys):
     assert main(["vram", "--model", "llama-3.1-8b", "--method", "qlora", "--grad-ckpt", "full", *flag]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{flag[0]}" in err and "--stack minilora" in err, err
+
+
+# ---- the tiled MLP (--mlp-tile) ------------------------------------------------------------------------
+
+@given(model=st.sampled_from(["gpt2", "llama-3.1-8b", "qwen3-0.6b", "phi-3-mini"]),
+       method=st.sampled_from(["full", "lora", "qlora"]), ckpt=st.sampled_from(["none", "full"]),
+       seq=st.integers(1, 4096))
+def test_a_tile_as_long_as_the_micro_batch_is_no_tiling(model, method, ckpt, seq):
+    setup = TrainingSetup(method=method, seq=seq, grad_ckpt=ckpt, stack="minilora")
+    one_tile, whole = (training_memory(model_spec(model), s) for s in (replace(setup, mlp_tile=seq), setup))
+    assert (one_tile.terms, one_tile.phases, one_tile.peak) == (whole.terms, whole.phases, whole.peak)
+    assert "set_mlp_tiling" in one_tile.recipe and "set_mlp_tiling" not in whole.recipe
+
+
+def test_the_tiled_mlp_lengthens_the_longest_context_where_the_mlp_binds():
+    # with the chunked loss and the offload, one recomputed block and the backward workspace bind (mostly
+    # the MLP's): tiling them lengthens the context; with the full loss the (B, T, V) logits bind
+    spec, gpu = model_spec("llama-3.1-8b"), 24 * GiB
+    setup = TrainingSetup(method="qlora", grad_ckpt="full", loss="chunked", offload_activations=True, stack="minilora",
+                          lora=LoRASpec(rank=16, targets="all-linear"))
+    both = largest_fitting(spec, setup, gpu, "seq", limit=1 << 20)
+    tiled = largest_fitting(spec, replace(setup, mlp_tile=4096), gpu, "seq", limit=1 << 20)
+    assert tiled > 2 * both
+    b = training_memory(spec, replace(setup, seq=tiled, mlp_tile=4096))
+    assert "recomputed MLP tile" in b.phases[2].parts  # backward through the blocks
+    full = replace(setup, loss="full", offload_activations=False)
+    assert largest_fitting(spec, replace(full, mlp_tile=4096), gpu, "seq") == largest_fitting(spec, full, gpu, "seq")
+
+
+def test_experts_refuse_the_tile_naming_the_model():
+    with pytest.raises(ValueError, match="mlp_tile tiles dense MLPs; mixtral-8x7b routes tokens to experts"):
+        training_memory(model_spec("mixtral-8x7b"), TrainingSetup(method="qlora", mlp_tile=64, stack="minilora"))
+
+
+def test_the_cli_answers_with_the_tiled_mlp(capsys):
+    args = ["--model", "llama-3.1-8b", "--method", "qlora", "--rank", "16", "--targets", "all-linear", "--grad-ckpt",
+            "full", "--loss", "chunked", "--offload-activations", "--mlp-tile", "4096", "--stack", "minilora"]
+    assert main(["vram", *args, "--seq", "8192", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "recomputed MLP tile" in out and "model.set_mlp_tiling(4096)" in out and "fp32 gradient sums" in out
+    assert main(["fit", *args, "--gpu", "24GB", "--search", "seq", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["largest"] == model_spec("llama-3.1-8b").max_positions < answer["memory_alone"]
+
+
+# ---- the tiled MLP, exact against the reference models over the sampled CPU grid ---------------------
+
+def _tile_bytes_in_backward(model) -> list:
+    """Instruments every tiled MLP: the bytes each tile's recompute in backward saves (its input rows
+    are a view of the MLP's input, counted with the block: excluded, as the calculator does). Only
+    for MLPs that run tiled: an MLP run whole under checkpointing's recompute saves through
+    checkpoint's own hooks, which these would hide."""
+    tiles = []
+    for mlp in (m for m in model.modules() if isinstance(m, TileableMLP)):
+        def per_token(self, x, original=type(mlp).per_token):
+            if not torch.is_grad_enabled():  # the forward's tiles run without a graph
+                return original(self, x)
+            out = []
+            tiles.append(saved_bytes(lambda: out.append(original(self, x)), [*self.parameters(), x]))
+            return out[0]
+        mlp.per_token = types.MethodType(per_token, mlp)
+    return tiles
+
+
+def _block_bytes(model, forward) -> list:
+    """What each block saves (each storage once within the block, parameters excluded), without checkpointing."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    per_block, hooks = [], []
+
+    def enter(block, args):
+        seen = {}
+        per_block.append(seen)
+        block.saving = torch.autograd.graph.saved_tensors_hooks(
+            lambda t: seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t, lambda t: t)
+        block.saving.__enter__()
+
+    def leave(block, args, out):
+        block.saving.__exit__(None, None, None)
+
+    for block in (m for m in model.modules() if hasattr(m, "layer") and hasattr(m, "mlp")):
+        hooks += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+    loss = forward()
+    for h in hooks:
+        h.remove()
+    return loss, [sum(n for ptr, n in seen.items() if ptr not in skip) for seen in per_block]
+
+
+# every family with a dense MLP: the experts' families refuse the tile (test_experts_refuse_the_tile_naming_the_model)
+DENSE = [family for family in FAMILIES if family not in ("mixtral", "qwen2_moe", "qwen3_moe")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", DENSE)
+@settings(max_examples=4)
+@given(drawn=cases, tile=st.integers(1, 40))
+def test_the_tiled_mlps_saved_bytes_one_block_and_one_tile_equal_the_calculators_exactly(family, method, drawn, tile):
+    case = case_of("minilora", family, method, drawn)
+    tile = min(tile, case.seq)
+    spec = model_spec(hf_config(case).to_dict())
+    act = activation_bytes(spec, ActivationSetup.of(spec, replace(training_setup(case), mlp_tile=tile)))
+    model = build_minilora(case)
+    model.set_mlp_tiling(tile)
+    ids = torch.randint(0, VOCAB_GRID, (case.batch, case.seq), generator=torch.Generator().manual_seed(1))
+
+    def loss():  # as the grid measures it: "fp32+autocast" is Trainer(bf16=True)'s recipe
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.precision == "fp32+autocast"):
+            return model(ids, ids.roll(-1, dims=1))[1]
+
+    if case.ckpt:
+        out, saved = saved_by(model, loss)
+    else:
+        out, blocks = _block_bytes(model, loss)
+        # blocks whose input needs a gradient; layer_full is the block of the kind that keeps the most
+        one_kind = len(set(spec.layer_types)) < 2 or case.seq <= spec.sliding_window
+        assert blocks[1:] == [act["layer_full"]] * (len(blocks) - 1) if one_kind else max(blocks) <= act["layer_full"]
+        out, saved = saved_by(model, loss)
+    assert saved == act["total"]
+    if case.batch * case.seq <= tile:  # one tile: the MLP runs whole, and nothing is recomputed for it
+        assert act["mlp_tile"] == 0
+        return
+    tiles = _tile_bytes_in_backward(model)
+    out.backward()
+    # autograd runs no backward where nothing before it trains: GPT-NeoX's first MLP (parallel residual)
+    # reads the frozen embedding's output, and under LoRA on query_key_value its own weights are frozen too
+    skipped = spec.parallel_residual and case.method == "lora-qv"
+    assert len(tiles) == (LAYERS - skipped) * -(-case.batch * case.seq // tile) and max(tiles) == act["mlp_tile"] > 0

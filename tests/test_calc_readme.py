@@ -35,3 +35,49 @@ def test_each_claim_row_is_what_the_cli_prints(row, capsys):
     assert total == f"{out['total_gpu_bytes'] / gib:.2f} GiB"
     host = re.search(r"\+ ([\d.]+) GiB host memory", verdict)
     assert (f"{out['cpu_bytes'] / gib:.1f}" if out["cpu_bytes"] else None) == (host.group(1) if host else None)
+
+
+# The README's long-context table: its columns' flags (with --stack minilora and the 8B QLoRA base)
+LONG_BASE = ["--model", "llama-3.1-8b", "--method", "qlora", "--rank", "16", "--targets", "all-linear", "--grad-ckpt",
+             "full", "--stack", "minilora", "--batch", "1"]
+LONG_COLUMNS = {"none": [], "chunked loss": ["--loss", "chunked"], "offload": ["--offload-activations"],
+                "both": ["--loss", "chunked", "--offload-activations"],
+                "both + tiled MLP": ["--loss", "chunked", "--offload-activations", "--mlp-tile", "4096"]}
+
+
+def long_context_cells() -> list[tuple[str, str, str]]:
+    """(row label, column, cell) of every calculator cell of the long-context table."""
+    section = README.read_text().split("## Long context on one GPU", 1)[1].split("\n## ", 1)[0]
+    lines = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0]]
+    return [(row[0].strip(), column, row[header.index(column)].strip()) for row in lines[1:]
+            for column in LONG_COLUMNS]
+
+
+def run_json(argv, capsys) -> dict:
+    assert main(argv + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_long_context_table_has_every_gpu_and_column():
+    cells = long_context_cells()
+    assert {row for row, _, _ in cells} == {"16 GiB", "24 GiB", "48 GiB", "80 GiB", "peak at 2,048 tokens"}
+    assert len(cells) == 5 * len(LONG_COLUMNS)
+
+
+@pytest.mark.parametrize("row,column,cell", long_context_cells(), ids=lambda v: str(v))
+def test_each_long_context_cell_is_what_the_cli_prints(row, column, cell, capsys):
+    flags = LONG_BASE + LONG_COLUMNS[column]
+    if row.startswith("peak"):
+        flags = [("2048" if flag == "4096" else flag) for flag in flags]   # a tile as long as the sequence
+        out = run_json(["vram"] + flags + ["--seq", "2048"], capsys)
+        want = f"{out['peak_bytes'] / 2 ** 30:.2f} GiB"
+        if out["cpu_bytes"]:
+            want += f" (host {out['cpu_bytes'] / 2 ** 30:.2f} GiB)"
+        assert cell == want
+        return
+    out = run_json(["fit"] + flags + ["--gpu", row.replace(" GiB", "GB"), "--search", "seq"], capsys)
+    want = f"{out['largest']:,}"
+    if out.get("model_limit") == out["largest"]:
+        want += f"* ({out['memory_alone']:,})"
+    assert cell == want

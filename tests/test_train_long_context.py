@@ -1,7 +1,10 @@
-"""minilora.train's long-context switches: --loss full|chunked, --loss-chunk N, --offload-activations.
+"""minilora.train's long-context switches: --loss full|chunked, --loss-chunk N, --offload-activations,
+--mlp-tile N.
 
 The chunked loss trains as the full one does, to rounding (tests/test_loss.py states the bound);
-activation offload is bit-identical to checkpointing without it; bad combinations exit 2 with one line.
+activation offload is bit-identical to checkpointing without it; the tiled MLP gives the same first
+loss bit for bit and trains to rounding (tests/test_tiled_mlp.py states the bound); bad combinations
+exit 2 with one line.
 """
 import json
 from pathlib import Path
@@ -88,6 +91,9 @@ def test_resume_refuses_another_loss_and_reads_older_checkpoints_as_full(llama_d
      "loss_chunk must be at most the sequence length 32 (a longer chunk is the whole sequence), got 33"),
     (["--loss", "full", "--loss-chunk", "8"], "loss_chunk applies to loss 'chunked' only"),
     (["--offload-activations"], "offload_activations needs grad_checkpointing"),
+    (["--mlp-tile", "-1"], "mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got -1"),
+    (["--mlp-tile", "33"], "mlp_tile must be at most the sequence length 32 (a longer tile is the whole sequence), "
+                           "got 33"),
 ])
 def test_bad_long_context_flags_exit_2_with_one_line(argv_tail, message, llama_dir, corpus, tmp_path, capsys):
     argv = ["--model", str(llama_dir), "--data", str(corpus), "--out", str(tmp_path), "--max-seq-len", "32"]
@@ -108,23 +114,70 @@ def test_the_cli_trains_with_both_switches(llama_dir, corpus, tmp_path, capsys):
     assert summary["config"]["loss"] == "chunked" and summary["config"]["offload_activations"] is True
 
 
-def _fsdp_worker(env, out, data):
+@pytest.mark.parametrize("method,memory", [("qlora", dict(grad_checkpointing=True, offload_activations=True)),
+                                           ("lora", dict(optimizer="offload")), ("full", dict(grad_checkpointing=True))])
+def test_the_tiled_mlp_trains_as_the_whole_mlp_does(method, memory, llama_dir, corpus, tmp_path):
+    # 4 x 32 tokens in tiles of 16: the first loss is bit-identical, the MLP's weight gradients agree
+    # to rounding, so four AdamW steps end apart by that rounding (CPUOffloadAdamW's accumulate hooks
+    # see one gradient per weight: the tiles' sum)
+    kw = dict(method=method, lr=3e-3 if method == "full" else 1e-2, loss="chunked", **memory)
+    whole = train(config(llama_dir, corpus, tmp_path / "whole", **kw))
+    tiled = train(config(llama_dir, corpus, tmp_path / "tiled", mlp_tile=16, **kw))
+    assert tiled.model.mlp_tile == 16 and whole.model.mlp_tile is None
+    assert whole.history[0]["loss"] == tiled.history[0]["loss"]
+    for a, b in zip(whole.history, tiled.history):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+    want, got = trainable(whole), trainable(tiled)
+    for name in want:
+        assert (want[name] - got[name]).abs().max() <= 1e-4 * want[name].abs().max(), name
+
+
+def test_resume_refuses_another_mlp_tile_and_reads_older_checkpoints_as_untiled(llama_dir, corpus, tmp_path):
+    kw = dict(steps=4, save_every=2, keep_checkpoints=0)
+    train(config(llama_dir, corpus, tmp_path, mlp_tile=16, **kw))
+    with pytest.raises(ValueError, match="trained with mlp_tile=16, this run has 0"):
+        train(config(llama_dir, corpus, tmp_path, resume=True, **kw))
+    checkpoints = tmp_path / "checkpoints"
+    state_file = checkpoints / "step-000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["mlp_tile"]  # as a checkpoint written before the setting
+    state_file.write_text(json.dumps(state))
+    (checkpoints / "latest.json").write_text(json.dumps({"step": 2, "path": "step-000002"}))
+    resumed = train(config(llama_dir, corpus, tmp_path, resume=True, **kw))
+    assert [h["step"] for h in resumed.history if "loss" in h] == [1, 2, 3, 4]
+
+
+def test_a_mixture_of_experts_model_refuses_the_tile_in_one_line(corpus, tmp_path, capsys):
+    folder = tmp_path / "mixtral"
+    save_pretrained(tiny_llama(0, vocab_size=259, model_type="mixtral", max_position_embeddings=64, bos_token_id=256,
+                               eos_token_id=257, moe=dict(num_experts=4, num_experts_per_tok=2,
+                                                          moe_intermediate_size=64)), folder)
+    code = main(["--model", str(folder), "--data", str(corpus), "--out", str(tmp_path / "out"), "--max-seq-len", "32",
+                 "--mlp-tile", "8", "--steps", "1", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "layer 0's mlp is a SparseMoE" in err, err
+
+
+def _fsdp_worker(env, out, data, mlp_tile=0):
     from minilora.train import train_distributed
 
     cfg = config("", data, out, method="full", batch_size=2, steps=2, lr=1e-3, loss="chunked", loss_chunk=8,
-                 eval_fraction=0.0, save_final=True)
+                 eval_fraction=0.0, save_final=True, mlp_tile=mlp_tile)
     train_distributed(cfg, "full_shard", tiny_llama(0, vocab_size=260), env)
 
 
-def test_fsdp2_shards_the_head_the_chunked_loss_reads(corpus, tmp_path):
+@pytest.mark.parametrize("mlp_tile", [0, 8])
+def test_fsdp2_shards_the_head_the_chunked_loss_reads(mlp_tile, corpus, tmp_path):
     # full fine-tuning: FSDP2 shards lm_head.weight, which the chunked loss multiplies by directly
-    # (inside the root's forward, where FSDP2 has gathered it); 2 ranks x 2 = one process x 4
+    # (inside the root's forward, where FSDP2 has gathered it); 2 ranks x 2 = one process x 4. With
+    # the tiled MLP, the MLP's weights (gathered in the block's forward and again for its backward)
+    # get their gradients from the tiles' sums
     from safetensors.torch import load_file
     from test_distributed import spawn
 
-    spawn(_fsdp_worker, str(tmp_path / "dist"), str(corpus))
+    spawn(_fsdp_worker, str(tmp_path / "dist"), str(corpus), mlp_tile)
     single = config("", corpus, tmp_path / "single", method="full", batch_size=4, steps=2, lr=1e-3, loss="chunked",
-                    loss_chunk=8, eval_fraction=0.0, save_final=True)
+                    loss_chunk=8, eval_fraction=0.0, save_final=True, mlp_tile=mlp_tile)
     train(single, model=tiny_llama(0, vocab_size=260))
     got = load_file(str(tmp_path / "dist" / "model" / "model.safetensors"))
     want = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
@@ -132,3 +185,27 @@ def test_fsdp2_shards_the_head_the_chunked_loss_reads(corpus, tmp_path):
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert (got["lm_head.weight"] - tiny_llama(0, vocab_size=260).lm_head.weight).abs().max() > 1e-4  # it trained
+
+
+def _ddp_worker(env, out, data):
+    from minilora.train import train_distributed
+
+    cfg = config("", data, out, method="lora", batch_size=2, steps=2, mlp_tile=8, eval_fraction=0.0, save_final=True)
+    train_distributed(cfg, "ddp", tiny_llama(0, vocab_size=260), env)
+
+
+def test_ddp_reduces_the_tiled_mlps_gradients_as_one_process_sums_them(corpus, tmp_path):
+    # DDP marks each weight ready when its gradient accumulates: the tiled MLP hands over one per
+    # weight per backward (the tiles' sum), so 2 ranks x 2 = one process x 4
+    from safetensors.torch import load_file
+    from test_distributed import spawn
+
+    spawn(_ddp_worker, str(tmp_path / "dist"), str(corpus))
+    single = config("", corpus, tmp_path / "single", method="lora", batch_size=4, steps=2, mlp_tile=8,
+                    eval_fraction=0.0, save_final=True)
+    train(single, model=tiny_llama(0, vocab_size=260))
+    got = load_file(str(tmp_path / "dist" / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and any(".mlp." in name for name in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -57,6 +57,9 @@ HELP = {
             "recomputed in backward, so the logits never exist (same loss to fp32 rounding)",
     "loss_chunk": "with --loss chunked: learned tokens of the micro-batch per chunk, 1 to --max-seq-len "
                   "(default: reference_models.loss.DEFAULT_LOSS_CHUNK, 1024)",
+    "mlp_tile": "run every block's MLP over tiles of N tokens of the micro-batch, 1 to --max-seq-len (0: off): "
+                "forward keeps only the MLP's input, backward recomputes one tile at a time, so the MLP's "
+                "(tokens, intermediate) tensors exist for one tile; with or without --grad-checkpointing",
     "eval_every": "evaluate every N steps and at the end (0 disables eval)",
     "eval_batches": "limit each eval to N batches (default: the whole eval set)",
     "save_every": "write a checkpoint every N steps and at the end (0: no checkpoints); without --resume, "

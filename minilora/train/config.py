@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reference_models.loss import LOSSES, check_loss_chunk
+from reference_models.tiled_mlp import check_mlp_tile
 
 __all__ = ["TrainConfig", "METHODS", "OPTIMIZERS", "PRECISIONS", "QUANT_TYPES", "LOSSES", "RESUME_KEYS",
            "RESUME_DEFAULTS"]
@@ -22,9 +23,9 @@ QUANT_TYPES = ("nf4", "fp4")
 RESUME_KEYS = ("model", "data", "tokenizer", "method", "tasks", "max_seq_len", "grad_accum", "steps", "lr", "clip",
                "min_lr_ratio", "warmup_steps", "weight_decay", "optimizer", "offload_state_bits", "lora_r",
                "lora_alpha", "lora_dropout", "lora_targets", "quant_type", "quant_block_size", "double_quant",
-               "seed", "eval_fraction", "loss", "loss_chunk")
+               "seed", "eval_fraction", "loss", "loss_chunk", "mlp_tile")
 # What a checkpoint written before a RESUME_KEYS setting existed was trained with.
-RESUME_DEFAULTS = {"loss": "full", "loss_chunk": None}
+RESUME_DEFAULTS = {"loss": "full", "loss_chunk": None, "mlp_tile": 0}
 
 
 @dataclass
@@ -62,6 +63,7 @@ class TrainConfig:
     offload_activations: bool = False
     loss: str = "full"
     loss_chunk: int | None = None
+    mlp_tile: int = 0
     eval_every: int = 50
     eval_batches: int | None = None
     save_every: int = 0
@@ -107,7 +109,7 @@ class TrainConfig:
              "DDP/FSDP2 have reduced it; FSDP2's own CPUOffloadPolicy is the sharded alternative)")
 
     def _validate_long_context(self) -> None:
-        """The loss and activation-offload settings, each refused with the value and what is allowed."""
+        """The loss, activation-offload and MLP-tiling settings, each refused with the value and what is allowed."""
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.loss_chunk is not None:
@@ -118,3 +120,8 @@ class TrainConfig:
         if self.offload_activations and not self.grad_checkpointing:
             raise ValueError("offload_activations needs grad_checkpointing: it moves each block's checkpointed "
                              "input to the host, and without checkpointing blocks keep all their activations")
+        tile = self.mlp_tile  # needs no checkpointing: without it each block's MLP keeps only its input
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
+            raise ValueError(f"mlp_tile must be 0 (off) or an integer >= 1 (tokens per tile), got {tile!r}")
+        if tile:
+            check_mlp_tile(tile, self.max_seq_len, "mlp_tile")

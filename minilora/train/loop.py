@@ -170,7 +170,7 @@ def prepare(cfg: TrainConfig, strategy: Strategy, model=None, say=print) -> Run:
 
 
 def _set_memory_switches(cfg: TrainConfig, model, device: torch.device) -> None:
-    """Gradient checkpointing (with the activation offload) and the loss, as cfg says."""
+    """Gradient checkpointing (with the activation offload), the loss and the MLP tiling, as cfg says."""
     if hasattr(model, "set_gradient_checkpointing"):
         offload = ActivationOffload(device) if cfg.offload_activations else None
         model.set_gradient_checkpointing(cfg.grad_checkpointing, offload=offload)
@@ -181,6 +181,10 @@ def _set_memory_switches(cfg: TrainConfig, model, device: torch.device) -> None:
         model.set_loss(cfg.loss, cfg.loss_chunk)
     elif cfg.loss != "full":
         raise ValueError(f"loss {cfg.loss!r} needs a reference model; {type(model).__name__} has no set_loss")
+    if hasattr(model, "set_mlp_tiling"):
+        model.set_mlp_tiling(cfg.mlp_tile or None)
+    elif cfg.mlp_tile:
+        raise ValueError(f"mlp_tile needs a reference model; {type(model).__name__} has no set_mlp_tiling")
 
 
 def _datasets(cfg: TrainConfig, tokenizer) -> tuple[Dataset, Dataset | None]:
