@@ -72,3 +72,17 @@ def save_tiny(family: str, folder, seed: int = 0, dtype=torch.float32, **overrid
     model = tiny_hf_model(family, seed=seed, dtype=dtype, **overrides)
     model.save_pretrained(str(folder), safe_serialization=True)
     return model
+
+
+def assert_training_gradients_equal(hf, ours, x) -> None:
+    """One backward of the same next-token loss through a transformers model and ours: every
+    parameter's gradient, by name (our names are transformers')."""
+    targets = torch.cat([x[:, 1:], torch.full((x.shape[0], 1), -100)], dim=1)  # transformers shifts labels=x
+    hf(x, labels=x).loss.backward()
+    ours.train()
+    ours(x, targets)[1].backward()
+    theirs = {n: p.grad for n, p in hf.named_parameters()}
+    mine = {n: p.grad for n, p in ours.named_parameters()}
+    assert set(mine) == set(theirs)
+    for name, grad in mine.items():
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-7, msg=name)

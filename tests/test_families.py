@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import transformers as tf
-from hf_factories import FAMILIES, save_tiny, tiny_hf_model
+from hf_factories import FAMILIES, assert_training_gradients_equal, save_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -68,16 +68,7 @@ def test_logits_bit_identical_to_transformers(family, dtype, impl, tmp_path):
 def test_full_fine_tuning_gradients_equal_transformers(family, tmp_path):
     # every parameter's gradient of the same loss, by name (our names are transformers')
     hf, ours = twins(family, tmp_path)
-    x = ids()
-    targets = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)  # transformers shifts labels=x inside
-    hf(x, labels=x).loss.backward()
-    ours.train()
-    ours(x, targets)[1].backward()
-    theirs = {n: p.grad for n, p in hf.named_parameters()}
-    mine = {n: p.grad for n, p in ours.named_parameters()}
-    assert set(mine) == set(theirs)
-    for name, grad in mine.items():
-        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert_training_gradients_equal(hf, ours, ids())
 
 
 @st.composite

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import transformers as tf
-from hf_factories import MOE_FAMILIES, save_tiny
+from hf_factories import MOE_FAMILIES, assert_training_gradients_equal, save_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -111,16 +111,7 @@ def test_greedy_generation_equals_transformers(family, window, tmp_path):
 def test_full_fine_tuning_gradients_equal_transformers(family, tmp_path):
     # router, experts (both 3-D tensors), shared expert and its gate: every gradient, by name
     hf, ours = twins(family, tmp_path)
-    x = ids()
-    targets = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
-    hf(x, labels=x).loss.backward()
-    ours.train()
-    ours(x, targets)[1].backward()
-    theirs = {n: p.grad for n, p in hf.named_parameters()}
-    mine = {n: p.grad for n, p in ours.named_parameters()}
-    assert set(mine) == set(theirs)
-    for name, grad in mine.items():
-        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert_training_gradients_equal(hf, ours, ids())
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
