@@ -25,12 +25,30 @@ from dataclasses import dataclass, replace
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "gpt2")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "gpt2", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox",
+            "mixtral", "qwen2_moe", "qwen3_moe")
 METHODS = ("full", "lora-qv", "lora-all", "qlora", "qlora-prepare")
 PRECISIONS = ("fp32", "bf16", "fp32+autocast")   # weights; "fp32+autocast": Trainer(bf16=True)
 SHAPES = ((2, 24, 64), (1, 40, 96))              # (batch, seq, width)
 VOCAB, LAYERS, HEADS, KV_HEADS, DROPOUT, RANK, POSITIONS = 128, 2, 4, 2, 0.1, 4, 512
-_QV = {"gpt2": ["c_attn"], **{f: ["q_proj", "v_proj"] for f in ("llama", "qwen2", "mistral", "qwen3")}}
+WINDOW = 32   # sliding windows: the first shape's sequence (24) fits in one, the second's (40) does not
+_QV = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "phi3": ["qkv_proj"]}
+# what makes each family differ, switched on at the grid's sizes (the shared decoder sizes are in hf_config)
+_FAMILY = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", dict(sliding_window=WINDOW)),
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, query_pre_attn_scalar=24, pad_token_id=0)),
+    "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=WINDOW, sliding_window_pattern=2,
+                                             rope_local_base_freq=100.0, pad_token_id=0)),
+    "phi3": ("Phi3Config", dict(sliding_window=WINDOW, partial_rotary_factor=0.5,
+                                original_max_position_embeddings=POSITIONS, pad_token_id=0)),
+    "olmo2": ("Olmo2Config", dict(pad_token_id=0)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=64)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)),
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,7 @@ class Case:
     rank: int = RANK
     lora_dropout: float = 0.0
     adapter_fp32: bool = True     # hf: get_peft_model(..., autocast_adapter_dtype=adapter_fp32)
+    use_cache: bool = True        # config.json's use_cache (transformers fills a DynamicCache in training)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,7 +75,7 @@ class Case:
     @property
     def targets(self):
         return "all-linear" if self.method in ("lora-all", "qlora", "qlora-prepare") or self.method == "full" \
-            else _QV[self.family]
+            else _QV.get(self.family, ["q_proj", "v_proj"])
 
 
 def hf_config(case: Case):
@@ -65,13 +84,23 @@ def hf_config(case: Case):
     p = DROPOUT if case.dropout else 0.0
     if case.family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=case.width, n_layer=LAYERS, n_head=HEADS,
-                             resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, bos_token_id=0, eos_token_id=0)
-    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig,
-           "qwen3": tf.Qwen3Config}[case.family]
-    return cls(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
-               num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-               head_dim=case.width // HEADS, max_position_embeddings=POSITIONS, attention_dropout=p, bos_token_id=0,
-               eos_token_id=0, pad_token_id=None)
+                             resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, bos_token_id=0, eos_token_id=0,
+                             use_cache=case.use_cache)
+    if case.family == "gpt_neox":   # partial rotary (a quarter of each head), parallel residual, no GQA
+        return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
+                                num_hidden_layers=LAYERS, num_attention_heads=HEADS, max_position_embeddings=POSITIONS,
+                                rotary_pct=0.25, attention_dropout=p, hidden_dropout=p, bos_token_id=0, eos_token_id=0,
+                                use_cache=case.use_cache)
+    name, extra = _FAMILY[case.family]
+    if case.family == "phi3" and case.stack == "hf":
+        extra = dict(extra, resid_pdrop=p)   # reference_models' Phi-3 has no residual dropout (it refuses one)
+    if case.family in ("qwen2_moe", "qwen3_moe"):
+        extra = dict(extra, moe_intermediate_size=case.width // 2)
+    sizes = dict(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
+                 num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                 head_dim=case.width // HEADS, max_position_embeddings=POSITIONS, attention_dropout=p, bos_token_id=0,
+                 eos_token_id=0, pad_token_id=None, use_cache=case.use_cache)
+    return getattr(tf, name)(**{**sizes, **extra})
 
 
 _SAVED_FOLDERS: dict = {}
@@ -79,7 +108,7 @@ _SAVED_FOLDERS: dict = {}
 
 def _saved_folder(case: Case) -> str:
     """A saved fp32 checkpoint of the case's config (one per config), for from_pretrained."""
-    key = (case.family, case.width, case.dropout)
+    key = (case.stack, case.family, case.width, case.dropout, case.use_cache)
     if key not in _SAVED_FOLDERS:
         import transformers as tf
 
@@ -94,7 +123,8 @@ def build_hf(case: Case):
     import peft
     import transformers as tf
 
-    attn = {"attn_implementation": case.attn}
+    # sdpa is transformers' default; Gemma 2, whose soft-capped attention has no SDPA path, gets eager
+    attn = {"attn_implementation": "eager"} if case.attn == "eager" else {}
     torch.manual_seed(0)
     if case.method.startswith("qlora"):
         q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -119,19 +149,10 @@ def build_minilora(case: Case):
     from minilora.lora.layer import LoRAConfig
     from minilora.lora.model import inject
     from minilora.quant.qlora import prepare_for_kbit_training, quantize_model
-    from reference_models import GPT, GPTConfig, Llama, LlamaConfig
+    from reference_models import from_hf_config
 
-    p = DROPOUT if case.dropout else 0.0
     torch.manual_seed(0)
-    if case.family == "gpt2":
-        model = GPT(GPTConfig(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=case.width, n_layer=LAYERS, n_head=HEADS,
-                              embd_pdrop=p, resid_pdrop=p, attn_pdrop=p, attn_impl=case.attn))
-    else:
-        model = Llama(LlamaConfig(vocab_size=VOCAB, hidden_size=case.width, intermediate_size=3 * case.width // 2,
-                                  num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                                  head_dim=case.width // HEADS, attention_dropout=p, attn_impl=case.attn,
-                                  model_type=case.family,
-                                  attention_bias=case.family == "qwen2", o_proj_bias=False))
+    model = from_hf_config(hf_config(case).to_dict(), attn_impl=case.attn)
     model = model.to(case.dtype)
     if case.method == "full":
         model.set_gradient_checkpointing(case.ckpt)
@@ -246,7 +267,20 @@ def grid(stack: str):
                     for attn in ("sdpa", "eager"):
                         for dropout in (False, True):
                             for batch, seq, width in SHAPES:
-                                yield Case(stack, family, method, ckpt, attn, precision, dropout, batch, seq, width)
+                                yield as_accepted(Case(stack, family, method, ckpt, attn, precision, dropout,
+                                                       batch, seq, width))
+
+
+def as_accepted(case: Case) -> Case:
+    """The case as the libraries accept it: Qwen2-MoE's all-linear reaches shared_expert_gate (h -> 1),
+    where the calculator and minilora allow rank 1 only; LoRA on Mixtral's and Qwen3-MoE's router and
+    experts (peft's ParamWrapper, minilora's expert LoRA) takes no dropout."""
+    all_linear = case.method != "full" and case.targets == "all-linear"
+    if all_linear and case.family == "qwen2_moe":
+        case = replace(case, rank=1)
+    if all_linear and case.family in ("mixtral", "qwen3_moe"):
+        case = replace(case, lora_dropout=0.0)
+    return case
 
 
 def with_shape(case: Case, shape) -> Case:

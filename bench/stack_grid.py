@@ -1,11 +1,13 @@
 """The calculator's whole CPU grid against the real stacks: saved-for-backward bytes and model states.
 
-    .venv/bin/python -m bench.stack_grid                 # both stacks, every case (about 10 minutes, 1 thread)
+    .venv/bin/python -m bench.stack_grid                 # both stacks, every case (about 15 minutes, 1 thread)
     .venv/bin/python -m bench.stack_grid --stack hf      # one stack
     .venv/bin/python -m bench.stack_grid --quick         # the first shape only, no dropout variants
 
 For each stack ("hf": transformers + peft + bitsandbytes; "minilora": reference_models + minilora),
-family (llama, qwen2, mistral, qwen3, gpt2), method (full, LoRA q,v, LoRA all-linear, QLoRA without and
+family (every one of bench/stack_cases.FAMILIES: llama, qwen2, mistral, qwen3, gpt2, gemma2, gemma3_text,
+phi3, olmo2, gpt_neox, mixtral, qwen2_moe, qwen3_moe; sliding windows of 32 under the second shape's
+40 tokens), method (full, LoRA q,v, LoRA all-linear, QLoRA without and
 with prepare-for-k-bit), precision (fp32, bf16, fp32 weights under bf16 autocast; QLoRA in fp32 and
 bf16), checkpointing off / on, sdpa / eager, dropout 0 / config (0.1), two shapes, and for "hf" LoRA
 peft's autocast_adapter_dtype on and off: the bytes saved for backward by forward + loss and the

@@ -41,8 +41,12 @@ def _activations_assumption(run: TrainingRun) -> str:
     if a.attn_pdrop or a.resid_pdrop or a.embd_pdrop:
         notes.append(f"dropout masks (attention {a.attn_pdrop:g}, residual {a.resid_pdrop:g}, embedding "
                      f"{a.embd_pdrop:g}{', from config.json' if s.model_dropout is None else ''})")
-    if hf and s.grad_ckpt == "none":
+    if hf and s.grad_ckpt == "none" and run.spec.use_cache:
         notes.append("config.use_cache: a DynamicCache keeps copies of k and v")
+    if run.spec.mla:          # no reference model to measure against
+        notes.append("estimated, not measured (no reference model): multi-head latent attention replayed from "
+                     "transformers' DeepseekV3Attention (SDPA's output at the query's head width), the sigmoid "
+                     "group-limited router as a softmax top-k one")
     if run.spec.num_experts:  # what the experts keep grows with the routed pairs, not with how they spread
         notes.append(f"experts: {run.spec.experts_per_token} routed copies of every token (whatever the balance)")
     return "; ".join(notes)
@@ -129,7 +133,7 @@ def backward_workspace_term(run: TrainingRun) -> Term:
 def _largest_dequantized_weight(run: TrainingRun) -> tuple[int, int]:
     """QLoRA: the elements of the largest 4-bit weight, and the bytes of the dtype it is decoded to."""
     p = run.precision
-    largest = max(lin.in_features * lin.out_features for lin in quantized_linears(run.spec))
+    largest = max(lin.in_features * lin.out_features for lin in quantized_linears(run.spec, run.setup.stack))
     return largest, DTYPE_BYTES[p.autocast or p.compute]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .blocks import run_block
+from .families import FAMILIES
 from .lora import lora_layers
 from .models import ModelSpec
 from .stacks import STACK_OBJECTS, Replay
@@ -38,7 +39,8 @@ class ActivationSetup:
     dtype: str = "bf16"                  # every tensor group's dtype, unless `precision` says otherwise
     precision: Precision | None = None   # per-group dtypes and autocast (Precision.of a TrainingSetup)
     stack: str = "hf"                    # "hf" (transformers + peft + bitsandbytes) | "minilora"
-    attn: str = "sdpa"                   # "sdpa" (flash / memory-efficient) | "eager"
+    attn: str = "sdpa"                   # "sdpa" (flash / memory-efficient) | "flash" (hf: flash_attention_2,
+                                         # windows and soft-capping in the kernel) | "eager"
     grad_ckpt: str = "none"              # "none" | "full" (per block) | "selective" (minilora)
     device: str = "cuda"                 # "cuda" | "cpu" (see tape.py)
     trainable: str = "all"               # "all" (full fine-tuning) | "lora" (only adapters train)
@@ -63,16 +65,31 @@ class ActivationSetup:
         targets = frozenset()
         if setup.method != "full":
             targets = block_targets(lin.name for lin in lora_layers(spec, setup.lora.targets))
-        drop = setup.model_dropout
-        attn, resid, embd = ((spec.attention_dropout, spec.residual_dropout, spec.embedding_dropout)
-                             if drop is None else (drop, drop, drop))
+        # config.json's dropouts, or setup.model_dropout for each of them the family has (FAMILIES' dropout_keys)
+        drop, kinds = setup.model_dropout, FAMILIES[spec.family].dropout_keys
+        attn, resid, embd = ((spec.attention_dropout, spec.residual_dropout, spec.embedding_dropout) if drop is None
+                             else tuple(drop * (kind in kinds) for kind in ("attention", "residual", "embedding")))
+        _check_stack_runs(spec, setup, targets, resid)
         qlora = setup.method == "qlora"
         return cls(batch=setup.batch, seq=setup.seq, precision=Precision.of(setup), stack=setup.stack,
-                   attn="eager" if setup.attn == "eager" else "sdpa", grad_ckpt=setup.grad_ckpt, device=setup.device,
+                   attn=setup.attn if setup.stack == "hf" or setup.attn == "eager" else "sdpa",
+                   grad_ckpt=setup.grad_ckpt, device=setup.device,
                    trainable="all" if setup.method == "full" else "lora", quantized=qlora,
                    prepare_kbit=qlora and setup.prepare_kbit is not False, lora_targets=targets,
                    lora_rank=setup.lora.rank, lora_dropout=setup.lora.dropout, mlp_tile=setup.mlp_tile,
                    embd_pdrop=embd, resid_pdrop=resid, attn_pdrop=attn)
+
+
+def _check_stack_runs(spec: ModelSpec, setup: TrainingSetup, targets: frozenset, resid: float) -> None:
+    """Refuse, in one line, what the chosen stack itself refuses to train (so there is nothing to replay)."""
+    if setup.lora.dropout and any(t == "mlp.gate" or t.startswith("mlp.experts.") for t in targets):
+        if setup.stack == "hf" or any(t.startswith("mlp.experts.") for t in targets):   # minilora's router: LoRALinear
+            raise ValueError(f"LoRA dropout {setup.lora.dropout:g} with targets on the router or experts of "
+                             f"{spec.name}: peft's ParamWrapper (and minilora's expert LoRA) refuse dropout there; "
+                             "use --dropout 0 or other targets")
+    if setup.stack == "minilora" and spec.family == "phi3" and resid:
+        raise ValueError(f"residual dropout {resid:g} (resid_pdrop) on phi3 with --stack minilora: reference_models' "
+                         "Phi-3 has none; use --model-dropout 0 or --stack hf")
 
 
 def block_targets(layer_names) -> frozenset:
@@ -80,7 +97,7 @@ def block_targets(layer_names) -> frozenset:
     out = set()
     for name in layer_names:
         parts = name.split(".")
-        if len(parts) > 3 and parts[0] in ("transformer", "model") and parts[2].isdigit():
+        if len(parts) > 3 and parts[0] in ("transformer", "model", "gpt_neox") and parts[2].isdigit():
             out.add(".".join(parts[3:]))
     return frozenset(out)
 
@@ -90,29 +107,39 @@ def _embedding(r: Replay) -> Sym:
     t, s, spec = r.tape, r.s, r.spec
     rows, h = s.batch * s.seq, spec.hidden_size
     x = t.embedding(Sym(rows, "int64", False), r.full, rows * h, r.p.embedding)
-    x.grad = x.grad or r.stack.input_requires_grad(r)   # a forward hook: output.requires_grad_(True)
-    if spec.family != "gpt2":
-        return x
-    positions = t.embedding(Sym(s.seq, "int64", False), r.full, s.seq * h, r.p.embedding)
-    return t.dropout(t.add(x, positions), s.embd_pdrop)
+    hooked = r.stack.input_requires_grad(r)   # a forward hook: output.requires_grad_(True)
+    if spec.scaled_embeddings:                # Gemma: * sqrt(hidden) as a 0-d tensor in x's dtype, kept for x
+        x.grad = x.grad or (hooked and r.stack.hooks_before_embedding_scale)
+        x = t.mul(x, Sym(1, x.dtype, False))
+    x.grad = x.grad or hooked
+    if spec.family == "gpt2":
+        x = t.add(x, t.embedding(Sym(s.seq, "int64", False), r.full, s.seq * h, r.p.embedding))   # + positions
+    return t.dropout(x, s.embd_pdrop)
 
 
 def _shared_inputs(r: Replay, x: Sym) -> None:
     """What the model makes once per forward for every layer: RoPE's cos and sin (in the residual
-    stream's dtype) and, for transformers' eager attention, the float causal mask (B, 1, T, T)."""
+    stream's dtype, OLMo's in fp32), one pair per layer type or one for all (Stack.rope_types), and,
+    for transformers' eager attention, the float causal mask (B, 1, T, T)."""
     s, spec = r.s, r.spec
     if spec.family != "gpt2":   # (T, rotated dims) each, the rotated part of a head (partial RoPE: less)
-        rotated = spec.rotary_dim or spec.head_dim
-        r.rope = (Sym(s.seq * rotated, x.dtype, False), Sym(s.seq * rotated, x.dtype, False))
+        rotated, dtype = spec.rotary_dim or spec.head_dim, "fp32" if spec.rope_in_fp32 else x.dtype
+        types = sorted(set(spec.layer_types or ("full_attention",)))
+        pairs = {kind: (Sym(s.seq * rotated, dtype, False), Sym(s.seq * rotated, dtype, False)) for kind in types}
+        r.rope = pairs if r.stack.rope_types(spec) else dict.fromkeys(types, pairs[types[0]])
     if r.stack.name == "hf" and s.attn == "eager":
         r.mask = Sym(s.batch * s.seq * s.seq, x.dtype, False)
+
+
+def _shared_storages(r: Replay) -> set:
+    return {c.storage for pair in r.rope.values() for c in pair} | ({r.mask.storage} if r.mask else set())
 
 
 def _layers(r: Replay, x: Sym) -> tuple:
     """Every block, checkpointed or not -> (output, per-layer bytes). What the model made once for
     every layer (cos, sin, a mask) is not counted in the layer that kept it first: it is `shared`."""
     layers, main = [], r.tape
-    shared = {c.storage for c in (*r.rope, r.mask) if c is not None}
+    shared = _shared_storages(r)
     for i in range(r.spec.num_layers):
         mark = main.mark()
         if r.s.grad_ckpt == "full":
@@ -120,7 +147,7 @@ def _layers(r: Replay, x: Sym) -> tuple:
             r.tape = Tape(main.device, main.autocast)
             out = run_block(r, x, i)
             r.tape = main
-            main.save(*r.stack.checkpoint_inputs(r, x))
+            main.save(*r.stack.checkpoint_inputs(r, x, i))
             x = out
         else:
             x = run_block(r, x, i)
@@ -129,14 +156,21 @@ def _layers(r: Replay, x: Sym) -> tuple:
 
 
 def _one_layer_bytes(spec: ModelSpec, setup: ActivationSetup) -> tuple[int, int]:
-    """One block's saved bytes without checkpointing, its input requiring grad: what backward rebuilds
-    (a mixture of experts' sparse layer, which keeps the most, where there is one); and what one tile
-    of its MLP saves when it runs tiled (0 otherwise)."""
-    r = Replay(spec, setup, setup.resolved_precision, STACK_OBJECTS[setup.stack])
-    x = Sym(setup.batch * setup.seq * spec.hidden_size, r.p.embedding, True)
-    _shared_inputs(r, x)
-    run_block(r, x, next((i for i in range(spec.num_layers) if spec.is_sparse(i)), 0))
-    return r.tape.total(), r.tile_bytes
+    """One block's saved bytes without checkpointing, its input requiring grad: what backward rebuilds,
+    for the block that keeps the most (one of each kind replayed: dense or sparse, full or sliding
+    attention, whose mask a sliding layer keeps past its window); and what one tile of its MLP saves
+    when it runs tiled (0 otherwise)."""
+    kinds = {}
+    for i in range(spec.num_layers):
+        kinds.setdefault((spec.is_sparse(i), spec.layer_types[i] if spec.layer_types else None), i)
+    block = tile = 0
+    for i in kinds.values():
+        r = Replay(spec, setup, setup.resolved_precision, STACK_OBJECTS[setup.stack])
+        x = Sym(setup.batch * setup.seq * spec.hidden_size, r.p.embedding, True)
+        _shared_inputs(r, x)
+        run_block(r, x, i)
+        block, tile = max(block, r.tape.total()), max(tile, r.tile_bytes)
+    return block, tile
 
 
 def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
@@ -160,11 +194,13 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     embedding = t.total()
     _shared_inputs(r, x)
     x, layers = _layers(r, x)
-    shared = sum(t.saved.get(c.storage, 0) for c in (*r.rope, r.mask) if c is not None)
+    shared = sum(t.saved.get(storage, 0) for storage in _shared_storages(r))
     mark = t.mark()
     hidden = r.norm(x)                                               # (B, T, C): the head's input
     final_norm = t.since(mark)
     logits = r.linear(hidden, "lm_head", spec.hidden_size, spec.vocab_size)
+    if spec.final_softcap:                    # Gemma: cap * tanh(logits / cap), tanh keeps its output
+        logits = t.scalar(t.saves_output(t.scalar(logits)))
     head = t.since(mark)
     mark = t.mark()
     t.cross_entropy(t.to(logits, "fp32"), r.stack.loss_targets(r))   # logits.float(), then cross_entropy

@@ -2,20 +2,25 @@
 
 Each function is the block's code (transformers' modeling_<family>.py and reference_models, which
 run the same ops in the same order) with the tensors replaced by Syms; where the two stacks differ
-(LoRA layer, norm under prepare-for-k-bit, activation, eager attention, RoPE's dtype, the training
-KV cache) it asks the Replay's Stack (stacks.py). A family that changes the block adds its step
-here, next to the layout it changes, reading its feature from the ModelSpec.
+(LoRA layer, norm under prepare-for-k-bit, activation, eager attention, RoPE, sliding-window masks,
+the training KV cache, the experts) it asks the Replay's Stack (stacks.py). A family that changes
+the block adds its step here, next to the layout it changes, reading its feature from the ModelSpec.
 
-gpt2_block:     ln_1 -> c_attn (q, k, v views of one output) -> attention -> c_proj -> dropout -> add,
-                ln_2 -> c_fc -> activation -> c_proj -> dropout -> add
-decoder_block:  norm -> q, k, v projections (fused for phi3) -> RoPE -> attention -> o_proj -> add,
-                norm -> gate, up -> act(gate) * up -> down -> add (qwen3's per-head q/k norms before
-                RoPE; gemma2's extra norms); on a sparse layer the MLP is reference_models.moe.SparseMoE
-Checked against saved_tensors_hooks on both stacks for gpt2, llama, mistral, qwen2 and qwen3
-(tests/test_calc_stack_hf.py, tests/test_calc_activations.py), and for our mixtral and qwen2_moe
-(tests/test_calc_moe.py: transformers' own MoE code is not replayed, the hf stack estimates it with
-ours); the other families use decoder_block as an estimate until their steps are added (OLMo 2's
-whole-projection q/k norms, sandwich norms, partial RoPE, parallel residual, latent attention).
+  gpt2      ln_1 -> c_attn (q, k, v views of one output) -> attention -> c_proj -> dropout -> add,
+            ln_2 -> c_fc -> activation -> c_proj -> dropout -> add
+  pre       x + drop(attn(norm(x))), x + drop(mlp(norm(x)))     Llama, Mistral, Qwen, Phi-3 (its resid_pdrop)
+  sandwich  x + norm(attn(norm(x))), x + norm(mlp(norm(x)))     Gemma 2 / 3 (norms over the sublayer outputs)
+  post      x + norm(attn(x)), x + norm(mlp(x))                 OLMo 2 (the projections read x itself)
+  parallel  x + drop(attn(ln1(x))) + drop(mlp(ln2(x)))          GPT-NeoX (both LayerNorms keep the same x)
+Inside attention: q, k, v projections (fused: phi3's qkv_proj, gpt_neox's query_key_value, views of one
+output), q/k norms (per head: qwen3, qwen3_moe, gemma3; over the whole projection: olmo2), RoPE on the
+first rotary_dim dims of each head (partial: phi3, gpt_neox), the core (soft-capped scores: gemma2,
+eager; a sliding-window mask when the window is shorter than the sequence). Inside the MLP: gated
+(fused gate_up_proj: phi3), ungated (gpt_neox, gpt2), or a router and experts (moe_replay.py).
+Exact against saved_tensors_hooks on CPU in both stacks for every family with a reference model
+(tests/test_calc_stack_hf.py, tests/test_calc_activations.py). DeepSeek-V3 has none: its multi-head
+latent attention (_mla_attention) follows transformers' code unmeasured, and its sigmoid group-limited
+routing is replayed as the softmax top-k router: estimates, as its activations term says.
 A dense MLP runs through Replay.mlp, which replays it tiled when the setup says so (mlp_tile).
 """
 from __future__ import annotations
@@ -24,6 +29,12 @@ from .stacks import Replay
 from .tape import AttentionShape, Sym
 
 __all__ = ["gpt2_block", "decoder_block", "run_block"]
+
+# the projections' module names inside a block, per layout
+_NAMES = {"decoder": dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", qkv="self_attn.qkv_proj",
+                          o="self_attn.o_proj", up="mlp.up_proj", down="mlp.down_proj"),
+          "gpt_neox": dict(qkv="attention.query_key_value", o="attention.dense", up="mlp.dense_h_to_4h",
+                           down="mlp.dense_4h_to_h")}
 
 
 def gpt2_block(r: Replay, x: Sym) -> Sym:
@@ -44,14 +55,62 @@ def _gpt2_mlp(r: Replay, n: Sym) -> Sym:
     return r.tape.dropout(r.linear(f, "mlp.c_proj", inter, h), r.s.resid_pdrop)
 
 
-def _attention_projections(r: Replay, n: Sym, h: int) -> tuple:
-    spec = r.spec
-    if spec.fused_qkv:                                               # phi3 qkv_proj: views of one output
-        qkv = r.linear(n, "self_attn.qkv_proj", h, spec.q_size + 2 * spec.kv_size)
-        rows = n.numel // h
+def _names(r: Replay) -> dict:
+    return _NAMES["gpt_neox" if r.spec.family == "gpt_neox" else "decoder"]
+
+
+def _projections(r: Replay, n: Sym) -> tuple:
+    """q (B, T, H*D), k and v (B, T, H_kv*D); fused projections give views of one output."""
+    spec, names, h = r.spec, _names(r), r.spec.hidden_size
+    rows = n.numel // h
+    if spec.fused_qkv:
+        qkv = r.linear(n, names["qkv"], h, spec.q_size + 2 * spec.kv_size)
         return qkv.view(rows * spec.q_size), qkv.view(rows * spec.kv_size), qkv.view(rows * spec.kv_size)
-    return (r.linear(n, "self_attn.q_proj", h, spec.q_size), r.linear(n, "self_attn.k_proj", h, spec.kv_size),
-            r.linear(n, "self_attn.v_proj", h, spec.kv_size))
+    return (r.linear(n, names["q"], h, spec.q_size), r.linear(n, names["k"], h, spec.kv_size),
+            r.linear(n, names["v"], h, spec.kv_size))
+
+
+def _attention(r: Replay, n: Sym, layer: int) -> Sym:
+    """The attention sublayer on its input n (B, T, h) -> the output projection's (B, T, h)."""
+    s, spec = r.s, r.spec
+    if spec.mla:
+        return _mla_attention(r, n, layer)
+    shape = AttentionShape(s.batch, spec.num_heads, spec.num_kv_heads, s.seq, spec.head_dim)
+    q, k, v = _projections(r, n)
+    if spec.qk_norm == "projection":                                 # olmo2: over all heads, before the split
+        q, k = r.norm(q, spec.q_size), r.norm(k, spec.kv_size)
+    elif spec.qk_norm == "head":                                     # qwen3, gemma3: over each head's D
+        q, k = r.norm(q, spec.head_dim), r.norm(k, spec.head_dim)
+    q, k = r.stack.rope(r, q, layer), r.stack.rope(r, k, layer)      # (B, H, T, D), (B, H_kv, T, D)
+    k, v2 = r.stack.training_kv(r, k, v)
+    y = r.attention(q, k, v2, shape, s.attn_pdrop, v_contiguous=v2 is not v, layer=layer)
+    return r.linear(y, _names(r)["o"], spec.q_size, spec.hidden_size)
+
+
+def _mla_attention(r: Replay, n: Sym, layer: int) -> Sym:
+    """DeepSeek-V3's multi-head latent attention (mla.py) as transformers' DeepseekV3Attention runs it.
+    An estimate, as there is no reference model to measure: the latent's split and norm, the per-head
+    key built by new_empty + copy_, and SDPA's output counted at the query's head width (not v_head_dim)."""
+    spec, h, heads, rope = r.spec, r.spec.hidden_size, r.spec.num_heads, r.spec.qk_rope_head_dim
+    rows, qk, latent = n.numel // h, spec.qk_nope_head_dim + rope, spec.kv_lora_rank
+    if spec.q_lora_rank is None:
+        q = r.linear(n, "self_attn.q_proj", h, heads * qk)                                  # (B, T, H*qk)
+    else:
+        q_a = r.norm(r.linear(n, "self_attn.q_a_proj", h, spec.q_lora_rank), spec.q_lora_rank)
+        q = r.linear(q_a, "self_attn.q_b_proj", spec.q_lora_rank, heads * qk)
+    compressed = r.linear(n, "self_attn.kv_a_proj_with_mqa", h, latent + rope)          # (B, T, latent + rope)
+    kv = r.norm(compressed.view(rows * latent), latent)
+    q_rot = r.stack.rope(r, q.view(rows * heads * rope), layer)                         # the rotated parts
+    k_rot = r.stack.rope(r, compressed.view(rows * rope), layer)
+    k_rot, kv = r.stack.training_kv(r, k_rot, kv)                                       # the cache holds the latent
+    query = Sym(rows * heads * qk, q.dtype, q.grad or q_rot.grad)                       # torch.cat: nothing kept
+    kv = r.linear(kv, "self_attn.kv_b_proj", latent, heads * (spec.qk_nope_head_dim + spec.v_head_dim))
+    key = Sym(rows * heads * qk, kv.dtype, kv.grad or k_rot.grad)                       # (B, H, T, qk), copied in
+    shape = AttentionShape(r.s.batch, heads, heads, r.s.seq, qk)
+    y = r.attention(query, key, kv.view(rows * heads * spec.v_head_dim), shape, r.s.attn_pdrop, v_contiguous=False,
+                    layer=layer)
+    y = Sym(rows * heads * spec.v_head_dim, y.dtype, y.grad)                             # (B, T, H*v)
+    return r.linear(y, "self_attn.o_proj", heads * spec.v_head_dim, h)
 
 
 def _gated_mlp(r: Replay, n: Sym, h: int, prefix: str = "mlp", inter: int | None = None) -> Sym:
@@ -64,74 +123,59 @@ def _gated_mlp(r: Replay, n: Sym, h: int, prefix: str = "mlp", inter: int | None
     return r.linear(t.mul(r.act(gate), up), f"{prefix}.down_proj", inter, h)   # act keeps gate, * keeps both
 
 
-# an expert tensor's adapter: named by its per-expert projections (peft's transformers-4 names, which the
-# LoRA count uses); the gate and up pair is one adapter of twice the rank on gate_up_proj
-_EXPERT_LORA = {"gate_up_proj": ("mlp.experts.w1", "mlp.experts.gate_proj", "mlp.experts.gate_up_proj"),
-                "down_proj": ("mlp.experts.w2", "mlp.experts.down_proj")}
-
-
-def _expert_rank(r: Replay, tensor: str) -> int:
-    targets = r.s.lora_targets
-    if r.full or not targets.intersection(_EXPERT_LORA[tensor]):
-        return 0
-    return r.s.lora_rank * (2 if tensor == "gate_up_proj" and "mlp.experts.gate_up_proj" not in targets else 1)
-
-
 def _moe_mlp(r: Replay, n: Sym) -> Sym:
-    """reference_models.moe.SparseMoE, op by op. Each expert's saved tensors grow linearly with the
-    tokens routed to it, so the N*k (token, expert) pairs are replayed as one batch: the same bytes
-    whatever the routing (calculators/moe.py)."""
+    """A sparse layer: the router, its top-k routing weights, the experts (the stack's: moe_replay.py),
+    and Qwen2-MoE's gated shared expert."""
     t, spec = r.tape, r.spec
-    N, C, E, k = n.numel // spec.hidden_size, spec.hidden_size, spec.num_experts, spec.experts_per_token
-    inter, nk, d = spec.moe_intermediate_size, N * spec.experts_per_token, n.dtype
-    logits = t.linear(n, C, E, r.full, r.p.linear)                   # the router keeps n when it trains
-    probs, weights = Sym(N * E, "fp32", logits.grad), Sym(nk, "fp32", logits.grad)   # softmax(fp32), top-k values
-    if logits.grad:
+    N, k = n.numel // spec.hidden_size, spec.experts_per_token
+    logits = r.stack.router(r, n)                                    # (N, E)
+    probs, weights = Sym(N * spec.num_experts, "fp32", logits.grad), Sym(N * k, "fp32", logits.grad)
+    if logits.grad:                                                  # softmax(dtype=fp32), top-k values
         t.save(probs)                                                # softmax keeps its output
-        t.keep(nk, "int64")                                          # top-k its indices
+        t.keep(N * k, "int64")                                       # top-k its indices
     if spec.norm_topk_prob and weights.grad:                         # weights / weights.sum(): both kept
         t.save(weights, Sym(N, "fp32", True))
-        weights = Sym(nk, "fp32", True)
-    weights = t.to(weights, "fp32" if spec.family == "mixtral" else d)   # Qwen casts them to the compute dtype
-    xe = Sym(nk * C, d, n.grad)                                      # x[token]: the routed tokens, copied
-    gu = r.stack.linear(r, xe, "mlp.experts.gate_up_proj", C, 2 * inter, _expert_rank(r, "gate_up_proj"))
-    act = r.act(gu.view(nk * inter))                                 # silu(gate) keeps gate_up's output
-    prod = t.mul(act, gu.view(nk * inter))                           # act * up keeps act and up
-    y = r.stack.linear(r, prod, "mlp.experts.down_proj", inter, C, _expert_rank(r, "down_proj"))
-    source = t.to(t.mul(y, Sym(nk, weights.dtype, weights.grad)), d)    # y * weights[token, slot]: keeps both
-    if source.grad:
-        t.save(source)                                               # index_add_ keeps its source
-    if n.grad or weights.grad or source.grad:                        # each expert's (slot, token) int64 pairs,
-        t.keep(2 * nk, "int64")                                      # kept by the gather, the lookup, index_add_
-    out = Sym(N * C, d, source.grad)
+        weights = Sym(N * k, "fp32", True)
+    weights = t.to(weights, "fp32" if spec.family == "mixtral" else logits.dtype)   # Qwen: the logits' dtype
+    out = r.stack.experts(r, n, weights)
     if not spec.shared_expert_size:
         return out
     prefix = "mlp.shared_expert" if spec.shared_expert_gate else "mlp.shared_experts"
-    shared = _gated_mlp(r, n, C, prefix, spec.shared_expert_size)
+    shared = _gated_mlp(r, n, spec.hidden_size, prefix, spec.shared_expert_size)
     if spec.shared_expert_gate:                                      # Qwen2-MoE: sigmoid(Linear(h -> 1)) * shared
-        gate = t.linear(n, C, 1, r.full, r.p.linear)
-        shared = t.mul(t.saves_output(gate), shared)                 # sigmoid keeps its output
-    return Sym(out.numel, d, out.grad or shared.grad)
+        shared = t.mul(t.saves_output(r.linear(n, "mlp.shared_expert_gate", spec.hidden_size, 1)), shared)
+    return Sym(out.numel, out.dtype, out.grad or shared.grad)
+
+
+def _ungated_mlp(r: Replay, n: Sym) -> Sym:
+    names, h, inter = _names(r), r.spec.hidden_size, r.spec.intermediate_size   # gpt_neox: up, act, down
+    return r.linear(r.act(r.linear(n, names["up"], h, inter)), names["down"], inter, h)
+
+
+def _mlp(r: Replay, n: Sym, layer: int) -> Sym:
+    """The MLP sublayer; a dense one through Replay.mlp (tiled when the setup says so)."""
+    spec = r.spec
+    if spec.is_sparse(layer):
+        return _moe_mlp(r, n)
+    if spec.gated_mlp:
+        return r.mlp(n, _gated_mlp, spec.hidden_size)
+    return r.mlp(n, _ungated_mlp)
 
 
 def decoder_block(r: Replay, x: Sym, layer: int = 0) -> Sym:
-    t, s, spec = r.tape, r.s, r.spec
-    h = spec.hidden_size
-    shape = AttentionShape(s.batch, spec.num_heads, spec.num_kv_heads, s.seq, spec.head_dim)
-    q, k, v = _attention_projections(r, r.norm(x), h)
-    if spec.qk_norm == "head":                                       # qwen3: RMSNorm over each head of q and k
-        q, k = r.norm(q, spec.head_dim), r.norm(k, spec.head_dim)
-    q, k = r.stack.rope(r, q), r.stack.rope(r, k)                    # (B, H, T, D), (B, H_kv, T, D)
-    k, v2 = r.stack.training_kv(r, k, v)
-    y = r.attention(q, k, v2, shape, s.attn_pdrop, v_contiguous=v2 is not v)
-    x = t.add(x, r.linear(y, "self_attn.o_proj", spec.q_size, h))
-    n = r.norm(x)
-    if spec.family == "gemma2":                                      # post-attention + pre-feed-forward norms
-        n = r.norm(n)
-    m = _moe_mlp(r, n) if spec.is_sparse(layer) else r.mlp(n, _gated_mlp, h)
-    if spec.family == "gemma2":
-        m = r.norm(m)
-    return t.add(x, m)
+    t, spec, p = r.tape, r.spec, r.s.resid_pdrop
+    if spec.parallel_residual:                                       # gpt_neox: both read x (one saved copy)
+        a = t.dropout(_attention(r, r.norm(x), layer), p)
+        m = t.dropout(_mlp(r, r.norm(x), layer), p)
+        return t.add(t.add(m, a), x)
+    if spec.norm_layout == "post":
+        x = t.add(x, r.norm(_attention(r, x, layer)))
+        return t.add(x, r.norm(_mlp(r, x, layer)))
+    if spec.norm_layout == "sandwich":
+        x = t.add(x, r.norm(_attention(r, r.norm(x), layer)))
+        return t.add(x, r.norm(_mlp(r, r.norm(x), layer)))
+    x = t.add(x, t.dropout(_attention(r, r.norm(x), layer), p))
+    return t.add(x, t.dropout(_mlp(r, r.norm(x), layer), p))
 
 
 def run_block(r: Replay, x: Sym, layer: int = 0) -> Sym:

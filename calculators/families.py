@@ -28,14 +28,16 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 class Family:
     layout: str = "decoder"      # parameter names: "decoder" (model.layers.i.self_attn / .mlp),
                                  # "gpt2" (transformer.h.i.attn / .mlp, Conv1D), "gpt_neox" (gpt_neox.layers.i)
-    norm: str = "rmsnorm"        # "rmsnorm" (weight) | "layernorm" (weight and bias)
+    norm: str = "rmsnorm"        # see spec.ModelSpec.norm: "rmsnorm" | "rmsnorm_olmo" | "rmsnorm_gemma" (weight)
+                                 # | "layernorm" (weight and bias)
     norm_layout: str = "pre"     # see spec.ModelSpec.norm_layout
     qk_norm: str = "none"        # see spec.ModelSpec.qk_norm
     fused_qkv: bool = False
     fused_gate_up: bool = False
     gated_mlp: bool = True
     scaled_embeddings: bool = False
-    softcapping: bool = False    # reads attn_logit_softcapping / final_logit_softcapping
+    softcapping: str = "none"    # which soft-capping the model applies: "none" | "final" (final_logit_softcapping)
+                                 # | "both" (also attn_logit_softcapping, on the attention scores)
     attention_bias: str = "config"  # "config": the config's attention_bias, on q, k, v and o |
                                     # "qkv": always on q, k, v (qwen2) | "qkv_bias": on q, k, v when the
                                     # config's qkv_bias says so (qwen2_moe) | "none" | "always" (gpt2)
@@ -50,6 +52,7 @@ class Family:
     reads_pattern: bool = False  # ... or the config's sliding_window_pattern (gemma3, default 6)
     reads_layer_types: bool = False  # honours a config's explicit layer_types
     local_rope: bool = False     # sliding layers have their own rope parameters (theta)
+    rope_in_fp32: bool = False   # cos/sin kept in fp32, q and k rotated in fp32 (olmo2, olmo3)
     rope_types: tuple = ROPE_TYPES
     moe: str = ""                # "" (dense MLP) | "mixtral" | "qwen" | "deepseek": a router and 3-D expert
                                  # parameters instead of the MLP; the config keys that size them (moe.py)
@@ -63,9 +66,9 @@ class Family:
 
 
 _NO_BIAS_SLIDING = dict(attention_bias="none", sliding="all")
-_GEMMA = dict(scaled_embeddings=True, activation_key="hidden_activation")
+_GEMMA = dict(norm="rmsnorm_gemma", scaled_embeddings=True, activation_key="hidden_activation")
 _GEMMA_DEFAULTS = dict(head_dim=256, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh")
-_OLMO2 = dict(norm_layout="post", qk_norm="projection")
+_OLMO2 = dict(norm="rmsnorm_olmo", norm_layout="post", qk_norm="projection", rope_in_fp32=True)
 _QWEN_MOE = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=24, max_position_embeddings=32768,
                  sliding_window=4096, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False)
 
@@ -80,7 +83,8 @@ FAMILIES = {
                                  attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1)),
     # parallel residual, rotary on the first quarter of each head, fused query_key_value, biased LayerNorms
     "gpt_neox": Family(layout="gpt_neox", norm="layernorm", fused_qkv=True, gated_mlp=False, mlp_bias="always",
-                       dropout_keys=dict(attention="attention_dropout", residual="hidden_dropout"),
+                       dropout_keys=dict(attention="attention_dropout", residual="hidden_dropout",
+                                         embedding="hidden_dropout"),
                        renames=dict(rotary_pct="partial_rotary_factor", rotary_emb_base="rope_theta"),
                        defaults=dict(attention_bias=True, use_parallel_residual=True, partial_rotary_factor=0.25,
                                      max_position_embeddings=2048, hidden_act="gelu")),
@@ -118,20 +122,21 @@ FAMILIES = {
                     defaults=dict(num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
                                   sliding_window=4096, max_window_layers=28)),
     # embeddings scaled by sqrt(hidden); head_dim 256 and tied embeddings unless the config says otherwise
-    "gemma": Family(scaled_embeddings=True, defaults=dict(num_key_value_heads=16, max_position_embeddings=8192,
-                                                          **_GEMMA_DEFAULTS)),
-    "gemma2": Family(**_GEMMA, norm_layout="sandwich", softcapping=True, sliding="pattern", pattern=2,
+    "gemma": Family(norm="rmsnorm_gemma", scaled_embeddings=True,
+                    defaults=dict(num_key_value_heads=16, max_position_embeddings=8192, **_GEMMA_DEFAULTS)),
+    "gemma2": Family(**_GEMMA, norm_layout="sandwich", softcapping="both", sliding="pattern", pattern=2,
                      reads_layer_types=True,
                      defaults=dict(num_key_value_heads=4, max_position_embeddings=8192, sliding_window=4096,
                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **_GEMMA_DEFAULTS)),
-    "gemma3_text": Family(**_GEMMA, norm_layout="sandwich", qk_norm="head", softcapping=True, sliding="pattern",
+    "gemma3_text": Family(**_GEMMA, norm_layout="sandwich", qk_norm="head", softcapping="final", sliding="pattern",
                           pattern=6, reads_pattern=True, reads_layer_types=True, local_rope=True,
                           renames=dict(rope_local_base_freq="local_rope_theta"),
                           defaults=dict(num_key_value_heads=4, max_position_embeddings=131072, sliding_window=4096,
                                         rope_theta=1e6, local_rope_theta=1e4, **_GEMMA_DEFAULTS)),
-    # fused qkv_proj and gate_up_proj; Phi3Config accepts no rope scaling but longrope
+    # fused qkv_proj and gate_up_proj; Phi3Config accepts no rope scaling but longrope; its model never
+    # applies embd_pdrop
     "phi3": Family(fused_qkv=True, fused_gate_up=True, **_NO_BIAS_SLIDING, rope_types=("default", "longrope"),
-                   dropout_keys=dict(attention="attention_dropout", residual="resid_pdrop", embedding="embd_pdrop"),
+                   dropout_keys=dict(attention="attention_dropout", residual="resid_pdrop"),
                    defaults=dict(max_position_embeddings=4096, partial_rotary_factor=1.0)),
     # norms after attention and MLP only, q/k norms over the whole projection
     "olmo2": Family(**_OLMO2, defaults=dict(max_position_embeddings=2048)),

@@ -18,6 +18,11 @@ per-head keys and values: 576 values instead of 2 x 128 heads x 192, which is wh
 DeepseekV3Attention stores in the same DynamicCache.
 `positions` counts the tokens the model has run: after generate(prompt, max_new_tokens=n) that
 is prompt + n - 1 (the last token is sampled, never fed back).
+reference_models' KVCache (model.new_cache(batch, prompt + n - 1), what its generate allocates) keeps
+sliding layers as transformers does and preallocates each full-attention layer for all prompt + n - 1
+positions at the prefill, where DynamicCache grows to them: after the last step both hold
+kv_cache_bytes(spec, batch, prompt + n - 1). That is memory.inference_memory's "KV cache" term; the
+prompt a sliding layer pins right after a prefill longer than its window is its prefill term.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .kv_cache import kv_bytes_per_position
+from .kv_cache import kv_bytes_per_position, kv_cache_bytes, kv_cache_positions
 from .long_context_terms import (activation_offload_term, blocks_phase_activations, chunked_loss_term, mlp_tile_term,
                                  with_offload)
 from .parameters import parameter_tensors
@@ -150,7 +150,7 @@ def training_memory(spec: ModelSpec, setup: TrainingSetup) -> Breakdown:
 def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tokens: int = 256,
                      dtype: str = "bf16", quant: str = "none", attn: str = "sdpa",
                      double_quant: bool = True) -> Breakdown:
-    """Generation with the reference models' KV cache (preallocated for prompt + new_tokens)."""
+    """Generation of `new_tokens` after a `prompt`: weights, the KV cache (kv_cache.py), the prefill."""
     for name, value in (("batch", batch), ("prompt", prompt), ("new_tokens", new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "new_tokens" else 1):
             raise ValueError(f"{name} must be an integer >= {0 if name == 'new_tokens' else 1}, got {value!r}")
@@ -166,8 +166,8 @@ def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tok
     nf4 = sum(t.shape[0] * nf4_bytes(t.numel // t.shape[0], 64, double_quant) if t.kind == "experts"
               else nf4_bytes(t.numel, 64, double_quant) for t in tensors if t.name in quantized)
     dense = sum(t.numel for t in tensors if t.name not in quantized)
+    kv, pinned = _kv_cache_terms(spec, batch, prompt, new_tokens, dtype)
     total_len = prompt + new_tokens
-    kv = spec.num_layers * batch * total_len * kv_bytes_per_position(spec, d)
     inter = widest_intermediate(spec)
     prefill = batch * prompt * (spec.vocab_size + 2 * inter + 2 * spec.hidden_size) * d
     prefill_formula = (f"{batch} batch x {prompt:,} prompt x ({spec.vocab_size:,} vocab + 2 x {inter:,} widest + "
@@ -176,21 +176,61 @@ def inference_memory(spec: ModelSpec, batch: int = 1, prompt: int = 512, new_tok
         prefill += batch * spec.num_heads * prompt * total_len * (4 + d)
         prefill_formula += f" + {batch} batch x {spec.num_heads} heads x {prompt:,} x {total_len:,} positions x " \
                            f"(4 + {d}) B scores and probabilities"
-    cached = (f"MLA latent + rope key of {spec.num_layers} layers" if spec.mla
-              else f"keys and values of {spec.num_layers} layers x {spec.num_kv_heads} kv heads")
     terms = [Term("weights", nf4 + dense * d, f"{'NF4 linear layers, ' if quant == 'nf4' else ''}{dtype} otherwise",
                   formula=(f"{nf4:,} B NF4 codes and constants + " if nf4 else "") + f"{dense:,} params x {d} B"),
-             Term("KV cache", kv, f"{cached} x {total_len} positions x batch {batch}, {dtype}, preallocated",
-                  formula=f"{spec.num_layers} layers x {batch} batch x {total_len:,} positions x "
-                          f"{kv_bytes_per_position(spec, d):,} B per position"),
+             kv,
              Term("prefill working memory", prefill,
                   "logits for every prompt position + one block's widest intermediates"
                   + (" + eager attention scores" if attn == "eager" else ""), formula=prefill_formula),
+             pinned,
              Term("cuBLAS workspace", CUBLAS_WORKSPACE, "torch's cuBLAS workspace for the one thread that "
                   "runs the matmuls (32 MiB on Hopper)", formula=f"{CUBLAS_WORKSPACE:,} B"),
              Term("CUDA context", CUDA_CONTEXT, "assumed 500 MiB for the driver context and kernels; "
                   "not in max_memory_allocated", formula=f"{CUDA_CONTEXT:,} B assumed")]
-    peak = nf4 + dense * d + kv + prefill + CUBLAS_WORKSPACE
-    phases = [_phase("held throughout", *((t.name, t.gpu) for t in terms if t.name != "prefill working memory")),
-              _phase("prefill", ("prefill working memory", prefill))]
+    terms = [t for t in terms if t is not None]
+    at_prefill = {"prefill working memory", PINNED}
+    peak = sum(t.gpu for t in terms if t.name != "CUDA context")
+    phases = [_phase("held throughout", *((t.name, t.gpu) for t in terms if t.name not in at_prefill)),
+              _phase("prefill", *((t.name, t.gpu) for t in terms if t.name in at_prefill))]
     return Breakdown(terms, peak, peak + CUDA_CONTEXT, 0, sum(t.numel for t in tensors), 0, phases=phases)
+
+
+PINNED = "prompt keys of sliding layers"
+
+
+def _kv_cache_terms(spec: ModelSpec, batch: int, prompt: int, new_tokens: int, dtype: str) -> tuple:
+    """The KV cache after the last step, and what sliding layers hold beyond it right after a
+    prefill longer than their window (None when nothing): see kv_cache.py."""
+    d = DTYPE_BYTES[dtype]
+    positions = prompt + max(new_tokens, 1) - 1   # the last sampled token is never fed back
+    per_position = kv_bytes_per_position(spec, d)
+    kept = kv_cache_positions(spec, positions)
+    cached = (f"MLA latent + rope key of {spec.num_layers} layers" if spec.mla
+              else f"keys and values of {spec.num_layers} layers x {spec.num_kv_heads} kv heads x "
+                   f"head_dim {spec.head_dim}")
+    window = ""
+    if spec.sliding_layers:
+        window = f"; {spec.sliding_layers} sliding layers keep at most their window of {spec.sliding_window}"
+    kv = Term("KV cache", kv_cache_bytes(spec, batch, positions, d),
+              f"{cached} x {positions:,} positions (prompt + new tokens - 1: the last token is never fed back)"
+              f"{window}, batch {batch}, {dtype}; what transformers' DynamicCache holds after generate() and what "
+              "reference_models' cache holds from the prefill on (full-attention layers preallocated)",
+              formula="(" + " + ".join(f"{n} layers x {p:,} positions" for p, n in _counts(kept))
+              + f") x {batch} batch x {per_position:,} B per position")
+    over = max(prompt - (spec.sliding_window or prompt), 0)
+    if not (spec.sliding_layers and over):
+        return kv, None
+    pinned = Term(PINNED, batch * spec.sliding_layers * over * per_position,
+                  "right after the prefill a sliding layer's kept keys and values are views pinning the whole "
+                  "prompt's, until the first decode step (both caches)",
+                  formula=f"{spec.sliding_layers} sliding layers x ({prompt:,} prompt - {spec.sliding_window:,} "
+                          f"window) x {batch} batch x {per_position:,} B per position")
+    return kv, pinned
+
+
+def _counts(values: list) -> list[tuple]:
+    """[a, a, b, a] -> [(a, 3), (b, 1)], in first-seen order."""
+    counts = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return list(counts.items())

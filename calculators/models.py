@@ -198,14 +198,33 @@ def _slides(r: _Reader, i: int, window) -> str:
     return SLIDING
 
 
+# the MLP activations the activation replay knows op by op (transformers' ACT2FN and reference_models agree)
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+# config switches that change what training saves and that the calculator does not model: refused, never ignored
+_UNMODELLED = {"router_jitter_noise": (0, 0.0, None),   # Mixtral: a (B, T, h) noise tensor kept per sparse layer
+               "output_router_logits": (False, None),   # MoE: the router's auxiliary loss in the training forward
+               "reorder_and_upcast_attn": (False, None),  # GPT-2: eager attention's scores in fp32
+               "add_cross_attention": (False, None)}      # GPT-2: a cross-attention layer in every block
+
+
 def _features(r: _Reader) -> dict:
     fam = r.family
+    activation = r.get(fam.activation_key, fam.defaults.get("hidden_act", "silu"))
+    if activation not in ACTIVATIONS:
+        r.refuse(f"{fam.activation_key}={activation!r} is not modelled; the activation replay knows "
+                 f"{', '.join(ACTIVATIONS)}")
+    if fam.softcapping == "final" and r.get("attn_logit_softcapping") is not None:
+        r.refuse(f"attn_logit_softcapping={r.get('attn_logit_softcapping')!r} is not applied by transformers' "
+                 f"{r.model_type} (gemma2 soft-caps attention scores)")
+    for key, off in _UNMODELLED.items():
+        if r.config.get(key, None) not in off:
+            r.refuse(f"{key}={r.config[key]!r} is not modelled by the calculator (use {off[0]!r})")
     return dict(norm=fam.norm, norm_layout=fam.norm_layout, qk_norm=fam.qk_norm, fused_qkv=fam.fused_qkv,
                 fused_gate_up=fam.fused_gate_up, gated_mlp=fam.gated_mlp, scaled_embeddings=fam.scaled_embeddings,
                 parallel_residual=fam.layout == "gpt_neox" and bool(r.get("use_parallel_residual")),
-                activation=str(r.get(fam.activation_key, r.family.defaults.get("hidden_act", "silu"))),
-                attn_softcap=r.get("attn_logit_softcapping") if fam.softcapping else None,
-                final_softcap=r.get("final_logit_softcapping") if fam.softcapping else None)
+                activation=activation, rope_in_fp32=fam.rope_in_fp32, use_cache=bool(r.get("use_cache", True)),
+                attn_softcap=r.get("attn_logit_softcapping") if fam.softcapping == "both" else None,
+                final_softcap=r.get("final_logit_softcapping") if fam.softcapping != "none" else None)
 
 
 def _dropouts(r: _Reader) -> dict:

@@ -10,16 +10,16 @@ config dict, so each term can say which feature it depends on:
   attention    layer_types (per layer "full_attention" | "sliding_attention", transformers' names)
                and sliding_window (how many keys a sliding layer sees, the query's own included);
                qk_norm; fused_qkv; attention soft-capping
-  blocks       norm (RMSNorm, or LayerNorm with a bias), norm_layout, parallel_residual,
+  blocks       norm (Llama's, OLMo's or Gemma's RMSNorm, or LayerNorm with a bias), norm_layout, parallel_residual,
                gated_mlp / fused_gate_up, activation, biases
-  positions    rotary_dim (partial rotary), rope_type, rope_theta, local_rope_theta
+  positions    rotary_dim (partial rotary), rope_type, rope_theta, local_rope_theta, rope_in_fp32
   experts      num_experts routed experts of moe_intermediate_size, experts_per_token per token, on
                every layer but dense_layers; a shared expert (Qwen2-MoE, with its gate; DeepSeek-V3)
                every token also passes (moe.py)
   MLA          DeepSeek-V3's multi-head latent attention: q_lora_rank, kv_lora_rank, qk_nope_head_dim,
                qk_rope_head_dim, v_head_dim (mla.py)
   training     attention_dropout, residual_dropout, embedding_dropout (config.json's, 0 where the
-               family has no such dropout)
+               family has no such dropout); use_cache (transformers keeps a DynamicCache in training too)
 """
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ class ModelSpec:
     attn_softcap: float | None = None   # gemma2: tanh soft-capping of the attention logits
     final_softcap: float | None = None  # gemma2: tanh soft-capping of the output logits
     # Blocks.
-    norm: str = "rmsnorm"       # "rmsnorm" (weight only) | "layernorm" (weight and bias)
+    norm: str = "rmsnorm"       # "rmsnorm": Llama's, weight * normed.to(dtype) | "rmsnorm_olmo": (weight * normed)
+                                # .to(dtype) | "rmsnorm_gemma": (normed * (1 + weight)).to(dtype), in fp32 |
+                                # "layernorm" (weight and bias); the three RMSNorms have the same parameters
     norm_layout: str = "pre"    # "pre": norm before attention and MLP | "sandwich": also after each
                                 # (gemma2/3, four norms) | "post": after each only (olmo2)
     parallel_residual: bool = False  # gpt_neox: x + attn(ln1(x)) + mlp(ln2(x)) in one step
@@ -83,10 +85,12 @@ class ModelSpec:
     rope_type: str | None = None        # full-attention layers' rope_type (default, linear, dynamic, ...)
     rope_theta: float | None = None
     local_rope_theta: float | None = None  # gemma3 / olmo3: sliding layers' own cos/sin base
+    rope_in_fp32: bool = False  # olmo2 / olmo3: cos/sin stay fp32, q and k are rotated in fp32 and cast back
     # Training: dropout probabilities (families.Family.dropout_keys says which config key is which).
     attention_dropout: float = 0.0
     residual_dropout: float = 0.0
     embedding_dropout: float = 0.0
+    use_cache: bool = True      # config.use_cache: transformers' forward fills a DynamicCache unless it is off
 
     @property
     def q_size(self) -> int:

@@ -15,24 +15,31 @@ why it changes the bytes saved for backward:
   prepare for k-bit  every weight that is not 4-bit is fp32, so     norms in fp32 on an upcast copy of
                      the residual stream and the logits are fp32    their input, the output cast back
   input gradients    gradient_checkpointing_enable (and prepare     prepare_for_kbit_training's hook
-                     with checkpointing): the embedding output
-                     requires grad
+                     with checkpointing): the embedding output      (Gemma: on nn.Embedding, before the
+                     requires grad (Gemma: after the scale)         scale, which is then kept)
   MLP activation     ACT2FN: gelu_new is eight ops keeping four     one fused op keeping its input
                      tensors, the others one op
   eager attention    a float mask is added (nothing kept); GPT-2    masked_fill keeps a bool (T, T)
                      runs softmax in the scores' dtype, the         mask; softmax in fp32
                      others in fp32
+  SDPA, sliding      a (B, 1, T, T) boolean mask, kept by SDPA      a (T, T) boolean mask, the same
+  window < seq       as an additive copy in q's dtype per layer
   K and V            config.use_cache: a DynamicCache concatenates  used as projected
                      copies of k and v (without checkpointing)
   checkpointing      keeps each layer's hidden_states (positional)  keeps x, cos and sin
                      and GPT-2's eager float mask; cos/sin go by
                      keyword and are not kept
-  RoPE               cos/sin in the residual stream's dtype; the    cos/sin in that dtype, the output
-                     output takes the promoted dtype                cast back to q's
+  RoPE               one cos/sin pair (Gemma 3, OLMo 3: one per     one pair per layer type; the output
+                     layer type) in the residual stream's dtype;    cast back to q's (Phi-3, GPT-NeoX:
+                     the output takes the promoted dtype            the promoted dtype, as transformers)
+  experts            grouped_mm_experts_forward over the routed     SparseMoE: each expert on its tokens,
+                     copies sorted by expert; peft's ParamWrapper   index_add_ (moe_replay.py)
+                     LoRA folds into a whole new expert tensor
 """
 from __future__ import annotations
 
-from .spec import ModelSpec
+from .moe_replay import grouped_mm_experts, hf_router, index_add_experts
+from .spec import SLIDING, ModelSpec
 from .tape import AttentionShape, Sym, Tape
 
 __all__ = ["Replay", "Stack", "Transformers", "Minilora", "STACK_OBJECTS"]
@@ -46,7 +53,7 @@ class Replay:
         self.tape = Tape(setup.device, precision.autocast)
         self.full = setup.trainable == "all"
         self.mask = None          # transformers' float attention mask, made once per forward when eager
-        self.rope = ()            # (cos, sin), made once per forward
+        self.rope = {}            # layer type -> (cos, sin), made once per forward
         self.tile_bytes = 0       # the most one MLP tile saves (setup.mlp_tile), alive while backward recomputes it
 
     def lora_rank(self, name: str, rank: int | None = None) -> int:
@@ -85,21 +92,49 @@ class Replay:
             main.save(n)
         return Sym(rows * hidden, out.dtype, out.grad)
 
-    def attention(self, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float, v_contiguous: bool) -> Sym:
-        """The attention core -> (B, T, H*D), o_proj's input."""
-        if self.s.attn == "eager":
+    def layer_type(self, layer: int) -> str:
+        types = self.spec.layer_types
+        return types[layer] if types else "full_attention"
+
+    def rope_of(self, layer: int) -> tuple:
+        return self.rope.get(self.layer_type(layer), ())
+
+    def attention(self, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float, v_contiguous: bool,
+                  layer: int = 0) -> Sym:
+        """The attention core -> (B, T, H*D), o_proj's input. Soft-capped scores (Gemma 2) have no SDPA
+        path: transformers runs them eager (its default for the family), and so does reference_models."""
+        spec, s = self.spec, self.s
+        if s.attn == "eager" or (s.attn == "sdpa" and spec.attn_softcap):
             return self.stack.eager_attention(self, q, k, v, shape, p)
-        return self.tape.sdpa(q, k, v, shape, p, v_is_view=v_contiguous or shape.batch == 1)
+        window = spec.sliding_window if self.layer_type(layer) == SLIDING else None
+        # a sliding window shorter than the sequence needs a mask (flash_attention_2 takes the window itself)
+        mask = self.stack.sdpa_mask(self) if window and s.seq > window and s.attn == "sdpa" else 0
+        y = self.tape.sdpa(q, k, v, shape, p, v_is_view=v_contiguous or shape.batch == 1, mask=mask)
+        # CPU's flash kernel lays its output out as q is: (B, T, H, D) in memory after a RoPE on the
+        # transposed projection, so transpose(1, 2).contiguous() is free; a concatenated q is (B, H, T, D)
+        # and the output is copied (CUDA's kernels always write (B, T, H, D))
+        return Sym(y.numel, y.dtype, y.grad) if self.tape.device == "cpu" and rope_concatenates(spec) else y
+
+
+def rope_concatenates(spec: ModelSpec) -> bool:
+    """Phi-3 and GPT-NeoX (transformers' and reference_models') rotate the first rotary_dim dims and
+    torch.cat the rest back, even when nothing is left: a new, contiguous (B, H, T, D) tensor."""
+    return spec.family in ("phi3", "gpt_neox")
 
 
 def _rmsnorm(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
-    """transformers' LlamaRMSNorm (Qwen3's q/k norms too) and reference_models/norms.py, op for op."""
+    """transformers' LlamaRMSNorm, Olmo2RMSNorm and Gemma2RMSNorm (q/k norms too) and
+    reference_models/norms.py, op for op: the same fp32 normalisation, three ways to apply the weight."""
     t = r.tape
     x32 = t.to(x, "fp32")
     t.saves_input(x32, fp32_list=True)                               # x32.pow(2) keeps x32
     inv = t.saves_output(Sym(x.numel // dim, "fp32", x.grad), fp32_list=True)   # rsqrt(mean + eps): (.., 1)
-    y = t.to(t.mul(x32, inv), x.dtype)                               # keeps x32 and inv
-    return t.mul(t.param(dim, weight_dtype, r.full), y)              # keeps y when the weight trains
+    normed = t.mul(x32, inv)                                         # keeps x32 and inv
+    if r.spec.norm == "rmsnorm_gemma":   # normed * (1 + weight.float()): 1 + w is an fp32 (dim,) tensor of its own
+        return t.to(t.mul(normed, Sym(dim, "fp32", r.full)), x.dtype)
+    if r.spec.norm == "rmsnorm_olmo":    # (weight * normed).to(dtype): the fp32 normed is kept for the weight
+        return t.to(t.mul(t.param(dim, weight_dtype, r.full), normed), x.dtype)
+    return t.mul(t.param(dim, weight_dtype, r.full), t.to(normed, x.dtype))   # keeps the cast when the weight trains
 
 
 def _norm_body(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
@@ -110,10 +145,10 @@ def _norm_body(r: Replay, x: Sym, weight_dtype: str, dim: int) -> Sym:
 
 def _eager_core(r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float, *, mask_kept: bool,
                mask: Sym | None, softmax_dtype: str | None, probs_dtype: str) -> Sym:
-    """softmax(q k^T * scale [+ mask]) @ v as batched matmuls -> (B, T, H*D), o_proj's input. matmul
-    reshapes q, k^T and v (B, H, T, D) to (B*H, T, D): a copy of the transposed views, except with
-    batch 1, where the reshape is a view of the tensor's own storage (GPT-2's q: the whole c_attn
-    output); repeat_kv's GQA expansion of k and v is a new (B, H, T, D) tensor either way."""
+    """softmax(q k^T * scale [soft-capped] [+ mask]) @ v as batched matmuls -> (B, T, H*D), o_proj's
+    input. matmul reshapes q, k^T and v (B, H, T, D) to (B*H, T, D): a copy of the transposed views,
+    except with batch 1, where the reshape is a view of the tensor's own storage (GPT-2's q: the whole
+    c_attn output); repeat_kv's GQA expansion of k and v is a new (B, H, T, D) tensor either way."""
     t = r.tape
 
     def operand(x: Sym, kv: bool = False) -> Sym:
@@ -123,6 +158,8 @@ def _eager_core(r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: flo
 
     att = t.bmm(operand(q), operand(k, kv=True), shape.bhtt)
     att = t.scalar(att)                                              # * scale
+    if r.spec.attn_softcap:                                          # Gemma 2: cap * tanh(scores / cap)
+        att = t.scalar(t.saves_output(t.scalar(att)))                # tanh keeps its output
     if mask_kept and att.grad:
         t.keep(shape.seq * shape.seq, "bool")                        # masked_fill(~mask) keeps ~mask
     if mask is not None:
@@ -136,11 +173,28 @@ class Stack:
     """The steps of a forward pass that a stack runs its own way (the table in the module docstring);
     what both run alike is written once here or in blocks.py."""
     name = ""
+    hooks_before_embedding_scale = False    # where the input-gradient hook sits on a scaled embedding
 
     def input_requires_grad(self, r: Replay) -> bool:
         raise NotImplementedError
 
-    def checkpoint_inputs(self, r: Replay, x: Sym) -> list:
+    def checkpoint_inputs(self, r: Replay, x: Sym, layer: int) -> list:
+        raise NotImplementedError
+
+    def rope_types(self, spec: ModelSpec) -> bool:
+        """Does each layer type get a cos/sin pair of its own (else one pair serves every layer)?"""
+        raise NotImplementedError
+
+    def sdpa_mask(self, r: Replay) -> int:
+        """Elements of the boolean sliding-window mask handed to SDPA."""
+        raise NotImplementedError
+
+    def router(self, r: Replay, n: Sym) -> Sym:
+        """A sparse layer's router: (N, C) tokens -> (N, E) logits."""
+        return r.linear(n, "mlp.gate", r.spec.hidden_size, r.spec.num_experts)
+
+    def experts(self, r: Replay, n: Sym, weights: Sym) -> Sym:
+        """The routed experts of a sparse layer: (N, C) tokens and their (N, k) routing weights -> (N, C)."""
         raise NotImplementedError
 
     def training_kv(self, r: Replay, k: Sym, v: Sym) -> tuple:
@@ -169,11 +223,13 @@ class Stack:
             return t.to(out, x.dtype)
         return t.linear(x, n_in, n_out, r.full, p.embedding if name == "lm_head" else p.linear)
 
-    def rope(self, r: Replay, x: Sym) -> Sym:
-        """(x * cos) + (rotate_half(x) * sin): cos and sin are kept for x's gradient."""
+    def rope(self, r: Replay, x: Sym, layer: int) -> Sym:
+        """(x * cos) + (rotate_half(x) * sin), on the first rotary_dim dims of each head (the rest
+        concatenated back): cos and sin are kept for x's gradient. OLMo casts the result back to x's dtype."""
         t = r.tape
-        cos, sin = r.rope
-        return t.add(t.mul(x, cos), t.mul(t.scalar(x), sin))
+        cos, sin = r.rope_of(layer)
+        out = t.add(t.mul(x, cos), t.mul(t.scalar(x), sin))
+        return t.to(out, x.dtype) if r.spec.rope_in_fp32 else out
 
 
 class Transformers(Stack):
@@ -182,9 +238,21 @@ class Transformers(Stack):
     def input_requires_grad(self, r: Replay) -> bool:
         return r.s.grad_ckpt != "none"      # enable_input_require_grads, from checkpointing or prepare
 
-    def checkpoint_inputs(self, r: Replay, x: Sym) -> list:
+    def checkpoint_inputs(self, r: Replay, x: Sym, layer: int) -> list:
         # GradientCheckpointingLayer checkpoints forward(*args): GPT-2 passes its attention mask positionally
         return [x] + ([r.mask] if r.mask is not None and r.spec.family == "gpt2" else [])
+
+    def rope_types(self, spec: ModelSpec) -> bool:
+        return spec.local_rope_theta is not None   # Gemma 3 and OLMo 3's rotary_emb runs per layer type
+
+    def sdpa_mask(self, r: Replay) -> int:
+        return r.s.batch * r.s.seq * r.s.seq  # create_sliding_window_causal_mask: (B, 1, T, T)
+
+    def router(self, r: Replay, n: Sym) -> Sym:
+        return hf_router(r, n)
+
+    def experts(self, r: Replay, n: Sym, weights: Sym) -> Sym:
+        return grouped_mm_experts(r, n, weights)
 
     def loss_targets(self, r: Replay) -> int:
         # ForCausalLMLoss pads labels to (B, T + 1) and takes [..., 1:].contiguous(): with batch 1
@@ -192,9 +260,9 @@ class Transformers(Stack):
         return r.s.seq + 1 if r.s.batch == 1 else r.s.batch * r.s.seq
 
     def training_kv(self, r: Replay, k: Sym, v: Sym) -> tuple:
-        # config.use_cache is on while training: DynamicCache.update returns torch.cat copies
-        # (checkpointed layers run without a cache)
-        if r.s.grad_ckpt != "none":
+        # config.use_cache is on while training: DynamicCache.update returns torch.cat copies (a sliding
+        # layer's too: it returns the whole concatenation); checkpointed layers run without a cache
+        if r.s.grad_ckpt != "none" or not r.spec.use_cache:
             return k, v
         return Sym(k.numel, k.dtype, k.grad), Sym(v.numel, v.dtype, v.grad)
 
@@ -228,12 +296,22 @@ class Transformers(Stack):
 
 class Minilora(Stack):
     name = "minilora"
+    hooks_before_embedding_scale = True   # prepare_for_kbit_training hooks the nn.Embedding itself
 
     def input_requires_grad(self, r: Replay) -> bool:
         return bool(r.s.prepare_kbit)       # prepare_for_kbit_training's forward hook on the embedding
 
-    def checkpoint_inputs(self, r: Replay, x: Sym) -> list:
-        return [x, *r.rope]
+    def checkpoint_inputs(self, r: Replay, x: Sym, layer: int) -> list:
+        return [x, *r.rope_of(layer)]
+
+    def rope_types(self, spec: ModelSpec) -> bool:
+        return True                         # Llama keeps a Rope per layer type (one type: one pair)
+
+    def sdpa_mask(self, r: Replay) -> int:
+        return r.s.seq * r.s.seq            # reference_models._common.causal_mask: (T, T)
+
+    def experts(self, r: Replay, n: Sym, weights: Sym) -> Sym:
+        return index_add_experts(r, n, weights)
 
     def adapter(self, r: Replay, x: Sym, y: Sym, n_in: int, n_out: int, rank: int) -> Sym:
         t, p, s = r.tape, r.p, r.s
@@ -262,8 +340,11 @@ class Minilora(Stack):
     def eager_attention(self, r: Replay, q: Sym, k: Sym, v: Sym, shape: AttentionShape, p: float) -> Sym:
         return _eager_core(r, q, k, v, shape, p, mask_kept=True, mask=None, softmax_dtype="fp32", probs_dtype=q.dtype)
 
-    def rope(self, r: Replay, x: Sym) -> Sym:
-        return r.tape.to(super().rope(r, x), x.dtype)
+    def rope(self, r: Replay, x: Sym, layer: int) -> Sym:
+        # apply_rotary casts back to x's dtype, except when it cuts the rotated part off and concatenates the
+        # rest back (Phi-3 and GPT-NeoX's split=True): the concatenation takes the promoted dtype
+        out = super().rope(r, x, layer)
+        return out if rope_concatenates(r.spec) else r.tape.to(out, x.dtype)
 
 
 STACK_OBJECTS = {"hf": Transformers(), "minilora": Minilora()}

@@ -10,7 +10,9 @@ dtype, come from the setup's recipe (`Precision.of`), decided once. What the tra
 holds besides the parameters: RoPE's inv_freq and original_inv_freq buffers (fp32, per rotary
 embedding), Gemma's embed_scale buffer, and per 4-bit layer its own 16-entry codebook and, with
 double quantization, its own 256-entry nested map (bitsandbytes' QuantState, measured on CPU); a
-4-bit layer's bias is cast to the compute dtype by Linear4bit's first forward.
+4-bit layer's bias is cast to the compute dtype by Linear4bit's first forward. bitsandbytes replaces
+nn.Linear layers only: transformers' 3-D expert tensors and routers stay dense (minilora's quantize_model
+stores each expert in NF4).
 """
 from __future__ import annotations
 
@@ -71,10 +73,12 @@ def hf_buffer_bytes(spec: ModelSpec, precision: Precision) -> int:
     return ropes * 2 * (spec.rotary_dim // 2) * 4 + scale
 
 
-def quantized_linears(spec: ModelSpec) -> list[Linear]:
-    """QLoRA quantizes every linear layer except lm_head and a MoE gate (Qwen2-MoE's shared_expert_gate,
-    kept dense like the router, as minilora's quantize_model does); embeddings and norms stay 16-bit."""
-    return [lin for lin in linear_layers(spec) if lin.name != "lm_head" and not lin.name.endswith("shared_expert_gate")]
+def quantized_linears(spec: ModelSpec, stack: str = "minilora") -> list[Linear]:
+    """QLoRA quantizes every linear layer except lm_head; embeddings and norms stay 16-bit. bitsandbytes
+    (stack "hf") replaces every nn.Linear, Qwen2-MoE's shared_expert_gate included; minilora's
+    quantize_model keeps a MoE gate dense (shared_expert_gate, like the router)."""
+    return [lin for lin in linear_layers(spec) if lin.name != "lm_head"
+            and (stack == "hf" or not lin.name.endswith("shared_expert_gate"))]
 
 
 def _in_first_block(name: str) -> bool:  # GPT-2's `h.0` or the Llama family's `layers.0`
@@ -87,15 +91,15 @@ def _adam8bit_bytes(n: int) -> int:
     return 2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT else 2 * 4 * n
 
 
-def _optimizer_state_bytes(numels: list[int], optimizer: str, state_bytes: int) -> int:
-    """Optimizer states on the device for the given trainable tensors (list of numel)."""
+def _optimizer_state_bytes(numels: list[int], optimizer: str, state_bytes: list[int]) -> int:
+    """Optimizer states on the device for the given trainable tensors (numel, and bytes per state element)."""
     if optimizer == "adamw":  # m and v, plus torch's per-tensor fp32 `step`
-        return sum(2 * n * state_bytes + 4 for n in numels)
+        return sum(2 * n * b + 4 for n, b in zip(numels, state_bytes))
     if optimizer == "adamw8bit":  # bitsandbytes: uint8 m, v + fp32 absmax per 256; small tensors fp32
         total = 2 * 256 * 4  # the signed and unsigned dynamic maps, shared by all tensors
         return total + sum(_adam8bit_bytes(n) for n in numels)
     if optimizer == "sgd-momentum":
-        return sum(n * state_bytes for n in numels)
+        return sum(n * b for n, b in zip(numels, state_bytes))
     return 0  # sgd, offload (states live on the host)
 
 
@@ -114,16 +118,25 @@ def _nf4_size(tensor: Tensor, setup: TrainingSetup, quantized: set) -> int | Non
     constants = (64 + (1024 if setup.double_quant else 0)) if setup.stack == "hf" else 0
     if tensor.name in quantized:
         return nf4_bytes(tensor.numel, setup.block_size, setup.double_quant) + constants
-    if setup.method == "qlora" and tensor.kind == "experts":
+    if setup.method == "qlora" and tensor.kind == "experts" and setup.stack == "minilora":
         per = tensor.numel // tensor.shape[0]  # each expert quantized as its own (out, in) matrix
         return tensor.shape[0] * (nf4_bytes(per, setup.block_size, setup.double_quant) + constants)
     return None
 
 
+def _trainable_bytes(trainable: list, p: Precision, setup: TrainingSetup) -> list[int]:
+    """Bytes per element of each trainable tensor: the recipe's (Precision.gradients), except peft's
+    ParamWrapper adapters (on a router's or an expert tensor's parameter), made in their parameter's
+    dtype: fp32 after prepare_model_for_kbit_training, even without autocast_adapter_dtype."""
+    wrapped = 4 if setup.stack == "hf" and setup.method != "full" and p.embedding == "fp32" else p.gradients
+    return [wrapped if ".mlp.experts." in name or name.split(".lora_")[0].endswith(".mlp.gate") else p.gradients
+            for name, _ in trainable]
+
+
 def _dense_dtype(tensor: Tensor, p: Precision, setup: TrainingSetup) -> str:
     """The dtype a parameter is held in, by kind (prepare_model_for_kbit_training changes some)."""
-    if tensor.kind in ("embedding", "head"):
-        return p.embedding
+    if tensor.kind in ("embedding", "head") or (tensor.kind in ("experts", "router") and setup.stack == "hf"):
+        return p.embedding   # hf: every weight bitsandbytes leaves dense (3-D experts too) is fp32 after prepare
     if tensor.kind == "norm":
         return p.norm
     if tensor.kind == "bias" and setup.method == "qlora" and setup.stack == "hf":
@@ -138,15 +151,16 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> ModelStates:
     p = Precision.of(setup)
     tensors = parameter_tensors(spec)
     sizes = [DTYPE_BYTES[_dense_dtype(t, p, setup)] for t in tensors]
-    trainable_bytes = p.gradients    # a trainable tensor's own dtype
     if setup.method == "full":
         trainable, frozen = [(t.name, t.shape) for t in tensors], []
     else:
         trainable, frozen = lora_tensors(spec, setup.lora), list(zip(tensors, sizes))
-    quantized = {f"{lin.name}.weight" for lin in quantized_linears(spec)} if setup.method == "qlora" else set()
+    quantized = ({f"{lin.name}.weight" for lin in quantized_linears(spec, setup.stack)} if setup.method == "qlora"
+                 else set())
     quantized_bytes = block_quantized = 0
     dense = []
-    block_dense = sum(math.prod(shape) for name, shape in trainable if _in_first_block(name)) * trainable_bytes
+    numels, own = [math.prod(shape) for _, shape in trainable], _trainable_bytes(trainable, p, setup)
+    block_dense = sum(n * b for (name, _), n, b in zip(trainable, numels, own) if _in_first_block(name))
     for t, size in frozen:
         nf4 = _nf4_size(t, setup, quantized)
         if nf4 is None:
@@ -155,14 +169,14 @@ def model_state_bytes(spec: ModelSpec, setup: TrainingSetup) -> ModelStates:
         else:
             quantized_bytes += nf4
             block_quantized += nf4 if _in_first_block(t.name) else 0
-    numels = [math.prod(shape) for _, shape in trainable]
-    offload = setup.optimizer.startswith("offload")
+    offload, trained = setup.optimizer.startswith("offload"), sum(n * b for n, b in zip(numels, own))
     buffers = hf_buffer_bytes(spec, p) if setup.stack == "hf" else 0
     return ModelStates(
-        weights=quantized_bytes + sum(math.prod(sh) * b for sh, b in dense) + sum(numels) * trainable_bytes + buffers,
-        gradients=0 if offload else sum(numels) * p.gradients,
+        weights=quantized_bytes + sum(math.prod(sh) * b for sh, b in dense) + trained + buffers,
+        gradients=0 if offload else trained,
         master=0 if offload else sum(numels) * p.master,
-        optimizer=_optimizer_state_bytes(numels, setup.optimizer, p.optimizer_states),
+        optimizer=_optimizer_state_bytes(numels, setup.optimizer,
+                                         [p.optimizer_states if b == p.gradients else b for b in own]),
         optimizer_scalars=4 * len(numels) if setup.optimizer == "adamw" else 0,
         host=_offload_host_bytes(numels, p.master > 0, setup.optimizer == "offload8bit") if offload else 0,
         params=sum(t.numel for t in tensors), trainable=sum(numels),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 __all__ = ["DTYPE_SIZE", "Sym", "Tape", "AttentionShape", "promote"]
 
-DTYPE_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8, "bool": 1}
+DTYPE_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8, "int32": 4, "bool": 1}
 _FLOATS = ("fp32", "bf16", "fp16")
 
 
@@ -202,12 +202,18 @@ class Tape:
             self.keep(targets, "int64")
             self.keep(1, "fp32")
 
-    def sdpa(self, q: Sym, k: Sym, v: Sym, shape: AttentionShape, dropout: float, v_is_view: bool = False) -> Sym:
+    def sdpa(self, q: Sym, k: Sym, v: Sym, shape: AttentionShape, dropout: float, v_is_view: bool = False,
+             mask: int = 0) -> Sym:
         """F.scaled_dot_product_attention, causal. The flash / memory-efficient kernels keep q, k, v
-        (GQA unexpanded), the output and an fp32 logsumexp (B, H, T). On CPU with dropout the math
-        kernel runs instead, in fp32: it keeps q and k^T (scaled copies), v (upcast, GQA-expanded, or a
-        view of the given v when `v_is_view`: fp32, no expansion, and a (B*H, T, D) layout), the
-        softmax, the dropout mask and the dropped probabilities (B, H, T, T each). Output: (B, T, H*D)."""
+        (GQA unexpanded), the output and an fp32 logsumexp (B, H, T). With a boolean `mask` of that many
+        elements (a sliding window shorter than the sequence) the caller has expanded k and v to every
+        head (repeat_kv: GQA needs no mask), and the kernel keeps the mask converted to q's dtype, a copy
+        per call. On CPU with dropout the math kernel runs instead, in fp32: it keeps q and k^T (scaled
+        copies), v (upcast, GQA-expanded, or a view of the given v when `v_is_view`: fp32, no expansion,
+        and a (B*H, T, D) layout), the softmax, the dropout mask and the dropped probabilities (B, H, T, T
+        each); a mask is added, not kept. Output: (B, T, H*D)."""
+        if mask and shape.kv_heads < shape.heads:   # repeat_kv: (B, H_kv, T, D) -> (B, H, T, D), new tensors
+            k, v = Sym(shape.bhtd, k.dtype, k.grad), Sym(shape.bhtd, v.dtype, v.grad)
         q, k, v = self.lower(q), self.lower(k), self.lower(v)
         grad = q.grad or k.grad or v.grad
         out = Sym(shape.bhtd, q.dtype, grad)
@@ -229,4 +235,6 @@ class Tape:
             return out
         self.save(q, k, v, out)
         self.keep(shape.batch * shape.heads * shape.seq, "fp32")
+        if mask:
+            self.keep(mask, q.dtype)                  # the boolean mask as an additive one, in q's dtype
         return out

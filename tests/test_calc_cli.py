@@ -97,7 +97,8 @@ def test_cost_and_inference(capsys):
     assert cost["flops_per_token"] >= 6 * 124_439_808
     assert main(["vram", "--model", "llama-3-8b", "--inference", "--seq", "1024", "--json"]) == 0
     terms = {t["name"]: t["gpu"] for t in json.loads(capsys.readouterr().out)["terms"]}
-    assert terms["KV cache"] == 2 * 32 * 8 * (1024 + 256) * 128 * 2
+    # k and v x 32 layers x 8 kv heads x (prompt + new tokens - 1: the last token is never fed back) x 128 x bf16
+    assert terms["KV cache"] == 2 * 32 * 8 * (1024 + 256 - 1) * 128 * 2
 
 
 @pytest.mark.parametrize("key,value", [("num_local_experts", -1), ("num_local_experts", "8"),

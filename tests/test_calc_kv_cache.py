@@ -120,3 +120,38 @@ def test_gqa_and_head_dim_set_the_bytes_per_position():
 def test_bad_kv_cache_inputs(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kv_cache_bytes(model_spec("gpt2"), **kwargs)
+
+
+# inference_memory's KV cache: GQA (one and two kv heads), explicit head_dims, sliding windows shorter than
+# the prompt (every layer, alternating, from max_window_layers on), MLA's latent; prompt 7 > window 5
+INFERENCE = [CASES[1], CASES[2], CASES[4], CASES[6], CASES[7], CASES[0],
+             dict(model_type="deepseek_v3", vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4,
+                  num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16,
+                  q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10, max_position_embeddings=64)]
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("config", INFERENCE, ids=lambda c: c["model_type"])
+def test_inference_kv_cache_term_exact_vs_transformers_generate_and_reference_models_cache(config):
+    from calculators import inference_memory
+    from reference_models import from_hf_config
+
+    batch, prompt, new_tokens = 2, 7, 6
+    terms = {t.name: t.gpu for t in inference_memory(model_spec(config), batch=batch, prompt=prompt,
+                                                     new_tokens=new_tokens, dtype="fp32").terms}
+    hf = tiny_model(config)
+    assert terms["KV cache"] == cache_storage_bytes(generate_cache(hf, batch, prompt, new_tokens))
+    if config["model_type"] == "deepseek_v3":   # no reference model
+        return
+    ours = from_hf_config(hf.config.to_dict()).eval()
+    cache = ours.new_cache(batch, prompt + new_tokens - 1)   # what ours.generate allocates
+    ids = torch.randint(1, 97, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours(ids, kv_cache=cache)   # the prefill: sliding layers pin the whole prompt's keys until the next step
+        assert cache.nbytes() == terms["KV cache"] + terms.get("prompt keys of sliding layers", 0)
+        for _ in range(new_tokens - 1):
+            ours(ids[:, :1], kv_cache=cache)
+    assert cache.nbytes() == terms["KV cache"]
+    if any(t == "sliding_attention" for t in model_spec(config).layer_types):
+        assert terms["prompt keys of sliding layers"] > 0

@@ -390,8 +390,12 @@ def _block_bytes(model, forward) -> list:
     return loss, [sum(n for ptr, n in seen.items() if ptr not in skip) for seen in per_block]
 
 
+# every family with a dense MLP: the experts' families refuse the tile (test_experts_refuse_the_tile_naming_the_model)
+DENSE = [family for family in FAMILIES if family not in ("mixtral", "qwen2_moe", "qwen3_moe")]
+
+
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", DENSE)
 @settings(max_examples=4)
 @given(drawn=cases, tile=st.integers(1, 40))
 def test_the_tiled_mlps_saved_bytes_one_block_and_one_tile_equal_the_calculators_exactly(family, method, drawn, tile):
@@ -411,7 +415,11 @@ def test_the_tiled_mlps_saved_bytes_one_block_and_one_tile_equal_the_calculators
         out, saved = saved_by(model, loss)
     else:
         out, blocks = _block_bytes(model, loss)
-        assert blocks[1:] == [act["layer_full"]] * (len(blocks) - 1)  # blocks whose input needs a gradient
+        # blocks whose input needs a gradient; layer_full is the block of the kind that keeps the most
+        one_kind = len(set(spec.layer_types)) < 2 or case.seq <= spec.sliding_window
+        assert blocks[1:] == [act["layer_full"]] * (len(blocks) - 1) if one_kind else max(blocks) <= act["layer_full"]
+        if case.method == "full":  # every block's input needs a gradient: the heaviest kind is measured too
+            assert max(blocks) == act["layer_full"]
         out, saved = saved_by(model, loss)
     assert saved == act["total"]
     if case.batch * case.seq <= tile:  # one tile: the MLP runs whole, and nothing is recomputed for it
@@ -419,4 +427,20 @@ def test_the_tiled_mlps_saved_bytes_one_block_and_one_tile_equal_the_calculators
         return
     tiles = _tile_bytes_in_backward(model)
     out.backward()
-    assert len(tiles) == LAYERS * -(-case.batch * case.seq // tile) and max(tiles) == act["mlp_tile"] > 0
+    # autograd runs no backward where nothing before it trains: GPT-NeoX's first MLP (parallel residual)
+    # reads the frozen embedding's output, and under LoRA on query_key_value its own weights are frozen too
+    skipped = spec.parallel_residual and case.method == "lora-qv"
+    assert len(tiles) == (LAYERS - skipped) * -(-case.batch * case.seq // tile) and max(tiles) == act["mlp_tile"] > 0
+
+
+@pytest.mark.parametrize("family,attn", [("qwen2", "sdpa"), ("gemma3_text", "sdpa"), ("qwen3", "eager")])
+def test_the_recomputed_block_is_the_kind_of_block_that_keeps_the_most_exactly(family, attn):
+    # past its window a sliding layer keeps its mask: Qwen2's second layer slides, Gemma 3's first
+    case = Case("minilora", family, "full", attn=attn, precision="fp32", batch=1, seq=40, width=96)
+    spec = model_spec(hf_config(case).to_dict())
+    act = activation_bytes(spec, ActivationSetup.of(spec, training_setup(case)))
+    model = build_minilora(case)
+    ids = torch.randint(0, VOCAB_GRID, (case.batch, case.seq), generator=torch.Generator().manual_seed(1))
+    _, blocks = _block_bytes(model, lambda: model(ids, ids.roll(-1, dims=1))[1])
+    assert max(blocks) == act["layer_full"]
+    assert len(set(blocks)) == (1 if attn == "eager" else 2)   # SDPA's mask is the difference

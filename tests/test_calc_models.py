@@ -388,6 +388,9 @@ REFUSED = [
     (dict(model_type="gpt_neox", **SMALL, rotary_pct=1.5), r"rotary_pct must be in \(0, 1\], got 1.5"),
     (dict(model_type="gemma2", **SMALL, sliding_window=0), r"sliding_window must be a positive integer, got 0"),
     (dict(model_type="qwen3", **SMALL, num_key_value_heads=2, rope_theta=None), r"rope_theta must be a positive number"),
+    (dict(model_type="gpt2", vocab_size=97, n_embd=48, n_layer=2, n_head=4, add_cross_attention=True),
+     r"add_cross_attention=True is not modelled by the calculator \(use False\) \(model_type gpt2\)"),
+    (dict(model_type="mixtral", **SMALL, num_key_value_heads=2, router_jitter_noise=0.1), r"router_jitter_noise=0.1 is not modelled"),
     (dict(model_type="gemma3", text_config=dict(model_type="gemma3_text")),
      r"model_type must be one of .*, got 'gemma3'; its text_config \(model_type 'gemma3_text'\) describes"),
 ]

@@ -197,3 +197,16 @@ def test_tiny_transformers_moe_configs_read_back_as_our_specs():
         hf = tf.AutoConfig.for_model(**model.config.to_hf_dict())
         assert (spec.num_experts, spec.experts_per_token) == (4, 2)
         assert count_parameters(spec) == sum(p.numel() for p in model.parameters()) == hf_count(hf.to_dict())
+
+
+def test_deepseek_v3_activations_replay_its_latent_attention_and_say_they_are_estimated():
+    def activations(model, targets):
+        b = training_memory(model_spec(model), TrainingSetup(method="qlora", batch=1, seq=1024,
+                                                             lora=LoRASpec(targets=targets)))
+        return next(t for t in b.terms if t.name == "activations")
+
+    # peft's default targets for deepseek_v3 are the latent attention's own projections
+    default, kv_only = activations("deepseek-v3", None), activations("deepseek-v3", ["kv_b_proj"])
+    assert 0 < kv_only.gpu < default.gpu
+    assert "estimated, not measured" in default.assumption and "DeepseekV3Attention" in default.assumption
+    assert "estimated" not in activations("mixtral-8x7b", None).assumption

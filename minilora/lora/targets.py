@@ -41,8 +41,10 @@ def _output_head(model: nn.Module) -> str | None:
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every named module that is not inside a LoRALinear or LoRAExperts (its base_layer, lora_A, ...)."""
-    inner = {f"{p}.{s}" for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))
+    """Every named module that is not inside a LoRALinear or LoRAExperts (its base_layer, lora_A, ...) or an
+    experts module (ExpertsNF4's per-expert 4-bit layers: its tensors are targeted as expert tensors, and
+    Qwen's per-expert names, e.g. down_proj, would otherwise match their ModuleList)."""
+    inner = {f"{p}.{s}" for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts)) or is_experts(m)
              for s, _ in m.named_modules() if s}
     return {n: m for n, m in model.named_modules() if n and n not in inner}
 
