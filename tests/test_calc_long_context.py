@@ -93,13 +93,14 @@ def head_gradient(spec, dtype, method):
     return spec.vocab_size * spec.hidden_size * dtype.itemsize if method == "full" else 0
 
 
-# the recipes where the hidden states are not in the compute dtype, or lm_head would keep a cast copy:
+# recipes where the hidden states are not in the compute dtype or lm_head would keep a cast copy:
 # autocast over fp32 weights (an fp32 residual stream, 16-bit matmuls) and QLoRA with and without
-# prepare_for_kbit_training (fp32 norms)
+# prepare_for_kbit_training (fp32 norms); Gemma 2's final soft-cap, applied per chunk, keeps nothing
 RECIPES = [("llama", "lora-all", "fp32+autocast", False), ("gpt2", "full", "fp32+autocast", True),
            ("llama", "full", "fp32+autocast", False), ("gpt2", "lora-qv", "fp32+autocast", False),
            ("llama", "qlora-prepare", "bf16", True), ("gpt2", "qlora-prepare", "bf16", False),
-           ("qwen3", "qlora", "bf16", False), ("llama", "full", "bf16", False)]
+           ("qwen3", "qlora", "bf16", False), ("llama", "full", "bf16", False),
+           ("gemma2", "lora-all", "fp32+autocast", False), ("gpt_neox", "qlora-prepare", "bf16", False)]
 
 
 @pytest.mark.parametrize("family,method,precision,ckpt", RECIPES)
