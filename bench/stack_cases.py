@@ -238,7 +238,7 @@ def training_setup(case: Case):
                          attn=case.attn, dtype="bf16" if case.precision == "bf16" else "fp32",
                          autocast="bf16" if case.precision == "fp32+autocast" else "none",
                          lora=LoRASpec(rank=case.rank, alpha=2 * case.rank, targets=targets, dropout=case.lora_dropout),
-                         device="cpu", stack=case.stack,
+                         device="cpu", stack=case.stack, loss="full",   # the grid's models compute the full loss
                          prepare_kbit=(case.method == "qlora-prepare") if method == "qlora" else None,
                          master_weights=False if case.stack == "minilora" else None,
                          autocast_adapter_dtype=None if case.stack == "minilora" or case.adapter_fp32 else False)
