@@ -86,3 +86,10 @@ def assert_training_gradients_equal(hf, ours, x) -> None:
     assert set(mine) == set(theirs)
     for name, grad in mine.items():
         torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def save_tiny_families(root, families):
+    """One saved tiny checkpoint per family, each in root/<family> (a module fixture's folder)."""
+    for family in families:
+        save_tiny(family, root / family)
+    return root

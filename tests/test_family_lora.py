@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from hf_factories import FAMILIES, save_tiny
+from hf_factories import FAMILIES, save_tiny, save_tiny_families
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_qlora_checkpoints import loads_in_transformers_and_round_trips, reference_matmul
 from transformers import BitsAndBytesConfig
@@ -32,10 +32,7 @@ IDS = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(1))
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    for family in DECODERS:
-        save_tiny(family, root / family)
-    return root
+    return save_tiny_families(tmp_path_factory.mktemp("families"), DECODERS)
 
 
 def twins(checkpoints, family):

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from hf_factories import MOE_FAMILIES, TINY, save_tiny
+from hf_factories import MOE_FAMILIES, TINY, save_tiny_families
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -39,10 +39,7 @@ PER_EXPERT = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen2_moe": ("
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    for family in MOE_FAMILIES:
-        save_tiny(family, root / family)
-    return root
+    return save_tiny_families(tmp_path_factory.mktemp("moe"), MOE_FAMILIES)
 
 
 def twins(checkpoints, family):

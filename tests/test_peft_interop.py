@@ -9,7 +9,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from hf_factories import save_tiny
+from hf_factories import save_tiny_families
 from minilora.lora.layer import LoRAConfig
 from minilora.lora.model import inject, lora_layers, trainable_parameters
 from minilora.lora.peft_io import load_adapter, save_adapter
@@ -26,10 +26,7 @@ VARIANTS = {"plain": {"rank_pattern": {"c_attn": 6, "q_proj": 6}, "alpha_pattern
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    for family in ("gpt2", "llama"):
-        save_tiny(family, root / family)
-    return root
+    return save_tiny_families(tmp_path_factory.mktemp("ckpt"), ("gpt2", "llama"))
 
 
 def twins(checkpoints, family):
