@@ -178,7 +178,7 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
 
     Returns {"embedding": ..., "layers": [per-layer bytes], "shared": RoPE cos/sin and transformers'
     eager mask (made once, kept by the first layer that needs them, reported here), "head": final
-    norm + lm_head input ("final_norm": the norm's share; "hidden_dtype": its output's dtype), "loss":
+    norm + lm_head input ("final_norm": the norm's share; "hidden_bytes": its output's bytes), "loss":
     fp32 log-softmax + targets, "total": their sum, "layer_full": one
     layer's bytes without checkpointing, "mlp_tile": what one tile of a tiled MLP saves while
     backward recomputes it (0 without mlp_tile)}.
@@ -208,4 +208,4 @@ def activation_bytes(spec: ModelSpec, setup: ActivationSetup) -> dict:
     total = t.total()
     layer_full, tile = _one_layer_bytes(spec, s)
     return {"embedding": embedding, "layers": layers, "shared": shared, "head": head, "loss": loss,
-            "final_norm": final_norm, "hidden_dtype": hidden.dtype, "total": total, "layer_full": layer_full, "mlp_tile": max(r.tile_bytes, tile)}
+            "final_norm": final_norm, "hidden_bytes": hidden.nbytes, "total": total, "layer_full": layer_full, "mlp_tile": max(r.tile_bytes, tile)}

@@ -49,8 +49,6 @@ against the allocations an op-by-op tracker sees, the host bytes against the off
 """
 from __future__ import annotations
 
-from .tape import DTYPE_SIZE
-
 __all__ = ["LOSSES", "DEFAULT_LOSS_CHUNK", "check_long_context", "chunk_tokens", "chunked_loss_bytes", "with_chunked_loss",
            "offload_activation_bytes", "pinned_bytes", "mlp_tile_rows"]
 
@@ -95,11 +93,11 @@ def mlp_tile_rows(setup) -> int:
 
 
 def chunked_loss_bytes(spec, setup, dtype_bytes: int, head_trainable: bool, hidden_bytes: int) -> dict:
-    """{"kept": kept from forward to backward (the hidden states' gradient, in the hidden states'
-    dtype: hidden_bytes), "forward": alive besides it at forward's end, its last chunk (the chunk's
+    """{"kept": kept from forward to backward (the hidden states' gradient, as large as the hidden
+    states: hidden_bytes, activation_bytes' "hidden_bytes"), "forward": alive besides it at forward's end, its last chunk (the chunk's
     buffers in dtype_bytes, the compute dtype, and the head's input)}, neither counting the head's own
     gradient (the gradients term's), as in the module docstring."""
-    tokens, hidden, vocab, d = setup.batch * setup.seq, spec.hidden_size, spec.vocab_size, dtype_bytes
+    hidden, vocab, d = spec.hidden_size, spec.vocab_size, dtype_bytes
     rows = chunk_tokens(setup)
     chunk = rows * vocab * (4 if d == 4 else d + 4)  # its logits in dt and in fp32 (one buffer in fp32)
     buffers = chunk
@@ -108,7 +106,7 @@ def chunked_loss_bytes(spec, setup, dtype_bytes: int, head_trainable: bool, hidd
         # at the end the accumulator's cast is the head's gradient, counted with the gradients
         product = vocab * hidden * d
         buffers = vocab * hidden * 4 + max(chunk - product, rows * vocab * d)
-    return {"kept": tokens * hidden * hidden_bytes, "forward": tokens * hidden * hidden_bytes + buffers}
+    return {"kept": hidden_bytes, "forward": hidden_bytes + buffers}
 
 
 def with_chunked_loss(act: dict, spec, setup, head_gradient_bytes: int) -> dict:
@@ -119,8 +117,7 @@ def with_chunked_loss(act: dict, spec, setup, head_gradient_bytes: int) -> dict:
     Unchanged with the full loss."""
     if setup.loss != "chunked":
         return act
-    tokens, hidden = setup.batch * setup.seq, spec.hidden_size
-    loss = tokens * hidden * DTYPE_SIZE[act["hidden_dtype"]] + spec.vocab_size * hidden * head_gradient_bytes
+    loss = act["hidden_bytes"] + spec.vocab_size * spec.hidden_size * head_gradient_bytes
     total = act["total"] - act["head"] - act["loss"] + act["final_norm"] + loss
     return {**act, "head": act["final_norm"], "loss": loss, "total": total}
 

@@ -26,7 +26,6 @@ from .long_context import (DEFAULT_LOSS_CHUNK, chunk_tokens, chunked_loss_bytes,
                            offload_activation_bytes)
 from .lora import lora_layers, lora_tensors
 from .parameters import parameter_tensors
-from .tape import DTYPE_SIZE
 from .terms import Term, TrainingRun, attention_width, mlp_width
 
 __all__ = ["with_offload", "chunked_loss_term", "activation_offload_term", "blocks_phase_activations",
@@ -47,9 +46,9 @@ def chunked_loss_term(run: TrainingRun) -> Term | None:
     if s.method != "full" and any(lin.name == "lm_head" for lin in lora_layers(spec, s.lora.targets)):
         raise ValueError("loss 'chunked' multiplies by lm_head's weight itself: LoRA on lm_head needs loss 'full'")
     trainable = s.method == "full"
-    h = DTYPE_SIZE[run.activations["hidden_dtype"]]  # the final norm's output and its gradient
-    b = chunked_loss_bytes(spec, s, d, trainable, h)
+    b = chunked_loss_bytes(spec, s, d, trainable, run.activations["hidden_bytes"])
     rows, tokens, hidden, vocab = chunk_tokens(s), f"{s.batch} batch x {s.seq:,} seq", spec.hidden_size, spec.vocab_size
+    h = run.activations["hidden_bytes"] // (s.batch * s.seq * hidden)  # the final norm's output: B per element
     formula = (f"{tokens} x {hidden:,} hidden x {h} B gradient + {tokens} x {hidden:,} hidden x {h} B head input + "
                + _buffers_formula(rows, vocab, hidden, d, trainable))
     chunk = f"chunks of {rows:,} tokens" + (" (the default)" if s.loss_chunk is None and rows == DEFAULT_LOSS_CHUNK

@@ -339,6 +339,7 @@ def test_vram_json_states_and_saved_bytes_equal_the_python_api(flags, capsys):
     from calculators import ActivationSetup, activation_bytes, model_spec, model_state_bytes, training_memory
     from calculators.cli import build_parser, build_setup
     from calculators.long_context import with_chunked_loss
+    from calculators.training_setup import DTYPE_BYTES
     from calculators.cli import run as run_cli_args
 
     argv = ["vram", "--model", "mistral-7b", *flags, "--json"]
@@ -351,7 +352,8 @@ def test_vram_json_states_and_saved_bytes_equal_the_python_api(flags, capsys):
     assert out["model_state_bytes"] == states.weights + states.gradients + states.master + states.optimizer + states.host
     replayed = activation_bytes(spec, ActivationSetup.of(spec, setup))
     if setup.loss == "chunked":  # minilora's default loss: the final norm's, not lm_head's, and the loss's own
-        replayed = with_chunked_loss(replayed, spec, setup, 0 if setup.method != "full" else 2)
+        head_gradient = DTYPE_BYTES[states.precision.embedding] if setup.method == "full" else 0
+        replayed = with_chunked_loss(replayed, spec, setup, head_gradient)
     assert out["saved_activation_bytes"] == replayed["total"] == training_memory(spec, setup).saved_activation_bytes
     assert out["stack"] == setup.stack and out["recipe"] in "\n".join(out["notes"])
     assert run_cli_args(args)["saved_activation_bytes"] == out["saved_activation_bytes"]

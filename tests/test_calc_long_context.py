@@ -82,7 +82,8 @@ def test_saved_bytes_with_the_chunked_loss_equal_the_calculators_exactly(family,
     setup = setup_for(spec, dtype, method, ckpt, 7)
     out = training_memory(spec, setup)
     terms = {t.name: t for t in out.terms}
-    b = chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full", dtype.itemsize)
+    hidden_states = BATCH * SEQ * spec.hidden_size * dtype.itemsize
+    b = chunked_loss_bytes(spec, setup, dtype.itemsize, method == "full", hidden_states)
     assert real == out.saved_activation_bytes == terms["activations"].gpu + b["kept"] + head_gradient(spec, dtype, method)
     assert terms["chunked loss"].gpu == b["kept"] + b["forward"]
 
@@ -138,7 +139,7 @@ def test_the_chunked_loss_forward_buffers_equal_the_calculators_and_backward_all
         loss = chunked_cross_entropy(h, weight, targets, rows)
     with AllocationTracker() as backward:
         loss.backward()
-    b = chunked_loss_bytes(spec, setup, dtype.itemsize, trainable, dtype.itemsize)
+    b = chunked_loss_bytes(spec, setup, dtype.itemsize, trainable, tokens * hidden * dtype.itemsize)
     head_input = tokens * hidden * dtype.itemsize  # the caller's: alive, not allocated here
     head_gradient = vocab * hidden * dtype.itemsize if trainable else 0  # the gradients term's, not the loss's
     predicted = b["kept"] + b["forward"] - head_input + head_gradient
@@ -162,7 +163,8 @@ def test_offload_host_and_device_bytes_equal_the_calculators_exactly(family, dty
     terms = {t.name: t for t in b.terms}
     assert host == terms["activation offload"].cpu == b.cpu > 0
     plain = setup_for(spec, dtype, method, True, 7)
-    kept = chunked_loss_bytes(spec, plain, dtype.itemsize, method == "full", dtype.itemsize)["kept"]
+    hidden_states = BATCH * SEQ * spec.hidden_size * dtype.itemsize
+    kept = chunked_loss_bytes(spec, plain, dtype.itemsize, method == "full", hidden_states)["kept"]
     assert everything - host == terms["activations"].gpu + kept + head_gradient(spec, dtype, method)
     assert terms["activation offload"].gpu == host // (spec.num_layers - 1)  # one block input fetched ahead
 
@@ -198,7 +200,7 @@ def test_defaults_agree_with_the_models():
     assert TrainingSetup(stack="minilora", loss="full").loss == "full"
     spec = model_spec("llama-3.1-8b")
     short = TrainingSetup(method="qlora", seq=300, loss="chunked", stack="minilora")  # a chunk: at most the tokens
-    b = chunked_loss_bytes(spec, short, 2, False, 2)
+    b = chunked_loss_bytes(spec, short, 2, False, 300 * spec.hidden_size * 2)
     assert (b["kept"], b["forward"]) == (300 * 4096 * 2, 300 * 4096 * 2 + 300 * 128256 * 6)
 
 
